@@ -1,0 +1,367 @@
+//! Conversions between the wire types of the contract and the domain, with the validation of every request field.
+
+use prost_types::Timestamp;
+
+use crate::config::Settings;
+use crate::error::QueueError;
+use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, NewJob, PRIORITY_RANGE};
+use crate::pb;
+use crate::store::{Cursor, RunRecord};
+use crate::supervisor::{Event, WorkerView};
+
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+pub const MAX_ID_BYTES: usize = 128;
+pub const MAX_RETRIES: i32 = 1000;
+/// A week: a longer limit is almost certainly a unit mistake.
+pub const MAX_TIMEOUT_SECS: i64 = 604_800;
+pub const MAX_BATCH_JOBS: usize = 10_000;
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+fn invalid(message: String) -> QueueError {
+    QueueError::InvalidArgument(message)
+}
+
+/// A valid enqueue request; `max_retries` falls back to the setting in force when the job is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    pub id: Option<String>,
+    pub command: String,
+    pub priority: u8,
+    pub max_retries: Option<u32>,
+    pub timeout_secs: Option<u64>,
+}
+
+impl JobSpec {
+    pub fn resolve(self, settings: &Settings) -> NewJob {
+        NewJob {
+            id: self.id,
+            command: self.command,
+            priority: self.priority,
+            max_retries: self
+                .max_retries
+                .unwrap_or_else(|| settings.default_max_retries()),
+            timeout_secs: self.timeout_secs,
+        }
+    }
+}
+
+pub fn validate_id(id: &str) -> Result<(), QueueError> {
+    if id.is_empty() {
+        return Err(invalid("id must not be empty".into()));
+    }
+    if id.len() > MAX_ID_BYTES {
+        return Err(invalid(format!(
+            "id must be at most {MAX_ID_BYTES} bytes, got {}",
+            id.len()
+        )));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(invalid(format!(
+            "id may hold only letters, digits, '-', '_', '.' and ':', got {bad:?} in {id:?}"
+        )));
+    }
+    Ok(())
+}
+
+impl TryFrom<pb::EnqueueRequest> for JobSpec {
+    type Error = QueueError;
+
+    fn try_from(request: pb::EnqueueRequest) -> Result<Self, QueueError> {
+        let command = request.command;
+        if command.trim().is_empty() {
+            return Err(invalid("command is required and must not be empty".into()));
+        }
+        if command.len() > MAX_COMMAND_BYTES {
+            return Err(invalid(format!(
+                "command must be at most {MAX_COMMAND_BYTES} bytes, got {}",
+                command.len()
+            )));
+        }
+        if command.contains('\0') {
+            return Err(invalid("command must not contain NUL bytes".into()));
+        }
+        if let Some(id) = &request.id {
+            validate_id(id)?;
+        }
+        let priority = match request.priority {
+            None => job::DEFAULT_PRIORITY,
+            Some(priority) => u8::try_from(priority)
+                .ok()
+                .filter(|priority| PRIORITY_RANGE.contains(priority))
+                .ok_or_else(|| invalid(format!("priority must be 1-10, got {priority}")))?,
+        };
+        let max_retries = request
+            .max_retries
+            .map(|retries| {
+                u32::try_from(retries)
+                    .ok()
+                    .filter(|_| retries <= MAX_RETRIES)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "max_retries must be 0-{MAX_RETRIES}, got {retries}"
+                        ))
+                    })
+            })
+            .transpose()?;
+        let timeout_secs = request
+            .timeout
+            .map(|secs| {
+                u64::try_from(secs)
+                    .ok()
+                    .filter(|_| secs <= MAX_TIMEOUT_SECS)
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "timeout must be 0-{MAX_TIMEOUT_SECS} seconds (0: no limit), got {secs}"
+                        ))
+                    })
+            })
+            .transpose()?;
+        Ok(JobSpec {
+            id: request.id,
+            command,
+            priority,
+            max_retries,
+            timeout_secs,
+        })
+    }
+}
+
+pub fn job_state(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Pending => pb::JobState::Pending,
+        JobState::Processing => pb::JobState::Processing,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Dead => pb::JobState::Dead,
+    }
+}
+
+/// The state a filter asks for; `None` for any.
+pub fn state_filter(state: i32) -> Result<Option<JobState>, QueueError> {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Unspecified) => Ok(None),
+        Ok(pb::JobState::Pending) => Ok(Some(JobState::Pending)),
+        Ok(pb::JobState::Processing) => Ok(Some(JobState::Processing)),
+        Ok(pb::JobState::Failed) => Ok(Some(JobState::Failed)),
+        Ok(pb::JobState::Completed) => Ok(Some(JobState::Completed)),
+        Ok(pb::JobState::Dead) => Ok(Some(JobState::Dead)),
+        Err(_) => Err(invalid(format!("state {state} is not a job state"))),
+    }
+}
+
+pub fn timestamp(micros: Micros) -> Timestamp {
+    Timestamp {
+        seconds: micros.div_euclid(MICROS_PER_SEC),
+        nanos: i32::try_from(micros.rem_euclid(MICROS_PER_SEC) * 1000).unwrap_or_default(),
+    }
+}
+
+impl From<Job> for pb::Job {
+    fn from(job: Job) -> Self {
+        pb::Job {
+            state: job_state(job.state).into(),
+            id: job.id,
+            command: job.command,
+            attempts: job.attempts,
+            max_retries: job.max_retries,
+            priority: u32::from(job.priority),
+            created_at: Some(timestamp(job.created_at)),
+            updated_at: Some(timestamp(job.updated_at)),
+            run_after: Some(timestamp(job.run_after)),
+            last_error: job.last_error.unwrap_or_default(),
+            timeout: job.timeout_secs,
+        }
+    }
+}
+
+impl From<RunRecord> for pb::JobRun {
+    fn from(run: RunRecord) -> Self {
+        pb::JobRun {
+            run: run.run,
+            worker: run.worker,
+            started_at: Some(timestamp(run.started_at)),
+            finished_at: run.finished_at.map(timestamp),
+            outcome: run.outcome.unwrap_or_default(),
+            output: run.output,
+            truncated: run.truncated,
+        }
+    }
+}
+
+impl From<WorkerView> for pb::Worker {
+    fn from(worker: WorkerView) -> Self {
+        let running = worker.running;
+        pb::Worker {
+            index: worker.index,
+            job_id: running
+                .as_ref()
+                .map(|run| run.job_id.to_string())
+                .unwrap_or_default(),
+            command: running
+                .as_ref()
+                .map(|run| run.command.to_string())
+                .unwrap_or_default(),
+            started_at: running.as_ref().map(|run| timestamp(run.started_at)),
+            stopping: worker.stopping,
+        }
+    }
+}
+
+impl From<Event> for pb::WatchEventsResponse {
+    fn from(event: Event) -> Self {
+        use pb::watch_events_response::Event as Wire;
+        let wire = match event {
+            Event::WorkerStarted { worker } => Wire::WorkerStarted(pb::WorkerStarted { worker }),
+            Event::WorkerStopping { worker } => {
+                Wire::WorkerStopping(pb::WorkerStopping { worker })
+            }
+            Event::WorkerExited { worker } => Wire::WorkerExited(pb::WorkerExited { worker }),
+            Event::JobPicked {
+                worker,
+                job_id,
+                command,
+                run,
+            } => Wire::JobPicked(pb::JobPicked {
+                worker,
+                job_id: job_id.to_string(),
+                command: command.to_string(),
+                run,
+            }),
+            Event::JobOutput {
+                worker,
+                job_id,
+                data,
+            } => Wire::JobOutput(pb::JobOutput {
+                worker,
+                job_id: job_id.to_string(),
+                data,
+            }),
+            Event::JobFinished {
+                worker,
+                job_id,
+                state,
+                error,
+            } => Wire::JobFinished(pb::JobFinished {
+                worker,
+                job_id: job_id.to_string(),
+                state: job_state(state).into(),
+                error: error.unwrap_or_default(),
+            }),
+        };
+        pb::WatchEventsResponse { event: Some(wire) }
+    }
+}
+
+/// Page tokens are `priority.seq` of the last job of the previous page.
+pub fn page_token(cursor: Cursor) -> String {
+    format!("{}.{}", cursor.priority, cursor.seq)
+}
+
+pub fn parse_page_token(token: &str) -> Result<Option<Cursor>, QueueError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid(format!("page_token {token:?} is not one this server gave out"));
+    let (priority, seq) = token.split_once('.').ok_or_else(bad)?;
+    Ok(Some(Cursor {
+        priority: priority.parse().map_err(|_| bad())?,
+        seq: seq.parse().map_err(|_| bad())?,
+    }))
+}
+
+pub fn page_size(requested: u32) -> Result<u32, QueueError> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        1..=MAX_PAGE_SIZE => Ok(requested),
+        _ => Err(invalid(format!(
+            "page_size must be 1-{MAX_PAGE_SIZE}, got {requested}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(command: &str) -> pb::EnqueueRequest {
+        pb::EnqueueRequest {
+            command: command.into(),
+            ..Default::default()
+        }
+    }
+
+    fn rejection(request: pb::EnqueueRequest) -> String {
+        JobSpec::try_from(request).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_bare_command_gets_the_defaults() {
+        let spec = JobSpec::try_from(request("echo hi")).unwrap();
+        assert_eq!(spec.priority, 5);
+        assert_eq!(spec.max_retries, None);
+        assert_eq!(
+            spec.resolve(&Settings::default()).max_retries,
+            3,
+            "default_max_retries applies"
+        );
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        assert!(rejection(request("  ")).starts_with("command is required"));
+        assert!(rejection(request("a\0b")).contains("NUL"));
+        assert!(rejection(request(&"x".repeat(MAX_COMMAND_BYTES + 1))).contains("at most 65536"));
+        for priority in [0, 11, -1, i32::MAX] {
+            let bad = pb::EnqueueRequest {
+                priority: Some(priority),
+                ..request("true")
+            };
+            assert_eq!(
+                rejection(bad),
+                format!("priority must be 1-10, got {priority}")
+            );
+        }
+        for retries in [-1, 1001] {
+            let bad = pb::EnqueueRequest {
+                max_retries: Some(retries),
+                ..request("true")
+            };
+            assert!(rejection(bad).starts_with("max_retries must be 0-1000"));
+        }
+        for timeout in [-5, MAX_TIMEOUT_SECS + 1] {
+            let bad = pb::EnqueueRequest {
+                timeout: Some(timeout),
+                ..request("true")
+            };
+            assert!(rejection(bad).starts_with("timeout must be"));
+        }
+        for id in ["", "a b", "x/y", "ü"] {
+            let bad = pb::EnqueueRequest {
+                id: Some(id.into()),
+                ..request("true")
+            };
+            assert!(rejection(bad).starts_with("id "), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_garbage_is_rejected() {
+        let cursor = Cursor {
+            priority: 3,
+            seq: 42,
+        };
+        assert_eq!(parse_page_token(&page_token(cursor)).unwrap(), Some(cursor));
+        assert!(parse_page_token("nonsense").is_err());
+        assert_eq!(parse_page_token("").unwrap(), None);
+    }
+
+    #[test]
+    fn timestamps_split_into_seconds_and_nanos() {
+        let ts = timestamp(1_500_000);
+        assert_eq!((ts.seconds, ts.nanos), (1, 500_000_000));
+    }
+}

@@ -1,0 +1,264 @@
+//! The gRPC transport: each handler converts its request, makes one call on the queue and encodes the answer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{self, JobSpec};
+use crate::error::QueueError;
+use crate::pb::{self, queue_service_server::QueueService};
+use crate::queue::Queue;
+use crate::store::{ListFilter, StoreError};
+
+/// The one place where queue errors become gRPC statuses. Internal causes stay in the server log.
+impl From<QueueError> for Status {
+    fn from(error: QueueError) -> Self {
+        match error {
+            QueueError::InvalidArgument(message) => Status::invalid_argument(message),
+            QueueError::NotFound(message) => Status::not_found(message),
+            QueueError::AlreadyExists(message) => Status::already_exists(message),
+            QueueError::FailedPrecondition(message) => Status::failed_precondition(message),
+            QueueError::Store(StoreError::Unavailable(cause)) => {
+                tracing::warn!(%cause, "database unavailable");
+                Status::unavailable("the database is unavailable right now; try again shortly")
+            }
+            QueueError::Store(StoreError::Full(cause)) => {
+                tracing::error!(%cause, "database full");
+                Status::resource_exhausted("the server's disk is full; free space and try again")
+            }
+            QueueError::Store(StoreError::Internal(cause)) => {
+                tracing::error!(%cause, "database error");
+                Status::internal("internal error; the server log has the details")
+            }
+        }
+    }
+}
+
+pub struct Grpc {
+    queue: Arc<Queue>,
+}
+
+impl Grpc {
+    pub fn new(queue: Arc<Queue>) -> Self {
+        Grpc { queue }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl QueueService for Grpc {
+    async fn enqueue(
+        &self,
+        request: Request<pb::EnqueueRequest>,
+    ) -> Result<Response<pb::EnqueueResponse>, Status> {
+        let spec = JobSpec::try_from(request.into_inner())?;
+        let job = self.queue.enqueue(vec![spec]).await?.pop();
+        Ok(Response::new(pb::EnqueueResponse {
+            job: job.map(Into::into),
+        }))
+    }
+
+    async fn enqueue_batch(
+        &self,
+        request: Request<pb::EnqueueBatchRequest>,
+    ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
+        let jobs = request.into_inner().jobs;
+        if jobs.len() > convert::MAX_BATCH_JOBS {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds at most {} jobs, got {}",
+                convert::MAX_BATCH_JOBS,
+                jobs.len()
+            )));
+        }
+        let specs = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(index, job)| {
+                JobSpec::try_from(job)
+                    .map_err(|error| Status::invalid_argument(format!("jobs[{index}]: {error}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let jobs = self.queue.enqueue(specs).await?;
+        Ok(Response::new(pb::EnqueueBatchResponse {
+            jobs: jobs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::GetJobResponse>, Status> {
+        let job = self.queue.get(&request.into_inner().id).await?;
+        Ok(Response::new(pb::GetJobResponse {
+            job: Some(job.into()),
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let request = request.into_inner();
+        let filter = ListFilter {
+            state: convert::state_filter(request.state)?,
+            after: convert::parse_page_token(&request.page_token)?,
+            limit: convert::page_size(request.page_size)?,
+        };
+        let page = self.queue.list(&filter).await?;
+        Ok(Response::new(pb::ListResponse {
+            jobs: page.jobs.into_iter().map(Into::into).collect(),
+            next_page_token: page.next.map(convert::page_token).unwrap_or_default(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let [pending, processing, failed, completed, dead] = self.queue.counts().await?;
+        let (worker_count, workers) = self.queue.supervisor.workers();
+        Ok(Response::new(pb::StatusResponse {
+            pending,
+            processing,
+            failed,
+            completed,
+            dead,
+            worker_count,
+            workers: workers.into_iter().map(Into::into).collect(),
+            server_pid: std::process::id(),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn dlq_retry(
+        &self,
+        request: Request<pb::DlqRetryRequest>,
+    ) -> Result<Response<pb::DlqRetryResponse>, Status> {
+        let job = self.queue.dlq_retry(&request.into_inner().id).await?;
+        Ok(Response::new(pb::DlqRetryResponse {
+            job: Some(job.into()),
+        }))
+    }
+
+    async fn get_config(
+        &self,
+        request: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::GetConfigResponse>, Status> {
+        let entries = self.queue.config(&request.into_inner().key)?;
+        Ok(Response::new(pb::GetConfigResponse {
+            entries: entries
+                .into_iter()
+                .map(|(key, value)| pb::ConfigEntry {
+                    key: key.into(),
+                    value: value.to_string(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn set_config(
+        &self,
+        request: Request<pb::SetConfigRequest>,
+    ) -> Result<Response<pb::SetConfigResponse>, Status> {
+        let request = request.into_inner();
+        let (key, value) = self.queue.set_config(&request.key, &request.value).await?;
+        Ok(Response::new(pb::SetConfigResponse {
+            entry: Some(pb::ConfigEntry {
+                key: key.into(),
+                value: value.to_string(),
+            }),
+        }))
+    }
+
+    async fn get_job_logs(
+        &self,
+        request: Request<pb::GetJobLogsRequest>,
+    ) -> Result<Response<pb::GetJobLogsResponse>, Status> {
+        let runs = self.queue.logs(&request.into_inner().id).await?;
+        Ok(Response::new(pb::GetJobLogsResponse {
+            runs: runs.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn start_workers(
+        &self,
+        request: Request<pb::StartWorkersRequest>,
+    ) -> Result<Response<pb::StartWorkersResponse>, Status> {
+        let count = request.into_inner().count;
+        if !(1..=1024).contains(&count) {
+            return Err(Status::invalid_argument(format!(
+                "count must be 1-1024, got {count}"
+            )));
+        }
+        self.queue.supervisor.set_workers(count);
+        Ok(Response::new(pb::StartWorkersResponse { count }))
+    }
+
+    async fn stop_workers(
+        &self,
+        request: Request<pb::StopWorkersRequest>,
+    ) -> Result<Response<pb::StopWorkersResponse>, Status> {
+        let supervisor = &self.queue.supervisor;
+        let running = u32::try_from(supervisor.running()).unwrap_or(u32::MAX);
+        supervisor.set_workers(0);
+        if request.into_inner().wait {
+            supervisor.idle().await;
+        }
+        Ok(Response::new(pb::StopWorkersResponse { running }))
+    }
+
+    async fn reset(
+        &self,
+        _request: Request<pb::ResetRequest>,
+    ) -> Result<Response<pb::ResetResponse>, Status> {
+        let jobs_deleted = self.queue.reset().await?;
+        Ok(Response::new(pb::ResetResponse { jobs_deleted }))
+    }
+
+    async fn shutdown(
+        &self,
+        _request: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        self.queue.request_shutdown();
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let job_id = request.into_inner().job_id;
+        let mut events = self.queue.supervisor.subscribe();
+        let mut closing = self.queue.closing();
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = events.recv() => event,
+                    _ = closing.wait_for(|closing| *closing) => return,
+                    () = sender.closed() => return,
+                };
+                match event {
+                    Ok(event) if job_id.is_empty() || event.job_id() == Some(job_id.as_str()) => {
+                        if sender.send(Ok(event.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "an event watcher fell behind and missed events");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}

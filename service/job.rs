@@ -1,0 +1,424 @@
+//! The job lifecycle: states, the transitions between them, retry backoff and priority aging.
+//!
+//! Pure code: no I/O, no clock. Time comes in as [`Micros`], so every rule here is testable as plain values.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A point in time as microseconds since the Unix epoch (UTC).
+pub type Micros = i64;
+
+pub const MICROS_PER_SEC: i64 = 1_000_000;
+
+/// Priorities run from 1 (first) to 10 (last).
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<u8> = 1..=10;
+pub const DEFAULT_PRIORITY: u8 = 5;
+
+/// No backoff waits longer than a day, whatever `backoff_base ^ attempts` says.
+pub const MAX_BACKOFF_SECS: u64 = 86_400;
+
+/// Where a job is in its lifecycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JobState {
+    /// Waiting for a worker.
+    Pending,
+    /// Running on a worker.
+    Processing,
+    /// Its last attempt failed; waiting for `run_after` to run again.
+    Failed,
+    /// Its command exited 0.
+    Completed,
+    /// Out of retries: in the dead letter queue.
+    Dead,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Pending,
+        JobState::Processing,
+        JobState::Failed,
+        JobState::Completed,
+        JobState::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Processing => "processing",
+            JobState::Failed => "failed",
+            JobState::Completed => "completed",
+            JobState::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown job state '{0}': expected one of pending, processing, failed, completed, dead")]
+pub struct UnknownState(pub String);
+
+impl FromStr for JobState {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        JobState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// A job as the queue knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub id: String,
+    pub command: String,
+    pub state: JobState,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub max_retries: u32,
+    pub priority: u8,
+    /// Seconds an attempt may run (0: no limit); `None` follows the `job_timeout` setting.
+    pub timeout_secs: Option<u64>,
+    /// How many times the job was claimed. Each claim starts run `runs`; a report about any other run is stale.
+    pub runs: u32,
+    pub created_at: Micros,
+    pub updated_at: Micros,
+    pub run_after: Micros,
+    pub last_error: Option<String>,
+}
+
+/// A validated job, ready to be stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewJob {
+    /// `None`: the store assigns the next `jobN`.
+    pub id: Option<String>,
+    pub command: String,
+    pub priority: u8,
+    pub max_retries: u32,
+    pub timeout_secs: Option<u64>,
+}
+
+/// Why an attempt did not succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The command exited with a non-zero status.
+    Exit(i32),
+    /// The command was killed by a signal it did not ask for.
+    Signal(i32),
+    /// The command ran past its timeout and was killed.
+    Timeout,
+    /// The shell could not be started.
+    Spawn(String),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::Exit(code) => write!(f, "exit:{code}"),
+            Failure::Signal(signal) => write!(f, "signal:{signal}"),
+            Failure::Timeout => f.write_str("timeout"),
+            Failure::Spawn(reason) => write!(f, "spawn: {reason}"),
+        }
+    }
+}
+
+/// How one attempt ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed(Failure),
+    /// The server stopped or died while the attempt ran. The attempt is not the job's fault, so it is not counted.
+    Interrupted,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Succeeded => f.write_str("ok"),
+            Outcome::Failed(failure) => failure.fmt(f),
+            Outcome::Interrupted => f.write_str("interrupted"),
+        }
+    }
+}
+
+/// Something that happens to a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A worker takes the job.
+    Claim,
+    /// An attempt ended.
+    Finish(Outcome),
+    /// A person sends a dead job back to the queue.
+    DlqRetry,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a {from} job cannot take the event {event:?}")]
+pub struct IllegalTransition {
+    pub from: JobState,
+    pub event: Event,
+}
+
+/// The retry and ordering rules in force, taken from the runtime configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub backoff_base: u32,
+    pub aging_interval_secs: u64,
+}
+
+/// A job's state fields after an event: what a store writes back, guarded by what it expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub state: JobState,
+    pub attempts: u32,
+    pub run_after: Micros,
+    pub queue_key: i64,
+    pub last_error: Option<String>,
+}
+
+/// The state a job moves to on `event`, or why it cannot. Every legal move is one arm here.
+pub fn next_state(
+    from: JobState,
+    event: &Event,
+    attempts_after: u32,
+    max_retries: u32,
+) -> Result<JobState, IllegalTransition> {
+    let to = match (from, event) {
+        (JobState::Pending | JobState::Failed, Event::Claim) => JobState::Processing,
+        (JobState::Processing, Event::Finish(Outcome::Succeeded)) => JobState::Completed,
+        (JobState::Processing, Event::Finish(Outcome::Interrupted)) => JobState::Pending,
+        (JobState::Processing, Event::Finish(Outcome::Failed(_))) if attempts_after > max_retries => {
+            JobState::Dead
+        }
+        (JobState::Processing, Event::Finish(Outcome::Failed(_))) => JobState::Failed,
+        (JobState::Dead, Event::DlqRetry) => JobState::Pending,
+        (from, event) => {
+            return Err(IllegalTransition {
+                from,
+                event: event.clone(),
+            });
+        }
+    };
+    Ok(to)
+}
+
+/// Settles a finished attempt of a `processing` job: counts a failure, schedules its retry or buries it.
+pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Settled {
+    let attempts = match outcome {
+        Outcome::Failed(_) => job.attempts.saturating_add(1),
+        Outcome::Succeeded | Outcome::Interrupted => job.attempts,
+    };
+    let event = Event::Finish(outcome.clone());
+    // A finish always follows a claim, so `processing` is the only state a caller can hand in.
+    let state = next_state(JobState::Processing, &event, attempts, job.max_retries)
+        .expect("every outcome settles a processing job");
+    let run_after = match state {
+        JobState::Failed => now.saturating_add(secs_to_micros(backoff_secs(
+            policy.backoff_base,
+            attempts,
+        ))),
+        _ => now,
+    };
+    let last_error = match outcome {
+        Outcome::Succeeded => job.last_error.clone(),
+        Outcome::Failed(failure) => Some(failure.to_string()),
+        Outcome::Interrupted => Some(Outcome::Interrupted.to_string()),
+    };
+    Settled {
+        state,
+        attempts,
+        run_after,
+        queue_key: queue_key(run_after, job.priority, policy.aging_interval_secs),
+        last_error,
+    }
+}
+
+/// The state fields of a dead job sent back to the queue: pending, attempts 0, ready now.
+pub fn revive(job: &Job, policy: Policy, now: Micros) -> Result<Settled, IllegalTransition> {
+    let state = next_state(job.state, &Event::DlqRetry, 0, job.max_retries)?;
+    Ok(Settled {
+        state,
+        attempts: 0,
+        run_after: now,
+        queue_key: queue_key(now, job.priority, policy.aging_interval_secs),
+        last_error: job.last_error.clone(),
+    })
+}
+
+/// Seconds to wait before retrying after `attempts` failures: `base ^ attempts`, capped at [`MAX_BACKOFF_SECS`].
+pub fn backoff_secs(base: u32, attempts: u32) -> u64 {
+    u64::from(base)
+        .checked_pow(attempts)
+        .map_or(MAX_BACKOFF_SECS, |secs| secs.min(MAX_BACKOFF_SECS))
+}
+
+/// The order in which ready jobs run: lowest key first, ties by enqueue order.
+///
+/// Aging gives a waiting job one priority level per `aging_interval` seconds. A job of priority `p` that became
+/// ready at `t` therefore outranks every job of priority `q` that became ready after
+/// `t + (p - q) * aging_interval`, which is exactly the order of `t + (p - 1) * aging_interval`. The key is fixed
+/// when the job becomes ready, so claiming is one index scan and aging never rewrites rows.
+pub fn queue_key(ready_at: Micros, priority: u8, aging_interval_secs: u64) -> i64 {
+    let levels = u64::from(priority.saturating_sub(1));
+    let offset = secs_to_micros(levels.saturating_mul(aging_interval_secs));
+    ready_at.saturating_add(offset)
+}
+
+pub fn secs_to_micros(secs: u64) -> i64 {
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(MICROS_PER_SEC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: Policy = Policy {
+        backoff_base: 2,
+        aging_interval_secs: 60,
+    };
+
+    fn processing_job(attempts: u32, max_retries: u32) -> Job {
+        Job {
+            id: "job1".into(),
+            command: "false".into(),
+            state: JobState::Processing,
+            attempts,
+            max_retries,
+            priority: 5,
+            timeout_secs: None,
+            runs: attempts + 1,
+            created_at: 0,
+            updated_at: 0,
+            run_after: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_failing_job_with_two_retries_is_dead_after_two_then_four_seconds() {
+        let failure = Outcome::Failed(Failure::Exit(127));
+        let mut job = processing_job(0, 2);
+        let mut now = 0;
+        let mut waits = Vec::new();
+        loop {
+            let settled = settle(&job, &failure, POLICY, now);
+            if settled.state == JobState::Dead {
+                assert_eq!(settled.attempts, 3);
+                assert_eq!(settled.last_error.as_deref(), Some("exit:127"));
+                break;
+            }
+            assert_eq!(settled.state, JobState::Failed);
+            waits.push((settled.run_after - now) / MICROS_PER_SEC);
+            now = settled.run_after;
+            job.attempts = settled.attempts;
+        }
+        assert_eq!(waits, [2, 4]);
+    }
+
+    #[test]
+    fn success_completes_and_keeps_attempts() {
+        let settled = settle(&processing_job(1, 3), &Outcome::Succeeded, POLICY, 7);
+        assert_eq!(settled.state, JobState::Completed);
+        assert_eq!(settled.attempts, 1);
+    }
+
+    #[test]
+    fn an_interrupted_attempt_requeues_without_counting() {
+        let settled = settle(&processing_job(1, 1), &Outcome::Interrupted, POLICY, 7);
+        assert_eq!(settled.state, JobState::Pending);
+        assert_eq!(settled.attempts, 1);
+        assert_eq!(settled.run_after, 7);
+        assert_eq!(settled.last_error.as_deref(), Some("interrupted"));
+    }
+
+    #[test]
+    fn zero_retries_means_dead_on_first_failure() {
+        let settled = settle(
+            &processing_job(0, 0),
+            &Outcome::Failed(Failure::Timeout),
+            POLICY,
+            0,
+        );
+        assert_eq!(settled.state, JobState::Dead);
+        assert_eq!(settled.last_error.as_deref(), Some("timeout"));
+    }
+
+    #[test]
+    fn backoff_is_a_power_of_the_base_and_capped() {
+        assert_eq!(backoff_secs(2, 0), 1);
+        assert_eq!(backoff_secs(2, 3), 8);
+        assert_eq!(backoff_secs(3, 2), 9);
+        assert_eq!(backoff_secs(2, 63), MAX_BACKOFF_SECS);
+        assert_eq!(backoff_secs(u32::MAX, u32::MAX), MAX_BACKOFF_SECS);
+    }
+
+    #[test]
+    fn only_dead_jobs_can_be_revived() {
+        for state in JobState::ALL {
+            let job = Job {
+                state,
+                ..processing_job(3, 2)
+            };
+            let revived = revive(&job, POLICY, 100);
+            if state == JobState::Dead {
+                let settled = revived.unwrap();
+                assert_eq!((settled.state, settled.attempts), (JobState::Pending, 0));
+            } else {
+                assert_eq!(revived.unwrap_err().from, state);
+            }
+        }
+    }
+
+    #[test]
+    fn claiming_is_legal_only_for_waiting_jobs() {
+        for state in JobState::ALL {
+            let claimed = next_state(state, &Event::Claim, 0, 0);
+            let waiting = matches!(state, JobState::Pending | JobState::Failed);
+            assert_eq!(claimed.is_ok(), waiting, "{state}");
+        }
+    }
+
+    #[test]
+    fn finishing_is_legal_only_while_processing() {
+        for state in JobState::ALL {
+            let finished = next_state(state, &Event::Finish(Outcome::Succeeded), 0, 0);
+            assert_eq!(finished.is_ok(), state == JobState::Processing, "{state}");
+        }
+    }
+
+    #[test]
+    fn aging_lets_an_old_low_priority_job_overtake_a_new_high_priority_one() {
+        let old_low = queue_key(0, 9, 60);
+        let new_high = queue_key(60 * 8 * MICROS_PER_SEC + 1, 1, 60);
+        assert!(old_low < new_high);
+        let fresh_high = queue_key(60 * 7 * MICROS_PER_SEC, 1, 60);
+        assert!(fresh_high < old_low);
+    }
+
+    #[test]
+    fn within_a_priority_the_key_keeps_fifo() {
+        assert!(queue_key(1, 5, 60) < queue_key(2, 5, 60));
+        assert!(queue_key(1, 1, 60) < queue_key(1, 2, 60));
+    }
+
+    #[test]
+    fn queue_key_saturates_instead_of_overflowing() {
+        assert_eq!(queue_key(i64::MAX, 10, u64::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for state in JobState::ALL {
+            assert_eq!(state.as_str().parse::<JobState>(), Ok(state));
+        }
+        assert!("running".parse::<JobState>().is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! queuectl: a durable queue of shell commands behind a gRPC contract.
+//!
+//! [`job`] holds the lifecycle rules as pure code; [`store`] is the seam to the database; [`supervisor`] and
+//! [`runner`] execute jobs; [`queue`] offers the operations; [`grpc`] carries them; [`server`] wires it all.
+
+pub mod clock;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod grpc;
+pub mod job;
+pub mod queue;
+pub mod runner;
+pub mod server;
+pub mod store;
+pub mod supervisor;
+pub mod writer;
+
+/// The generated types and stubs of `proto/queuectl/v1/queue.proto`.
+pub mod pb {
+    tonic::include_proto!("queuectl.v1");
+}
+
+/// The contract's descriptors, served by reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/queuectl_descriptor.bin"));

@@ -1,0 +1,62 @@
+//! `queuectld`: the queuectl server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use queuectl::server::{self, Listen, Options};
+
+/// The queuectl server: stores jobs in SQLite and runs them on its workers.
+///
+/// Listens on a Unix socket in QUEUECTL_HOME that only its owner can reach. Logs go to stderr
+/// (RUST_LOG=debug for more). SIGTERM or `queuectl server stop` drains it: running jobs get the
+/// shutdown_grace setting to finish, then return to the queue.
+#[derive(Parser)]
+#[command(version, after_help = "Examples:\n  queuectld --workers 4\n  QUEUECTL_HOME=/srv/queue queuectld")]
+struct Args {
+    /// Jobs run at once; `queuectl worker start --count N` changes it later.
+    #[arg(long, default_value_t = 0)]
+    workers: u32,
+    /// The folder with the database and the socket.
+    #[arg(long, env = "QUEUECTL_HOME")]
+    home: Option<PathBuf>,
+    /// Listen on TCP at this loopback address (http://127.0.0.1:PORT) instead of the socket;
+    /// clients then need the token the server writes to QUEUECTL_HOME/token.
+    #[arg(long, value_name = "URL")]
+    listen: Option<String>,
+}
+
+fn parse_listen(url: &str) -> anyhow::Result<Listen> {
+    let address = url.strip_prefix("http://").unwrap_or(url);
+    let address: SocketAddr = address
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--listen must look like http://127.0.0.1:7070, got {url:?}"))?;
+    Ok(Listen::Tcp(address))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let listen = match &args.listen {
+        Some(url) => parse_listen(url)?,
+        None => Listen::default(),
+    };
+    let options = Options {
+        home: args.home.unwrap_or_else(server::default_home),
+        workers: args.workers,
+        listen,
+    };
+    if let Err(error) = server::run(options).await {
+        tracing::error!(%error, "queuectld failed");
+        eprintln!("queuectld: {error}");
+        std::process::exit(1);
+    }
+    Ok(())
+}

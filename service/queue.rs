@@ -1,0 +1,181 @@
+//! The queue's operations, one method per request, independent of the transport that carries them.
+
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::config::{self, Settings};
+use crate::convert::JobSpec;
+use crate::error::QueueError;
+use crate::job::{self, Job, JobState};
+use crate::store::{
+    EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, StateCounts, Store,
+};
+use crate::supervisor::Supervisor;
+use crate::writer::Writer;
+
+pub struct Queue {
+    store: Arc<dyn Store>,
+    writer: Writer,
+    settings: Arc<RwLock<Settings>>,
+    /// Serialises setting changes, so that the stored value and the one in force cannot disagree.
+    config_change: Mutex<()>,
+    pub supervisor: Supervisor,
+    shutdown: Arc<Notify>,
+    /// Turns `true` when the server stops; long-lived streams end then.
+    closing: watch::Sender<bool>,
+}
+
+impl Queue {
+    /// Loads the settings, recovers what a previous server left running and starts `workers` workers.
+    pub async fn start(store: Arc<dyn Store>, workers: u32) -> Result<Queue, QueueError> {
+        let stored = store.load_config().await?;
+        let settings = Arc::new(RwLock::new(Settings::from_stored(
+            stored.iter().map(|(key, value)| (key.as_str(), value.as_str())),
+        )));
+        let wake = Arc::new(Notify::new());
+        let writer = Writer::spawn(store.clone(), settings.clone(), wake.clone());
+        let supervisor = Supervisor::new(store.clone(), writer.clone(), settings.clone(), wake);
+        let recovered = supervisor.recover().await?;
+        if recovered > 0 {
+            tracing::warn!(recovered, "returned interrupted jobs to the queue");
+        }
+        supervisor.set_workers(workers);
+        supervisor.start();
+        Ok(Queue {
+            store,
+            writer,
+            settings,
+            config_change: Mutex::new(()),
+            supervisor,
+            shutdown: Arc::new(Notify::new()),
+            closing: watch::Sender::new(false),
+        })
+    }
+
+    fn settings(&self) -> Settings {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// Stores the jobs of one request together: all of them, or none if one id is taken.
+    pub async fn enqueue(&self, specs: Vec<JobSpec>) -> Result<Vec<Job>, QueueError> {
+        let settings = self.settings();
+        let jobs = specs
+            .into_iter()
+            .map(|spec| spec.resolve(&settings))
+            .collect();
+        match self.writer.enqueue(jobs).await? {
+            Ok(jobs) => Ok(jobs),
+            Err(EnqueueRejected::DuplicateId(id)) => Err(QueueError::AlreadyExists(format!(
+                "a job with id '{id}' already exists; choose another id or leave it out to get one"
+            ))),
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Job, QueueError> {
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| not_found(id))
+    }
+
+    pub async fn list(&self, filter: &ListFilter) -> Result<Page, QueueError> {
+        Ok(self.store.list(filter).await?)
+    }
+
+    pub async fn counts(&self) -> Result<StateCounts, QueueError> {
+        Ok(self.store.counts().await?)
+    }
+
+    /// Sends a dead job back to the queue with its attempts reset.
+    pub async fn dlq_retry(&self, id: &str) -> Result<Job, QueueError> {
+        let job = self.get(id).await?;
+        let policy = self.settings().policy();
+        let settled = job::revive(&job, policy, crate::clock::now()).map_err(|illegal| {
+            QueueError::FailedPrecondition(format!(
+                "job '{id}' is {}, not dead; only jobs in the dead letter queue can be retried",
+                illegal.from
+            ))
+        })?;
+        let update = GuardedUpdate {
+            job_id: job.id.clone(),
+            expect_state: JobState::Dead,
+            expect_runs: job.runs,
+            settled,
+            ended: None,
+        };
+        if !self.writer.update(update, true).await? {
+            return Err(QueueError::FailedPrecondition(format!(
+                "job '{id}' changed while it was being retried; look at it again and retry"
+            )));
+        }
+        self.get(id).await
+    }
+
+    /// One setting, or all of them when `key` is empty.
+    pub fn config(&self, key: &str) -> Result<Vec<(&'static str, u64)>, QueueError> {
+        let settings = self.settings();
+        if key.is_empty() {
+            return Ok(settings.entries().collect());
+        }
+        let key = config::find_key(key)?;
+        Ok(vec![(key.name, settings.get(key.name)?)])
+    }
+
+    pub async fn set_config(&self, key: &str, value: &str) -> Result<(&'static str, u64), QueueError> {
+        let _change = self.config_change.lock().await;
+        let mut changed = self.settings();
+        let parsed = changed.set(key, value)?;
+        let key = config::find_key(key)?.name;
+        self.store
+            .save_config(key, &parsed.to_string(), changed.policy())
+            .await?;
+        *self.settings.write().expect("settings lock") = changed;
+        Ok((key, parsed))
+    }
+
+    pub async fn logs(&self, id: &str) -> Result<Vec<RunRecord>, QueueError> {
+        let runs = self.store.runs(id).await?;
+        if runs.is_empty() {
+            // Tell "no such job" from "not run yet".
+            self.get(id).await?;
+        }
+        Ok(runs)
+    }
+
+    /// Stops the workers, ends running jobs, deletes every job and restores the default settings.
+    pub async fn reset(&self) -> Result<u64, QueueError> {
+        let _change = self.config_change.lock().await;
+        self.supervisor.abort_all().await;
+        let deleted = self.store.reset().await?;
+        *self.settings.write().expect("settings lock") = Settings::default();
+        Ok(deleted)
+    }
+
+    pub fn request_shutdown(&self) {
+        self.shutdown.notify_one();
+    }
+
+    /// Resolves when someone asked the server to stop.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.notified().await;
+    }
+
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    pub fn shutdown_grace(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.settings().shutdown_grace_secs())
+    }
+}
+
+fn not_found(id: &str) -> QueueError {
+    QueueError::NotFound(format!(
+        "no job with id '{id}'; `queuectl list` shows the jobs there are"
+    ))
+}

@@ -1,0 +1,261 @@
+//! Runs one shell command: in its own process group, with its output captured up to a limit, killed as a group
+//! on timeout or abort, always reaped.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use crate::job::{Failure, Outcome};
+
+/// Variables a job must not inherit from the server: its secrets and its service manager's handles.
+const SCRUBBED_ENV: [&str; 8] = [
+    "QUEUECTL_TOKEN",
+    "QUEUECTL_DATABASE_URL",
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
+/// How long a job's processes get between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// How long output is still read once the command ended, for bytes in flight.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+pub struct RunSpec<'a> {
+    pub command: &'a str,
+    pub timeout: Option<Duration>,
+    pub max_output: usize,
+}
+
+pub struct Report {
+    pub outcome: Outcome,
+    pub output: Vec<u8>,
+    pub truncated: bool,
+}
+
+/// Keeps the first `limit` bytes of output and counts the rest.
+struct Capture {
+    kept: Vec<u8>,
+    limit: usize,
+    dropped: u64,
+}
+
+impl Capture {
+    /// Adds `chunk` and returns the part of it that was kept.
+    fn push<'c>(&mut self, chunk: &'c [u8]) -> &'c [u8] {
+        let room = self.limit.saturating_sub(self.kept.len());
+        let (kept, dropped) = chunk.split_at(room.min(chunk.len()));
+        self.kept.extend_from_slice(kept);
+        self.dropped += dropped.len() as u64;
+        kept
+    }
+
+    fn finish(mut self) -> (Vec<u8>, bool) {
+        if self.dropped == 0 {
+            return (self.kept, false);
+        }
+        let marker = format!(
+            "\n[queuectl: output truncated, {} bytes dropped]\n",
+            self.dropped
+        );
+        self.kept.extend_from_slice(marker.as_bytes());
+        (self.kept, true)
+    }
+}
+
+fn shell(command: &str) -> Command {
+    #[cfg(unix)]
+    let mut shell = {
+        let mut shell = Command::new("sh");
+        shell.arg("-c").arg(command);
+        // Its own process group, so that a timeout or abort reaches everything the command started.
+        shell.process_group(0);
+        shell
+    };
+    #[cfg(windows)]
+    let mut shell = {
+        let mut shell = Command::new("cmd");
+        shell.arg("/C").arg(command);
+        shell
+    };
+    for name in SCRUBBED_ENV {
+        shell.env_remove(name);
+    }
+    shell
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    shell
+}
+
+/// The outcome of a command that ended by itself.
+pub fn outcome_of(status: ExitStatus) -> Outcome {
+    if status.success() {
+        return Outcome::Succeeded;
+    }
+    if let Some(code) = status.code() {
+        return Outcome::Failed(Failure::Exit(code));
+    }
+    #[cfg(unix)]
+    if let Some(signal) = std::os::unix::process::ExitStatusExt::signal(&status) {
+        return Outcome::Failed(Failure::Signal(signal));
+    }
+    Outcome::Failed(Failure::Exit(-1))
+}
+
+/// Sends `signal` to every process of the group led by `pgid`. A group that is gone already is not an error.
+#[cfg(unix)]
+pub fn signal_group(pgid: u32, signal: i32) {
+    if let Ok(pgid) = libc::pid_t::try_from(pgid) {
+        // SAFETY: kill(2) with a negative pid only sends a signal; it touches no memory of ours.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+/// Kills what is left of a job's process group, e.g. one a crashed server left behind.
+pub fn kill_group(pgid: u32) {
+    #[cfg(unix)]
+    signal_group(pgid, libc::SIGKILL);
+    #[cfg(windows)]
+    let _ = pgid;
+}
+
+/// Ends a command: SIGTERM to its group, SIGKILL after [`KILL_GRACE`], and reaps it.
+async fn terminate(child: &mut Child) {
+    #[cfg(unix)]
+    if let Some(pgid) = child.id() {
+        signal_group(pgid, libc::SIGTERM);
+        if timeout(KILL_GRACE, child.wait()).await.is_ok() {
+            signal_group(pgid, libc::SIGKILL);
+            return;
+        }
+        signal_group(pgid, libc::SIGKILL);
+    }
+    let _ = child.kill().await;
+}
+
+enum Ending {
+    Exited(std::io::Result<ExitStatus>),
+    TimedOut,
+    Aborted,
+}
+
+/// Reads what is left in a pipe, for at most `DRAIN_LIMIT`.
+async fn drain(
+    pipe: &mut (impl AsyncRead + Unpin),
+    capture: &mut Capture,
+    on_output: &mut impl FnMut(&[u8]),
+) {
+    let mut buf = [0u8; 8192];
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while let Ok(Ok(read)) = tokio::time::timeout_at(deadline, pipe.read(&mut buf)).await {
+        if read == 0 {
+            break;
+        }
+        let kept = capture.push(&buf[..read]);
+        if !kept.is_empty() {
+            on_output(kept);
+        }
+    }
+}
+
+/// Runs `spec` to its end. `on_spawn` gets the process group id once the shell is up; `on_output` gets each chunk
+/// of output that is kept. A `true` on `abort` ends the command as interrupted.
+pub async fn run(
+    spec: RunSpec<'_>,
+    mut abort: watch::Receiver<bool>,
+    on_spawn: impl FnOnce(Option<u32>),
+    mut on_output: impl FnMut(&[u8]),
+) -> Report {
+    let mut child = match shell(spec.command).spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            on_spawn(None);
+            return Report {
+                outcome: Outcome::Failed(Failure::Spawn(error.to_string())),
+                output: Vec::new(),
+                truncated: false,
+            };
+        }
+    };
+    let pgid = child.id();
+    on_spawn(pgid);
+
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        unreachable!("both pipes were asked for");
+    };
+    let mut capture = Capture {
+        kept: Vec::new(),
+        limit: spec.max_output,
+        dropped: 0,
+    };
+    let deadline = spec.timeout.map(|limit| Instant::now() + limit);
+    let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
+    let (mut out_open, mut err_open, mut abort_open) = (true, true, true);
+
+    let ending = loop {
+        tokio::select! {
+            read = stdout.read(&mut out_buf), if out_open => match read {
+                Ok(read) if read > 0 => on_output(capture.push(&out_buf[..read])),
+                _ => out_open = false,
+            },
+            read = stderr.read(&mut err_buf), if err_open => match read {
+                Ok(read) if read > 0 => on_output(capture.push(&err_buf[..read])),
+                _ => err_open = false,
+            },
+            status = child.wait() => break Ending::Exited(status),
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                break Ending::TimedOut;
+            }
+            aborted = abort.wait_for(|abort| *abort), if abort_open => match aborted {
+                Ok(_) => break Ending::Aborted,
+                Err(_) => abort_open = false,
+            },
+        }
+    };
+
+    let outcome = match ending {
+        Ending::Exited(status) => {
+            // The shell is done; whatever it left running in its group goes with it.
+            #[cfg(unix)]
+            if let Some(pgid) = pgid {
+                signal_group(pgid, libc::SIGKILL);
+            }
+            match status {
+                Ok(status) => outcome_of(status),
+                Err(error) => Outcome::Failed(Failure::Spawn(error.to_string())),
+            }
+        }
+        Ending::TimedOut => {
+            terminate(&mut child).await;
+            Outcome::Failed(Failure::Timeout)
+        }
+        Ending::Aborted => {
+            terminate(&mut child).await;
+            Outcome::Interrupted
+        }
+    };
+    if out_open {
+        drain(&mut stdout, &mut capture, &mut on_output).await;
+    }
+    if err_open {
+        drain(&mut stderr, &mut capture, &mut on_output).await;
+    }
+    let (output, truncated) = capture.finish();
+    Report {
+        outcome,
+        output,
+        truncated,
+    }
+}

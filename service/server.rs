@@ -1,0 +1,291 @@
+//! Starting and stopping the server: the home folder, the single-instance lock, the store, the listener, health,
+//! reflection, and a graceful drain on SIGTERM, Ctrl-C or a Shutdown request.
+
+use std::fs::{self, File};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
+
+use crate::grpc::Grpc;
+use crate::pb::queue_service_server::QueueServiceServer;
+use crate::queue::Queue;
+use crate::store::{Store, StoreError, sqlite::SqliteStore};
+
+/// Requests larger than this are refused before they are decoded (tonic's default is 4 MiB).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+pub const SOCKET_FILE: &str = "queuectl.sock";
+pub const TOKEN_FILE: &str = "token";
+pub const ADDRESS_FILE: &str = "server.addr";
+const LOCK_FILE: &str = "server.lock";
+const DATABASE_FILE: &str = "jobs.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{0}")]
+    Home(String),
+    #[error("another queuectld already serves {0}; stop it with `queuectl server stop`")]
+    AlreadyRunning(PathBuf),
+    #[error("{0}")]
+    Listen(String),
+    #[error("opening the database: {0}")]
+    Store(#[from] StoreError),
+    #[error("starting the queue: {0}")]
+    Queue(#[from] crate::error::QueueError),
+    #[error("serving: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A Unix socket in the home folder: only its owner can reach it.
+    #[cfg(unix)]
+    Socket,
+    /// TCP on a loopback address, with a bearer token from the home folder.
+    Tcp(SocketAddr),
+}
+
+impl Default for Listen {
+    #[cfg(unix)]
+    fn default() -> Self {
+        Listen::Socket
+    }
+
+    #[cfg(windows)]
+    fn default() -> Self {
+        Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub home: PathBuf,
+    pub workers: u32,
+    pub listen: Listen,
+}
+
+/// The default home: `$QUEUECTL_HOME`, else `~/.queuectl`.
+pub fn default_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("QUEUECTL_HOME").filter(|home| !home.is_empty()) {
+        return PathBuf::from(home);
+    }
+    let user_home = std::env::var_os(if cfg!(windows) { "USERPROFILE" } else { "HOME" })
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    user_home.join(".queuectl")
+}
+
+/// Creates the home folder owner-only, or checks that an existing one is not writable by others.
+fn prepare_home(home: &Path) -> Result<(), ServerError> {
+    if !home.exists() {
+        fs::create_dir_all(home).map_err(|error| {
+            ServerError::Home(format!("cannot create {}: {error}", home.display()))
+        })?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(home, fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(home)?.permissions().mode() & 0o777;
+        if mode & 0o022 != 0 {
+            return Err(ServerError::Home(format!(
+                "{} is writable by other users (mode {mode:o}), who could then run commands as you; \
+                 run `chmod 700 {}`",
+                home.display(),
+                home.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Holds the home's lock for as long as it lives, so that one server owns one database.
+fn lock_home(home: &Path) -> Result<File, ServerError> {
+    let lock = File::create(home.join(LOCK_FILE))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(ServerError::AlreadyRunning(home.to_owned())),
+        Err(fs::TryLockError::Error(error)) => Err(error.into()),
+    }
+}
+
+/// Writes `contents` to a new file that only the owner can read.
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(path)?, contents.as_bytes())
+}
+
+/// The bearer token TCP clients must present, created with 32 random bytes on first use.
+fn load_or_create_token(home: &Path) -> Result<String, ServerError> {
+    let path = home.join(TOKEN_FILE);
+    if let Ok(token) = fs::read_to_string(&path) {
+        let token = token.trim().to_owned();
+        if token.len() >= 64 {
+            return Ok(token);
+        }
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|error| ServerError::Listen(format!("no randomness for the token: {error}")))?;
+    let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
+/// Checks the bearer token in constant time.
+#[derive(Clone)]
+struct TokenCheck {
+    expected: Arc<[u8]>,
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if bool::from(presented.as_bytes().ct_eq(&self.expected)) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated(
+                "missing or wrong token: queuectl reads it from the server's token file",
+            ))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn termination_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(windows)]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the server until it is asked to stop, then drains it.
+pub async fn run(options: Options) -> Result<(), ServerError> {
+    let home = &options.home;
+    prepare_home(home)?;
+    let _lock = lock_home(home)?;
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&home.join(DATABASE_FILE)).await?);
+    let queue = Arc::new(Queue::start(store, options.workers).await?);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<QueueServiceServer<Grpc>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| ServerError::Listen(format!("building reflection: {error}")))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| ServerError::Listen(format!("building reflection: {error}")))?;
+    let queue_service = QueueServiceServer::new(Grpc::new(queue.clone()))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+    let drained = {
+        let queue = queue.clone();
+        async move {
+            tokio::select! {
+                () = termination_signal() => {}
+                () = queue.shutdown_requested() => {}
+            }
+            tracing::info!(running = queue.supervisor.running(), "stopping: draining workers");
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_not_serving::<QueueServiceServer<Grpc>>().await;
+            queue.supervisor.drain(queue.shutdown_grace()).await;
+            queue.close_streams();
+        }
+    };
+
+    let mut router = Server::builder();
+    match options.listen {
+        #[cfg(unix)]
+        Listen::Socket => {
+            use std::os::unix::fs::PermissionsExt;
+            let path = home.join(SOCKET_FILE);
+            // We hold the lock, so a socket file left here belongs to a server that died.
+            let _ = fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path).map_err(|error| {
+                ServerError::Listen(format!("cannot listen on {}: {error}", path.display()))
+            })?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+            tracing::info!(socket = %path.display(), workers = options.workers, "queuectld ready");
+            router
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(reflection_alpha)
+                .add_service(queue_service)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    drained,
+                )
+                .await?;
+            let _ = fs::remove_file(&path);
+        }
+        Listen::Tcp(address) => {
+            if !address.ip().is_loopback() {
+                return Err(ServerError::Listen(format!(
+                    "{address} is not a loopback address: anyone who reaches it could run commands as you"
+                )));
+            }
+            let check = TokenCheck {
+                expected: load_or_create_token(home)?.into_bytes().into(),
+            };
+            let listener = tokio::net::TcpListener::bind(address).await.map_err(|error| {
+                ServerError::Listen(format!("cannot listen on {address}: {error}"))
+            })?;
+            let bound = listener.local_addr()?;
+            write_private(&home.join(ADDRESS_FILE), &format!("http://{bound}"))?;
+            tracing::info!(address = %bound, workers = options.workers, "queuectld ready");
+            router
+                .add_service(health_service)
+                .add_service(InterceptedService::new(reflection, check.clone()))
+                .add_service(InterceptedService::new(reflection_alpha, check.clone()))
+                .add_service(InterceptedService::new(queue_service, check))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    drained,
+                )
+                .await?;
+            let _ = fs::remove_file(home.join(ADDRESS_FILE));
+        }
+    }
+    tracing::info!("queuectld stopped");
+    Ok(())
+}
