@@ -1,1 +1,64 @@
-fn main() {}
+//! `queuectl`: the command-line client of a queuectl server.
+
+mod args;
+mod client;
+mod commands;
+mod output;
+
+use clap::Parser;
+
+use args::{Cli, Command, ConfigCommand, DlqCommand, ServerCommand, WorkerCommand};
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Parse the job before reaching for a server: a typo should not start one.
+    if let Command::Enqueue { job } = &cli.command {
+        commands::parse_job(job)?;
+    }
+    let mut client = client::connect(cli.server.as_deref()).await?;
+    let client = &mut client;
+    match cli.command {
+        Command::Enqueue { job } => commands::enqueue(client, &job).await,
+        Command::Status => commands::status(client).await,
+        Command::List {
+            state,
+            output,
+            limit,
+        } => commands::list(client, state, output, limit).await,
+        Command::Get { id, output } => commands::get(client, id, output).await,
+        Command::Logs { id, follow } => commands::logs(client, id, follow).await,
+        Command::Dlq(DlqCommand::List { output }) => {
+            commands::list(client, Some(args::StateArg::Dead), output, None).await
+        }
+        Command::Dlq(DlqCommand::Retry { id }) => commands::dlq_retry(client, id).await,
+        Command::Config(ConfigCommand::Get { key }) => commands::config_get(client, key).await,
+        Command::Config(ConfigCommand::Set { key, value }) => {
+            commands::config_set(client, key, value).await
+        }
+        Command::Worker(WorkerCommand::Start { count, daemon }) => {
+            commands::worker_start(client, count, daemon).await
+        }
+        Command::Worker(WorkerCommand::Stop) => commands::worker_stop(client).await,
+        Command::Server(ServerCommand::Stop) => commands::server_stop(client).await,
+        Command::Reset { yes } => commands::reset(client, yes).await,
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime starts");
+    let Err(error) = runtime.block_on(run(cli)) else {
+        return;
+    };
+    let (message, code) = if let Some(status) = error.downcast_ref::<tonic::Status>() {
+        (status.message().to_owned(), 1)
+    } else if error.is::<client::Unreachable>() {
+        (error.to_string(), 3)
+    } else {
+        (format!("{error:#}"), 1)
+    };
+    eprintln!("error: {message}");
+    std::process::exit(code);
+}

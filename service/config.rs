@@ -66,7 +66,10 @@ pub enum ConfigError {
 }
 
 fn key_names() -> String {
-    KEYS.iter().map(|key| key.name).collect::<Vec<_>>().join(", ")
+    KEYS.iter()
+        .map(|key| key.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn find_key(name: &str) -> Result<&'static Key, ConfigError> {
@@ -128,7 +131,9 @@ impl Settings {
     }
 
     pub fn entries(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        KEYS.iter().zip(self.values).map(|(key, value)| (key.name, value))
+        KEYS.iter()
+            .zip(self.values)
+            .map(|(key, value)| (key.name, value))
     }
 
     fn value(&self, name: &str) -> u64 {
@@ -187,9 +192,21 @@ mod tests {
     #[test]
     fn bad_values_are_rejected_and_change_nothing() {
         let mut settings = Settings::default();
-        for bad in ["", "-1", "abc", "1.5", "0", "1001", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "-1",
+            "abc",
+            "1.5",
+            "0",
+            "1001",
+            "99999999999999999999999",
+        ] {
             let error = settings.set("backoff_base", bad).unwrap_err();
-            assert!(error.to_string().contains("backoff_base must be an integer in 1-1000"));
+            assert!(
+                error
+                    .to_string()
+                    .contains("backoff_base must be an integer in 1-1000")
+            );
         }
         assert_eq!(settings, Settings::default());
     }

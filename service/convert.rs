@@ -216,9 +216,7 @@ impl From<Event> for pb::WatchEventsResponse {
         use pb::watch_events_response::Event as Wire;
         let wire = match event {
             Event::WorkerStarted { worker } => Wire::WorkerStarted(pb::WorkerStarted { worker }),
-            Event::WorkerStopping { worker } => {
-                Wire::WorkerStopping(pb::WorkerStopping { worker })
-            }
+            Event::WorkerStopping { worker } => Wire::WorkerStopping(pb::WorkerStopping { worker }),
             Event::WorkerExited { worker } => Wire::WorkerExited(pb::WorkerExited { worker }),
             Event::JobPicked {
                 worker,
@@ -265,7 +263,11 @@ pub fn parse_page_token(token: &str) -> Result<Option<Cursor>, QueueError> {
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || invalid(format!("page_token {token:?} is not one this server gave out"));
+    let bad = || {
+        invalid(format!(
+            "page_token {token:?} is not one this server gave out"
+        ))
+    };
     let (priority, seq) = token.split_once('.').ok_or_else(bad)?;
     Ok(Some(Cursor {
         priority: priority.parse().map_err(|_| bad())?,

@@ -193,7 +193,9 @@ pub fn next_state(
         (JobState::Pending | JobState::Failed, Event::Claim) => JobState::Processing,
         (JobState::Processing, Event::Finish(Outcome::Succeeded)) => JobState::Completed,
         (JobState::Processing, Event::Finish(Outcome::Interrupted)) => JobState::Pending,
-        (JobState::Processing, Event::Finish(Outcome::Failed(_))) if attempts_after > max_retries => {
+        (JobState::Processing, Event::Finish(Outcome::Failed(_)))
+            if attempts_after > max_retries =>
+        {
             JobState::Dead
         }
         (JobState::Processing, Event::Finish(Outcome::Failed(_))) => JobState::Failed,
@@ -219,10 +221,9 @@ pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Sett
     let state = next_state(JobState::Processing, &event, attempts, job.max_retries)
         .expect("every outcome settles a processing job");
     let run_after = match state {
-        JobState::Failed => now.saturating_add(secs_to_micros(backoff_secs(
-            policy.backoff_base,
-            attempts,
-        ))),
+        JobState::Failed => {
+            now.saturating_add(secs_to_micros(backoff_secs(policy.backoff_base, attempts)))
+        }
         _ => now,
     };
     let last_error = match outcome {

@@ -12,7 +12,10 @@ use queuectl::server::{self, Listen, Options};
 /// (RUST_LOG=debug for more). SIGTERM or `queuectl server stop` drains it: running jobs get the
 /// shutdown_grace setting to finish, then return to the queue.
 #[derive(Parser)]
-#[command(version, after_help = "Examples:\n  queuectld --workers 4\n  QUEUECTL_HOME=/srv/queue queuectld")]
+#[command(
+    version,
+    after_help = "Examples:\n  queuectld --workers 4\n  QUEUECTL_HOME=/srv/queue queuectld"
+)]
 struct Args {
     /// Jobs run at once; `queuectl worker start --count N` changes it later.
     #[arg(long, default_value_t = 0)]
@@ -28,9 +31,9 @@ struct Args {
 
 fn parse_listen(url: &str) -> anyhow::Result<Listen> {
     let address = url.strip_prefix("http://").unwrap_or(url);
-    let address: SocketAddr = address
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--listen must look like http://127.0.0.1:7070, got {url:?}"))?;
+    let address: SocketAddr = address.parse().map_err(|_| {
+        anyhow::anyhow!("--listen must look like http://127.0.0.1:7070, got {url:?}")
+    })?;
     Ok(Listen::Tcp(address))
 }
 
@@ -42,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
     let listen = match &args.listen {

@@ -31,7 +31,9 @@ impl Queue {
     pub async fn start(store: Arc<dyn Store>, workers: u32) -> Result<Queue, QueueError> {
         let stored = store.load_config().await?;
         let settings = Arc::new(RwLock::new(Settings::from_stored(
-            stored.iter().map(|(key, value)| (key.as_str(), value.as_str())),
+            stored
+                .iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
         )));
         let wake = Arc::new(Notify::new());
         let writer = Writer::spawn(store.clone(), settings.clone(), wake.clone());
@@ -73,10 +75,7 @@ impl Queue {
     }
 
     pub async fn get(&self, id: &str) -> Result<Job, QueueError> {
-        self.store
-            .get(id)
-            .await?
-            .ok_or_else(|| not_found(id))
+        self.store.get(id).await?.ok_or_else(|| not_found(id))
     }
 
     pub async fn list(&self, filter: &ListFilter) -> Result<Page, QueueError> {
@@ -122,7 +121,11 @@ impl Queue {
         Ok(vec![(key.name, settings.get(key.name)?)])
     }
 
-    pub async fn set_config(&self, key: &str, value: &str) -> Result<(&'static str, u64), QueueError> {
+    pub async fn set_config(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<(&'static str, u64), QueueError> {
         let _change = self.config_change.lock().await;
         let mut changed = self.settings();
         let parsed = changed.set(key, value)?;

@@ -74,7 +74,7 @@ impl Capture {
 fn shell(command: &str) -> Command {
     #[cfg(unix)]
     let mut shell = {
-        let mut shell = Command::new("sh");
+        let mut shell = Command::new("/bin/sh");
         shell.arg("-c").arg(command);
         // Its own process group, so that a timeout or abort reaches everything the command started.
         shell.process_group(0);

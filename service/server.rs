@@ -225,8 +225,13 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 () = termination_signal() => {}
                 () = queue.shutdown_requested() => {}
             }
-            tracing::info!(running = queue.supervisor.running(), "stopping: draining workers");
-            health.set_service_status("", ServingStatus::NotServing).await;
+            tracing::info!(
+                running = queue.supervisor.running(),
+                "stopping: draining workers"
+            );
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             health.set_not_serving::<QueueServiceServer<Grpc>>().await;
             queue.supervisor.drain(queue.shutdown_grace()).await;
             queue.close_streams();
@@ -267,9 +272,11 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             let check = TokenCheck {
                 expected: load_or_create_token(home)?.into_bytes().into(),
             };
-            let listener = tokio::net::TcpListener::bind(address).await.map_err(|error| {
-                ServerError::Listen(format!("cannot listen on {address}: {error}"))
-            })?;
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|error| {
+                    ServerError::Listen(format!("cannot listen on {address}: {error}"))
+                })?;
             let bound = listener.local_addr()?;
             write_private(&home.join(ADDRESS_FILE), &format!("http://{bound}"))?;
             tracing::info!(address = %bound, workers = options.workers, "queuectld ready");

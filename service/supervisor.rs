@@ -184,7 +184,11 @@ impl Supervisor {
             });
             slot.stopping = false;
         }
-        let surplus: Vec<u32> = slots.slots.range(target..).map(|(index, _)| *index).collect();
+        let surplus: Vec<u32> = slots
+            .slots
+            .range(target..)
+            .map(|(index, _)| *index)
+            .collect();
         for index in surplus {
             let slot = slots.slots.get_mut(&index).expect("listed above");
             if !slot.stopping {

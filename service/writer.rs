@@ -113,9 +113,13 @@ async fn write_loop(
         match store.write(&batch, clock::now(), policy).await {
             Ok(outcome) => {
                 let woke_jobs = outcome.enqueued.iter().any(Result::is_ok)
-                    || batch.updates.iter().zip(&outcome.applied).any(|(update, applied)| {
-                        *applied && update.settled.state == crate::job::JobState::Pending
-                    });
+                    || batch
+                        .updates
+                        .iter()
+                        .zip(&outcome.applied)
+                        .any(|(update, applied)| {
+                            *applied && update.settled.state == crate::job::JobState::Pending
+                        });
                 for (reply, result) in enqueue_replies.into_iter().zip(outcome.enqueued) {
                     let _ = reply.send(Ok(result));
                 }

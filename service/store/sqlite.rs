@@ -71,10 +71,7 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await
             .map_err(classify)?;
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(classify)?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
         let value = work(&mut *tx).await.map_err(classify)?;
         tx.commit().await.map_err(classify)?;
         Ok(value)
@@ -371,7 +368,11 @@ impl Store for SqliteStore {
             job_columns!(),
             ", seq FROM jobs WHERE state = ?4 AND (priority, seq) > (?1, ?2) ORDER BY priority, seq LIMIT ?3"
         );
-        let sql = if filter.state.is_some() { IN_STATE } else { ALL };
+        let sql = if filter.state.is_some() {
+            IN_STATE
+        } else {
+            ALL
+        };
         let mut query = sqlx::query(sql)
             .bind(i64::from(after.priority))
             .bind(after.seq)
@@ -379,10 +380,7 @@ impl Store for SqliteStore {
         if let Some(state) = filter.state {
             query = query.bind(state.as_str());
         }
-        let rows = query
-            .fetch_all(&self.reader)
-            .await
-            .map_err(classify)?;
+        let rows = query.fetch_all(&self.reader).await.map_err(classify)?;
         let mut jobs = Vec::with_capacity(rows.len());
         let mut last = None;
         for row in rows.iter().take(filter.limit as usize) {

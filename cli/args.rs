@@ -1,0 +1,173 @@
+//! The command line, as clap parses it.
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  queuectl enqueue '{\"command\":\"echo hello\"}'
+  queuectl enqueue '{\"id\":\"nightly\",\"command\":\"./backup.sh\",\"priority\":1,\"max_retries\":5,\"timeout\":600}'
+  queuectl worker start --count 3
+  queuectl status
+  queuectl list --state dead --output table
+  queuectl dlq retry job7
+  queuectl config set backoff_base 3
+
+The server (queuectld) is started in the background on first use, with no workers, and listens
+on a socket in QUEUECTL_HOME (default ~/.queuectl) that only you can reach.
+
+Exit codes: 0 done, 1 the request failed, 2 bad usage, 3 no server could be reached.";
+
+/// A durable background job queue for shell commands.
+#[derive(Parser)]
+#[command(name = "queuectl", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// The server to talk to: unix:/path/to/socket or http://127.0.0.1:PORT. Default: the socket in
+    /// QUEUECTL_HOME, with a server started there if none runs (unless QUEUECTL_NO_AUTOSTART=1).
+    #[arg(long, env = "QUEUECTL_SERVER", global = true, value_name = "ADDRESS")]
+    pub server: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum Format {
+    /// One JSON object per line, as the Python queuectl printed.
+    #[default]
+    Json,
+    /// Aligned columns for people.
+    Table,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StateArg {
+    Pending,
+    Processing,
+    Failed,
+    Completed,
+    Dead,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Add a job, given as JSON: command (required), id, priority (1-10), max_retries, timeout (seconds).
+    #[command(
+        after_help = "Examples:\n  queuectl enqueue '{\"command\":\"echo hi\"}'\n  \
+                            queuectl enqueue '{\"command\":\"make\",\"priority\":1,\"max-retries\":2,\"timeout\":300}'"
+    )]
+    Enqueue {
+        /// The job as a JSON object.
+        job: String,
+    },
+    /// Count jobs by state and show what each worker runs.
+    #[command(after_help = "Example:\n  queuectl status")]
+    Status,
+    /// List jobs, best priority first, one JSON object per line.
+    #[command(
+        after_help = "Examples:\n  queuectl list\n  queuectl list --state pending --output table"
+    )]
+    List {
+        /// Only jobs in this state.
+        #[arg(long)]
+        state: Option<StateArg>,
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
+        /// Show at most this many jobs.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Show one job.
+    #[command(after_help = "Example:\n  queuectl get job1")]
+    Get {
+        id: String,
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Print what a job's attempts wrote to stdout and stderr.
+    #[command(after_help = "Examples:\n  queuectl logs job1\n  queuectl logs job1 --follow")]
+    Logs {
+        id: String,
+        /// Keep printing the output of new attempts until the job is completed or dead.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// The dead letter queue: jobs that failed every attempt.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Read and change runtime settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Start or stop the server's workers.
+    #[command(subcommand)]
+    Worker(WorkerCommand),
+    /// Control the server process.
+    #[command(subcommand)]
+    Server(ServerCommand),
+    /// Stop all workers and delete all jobs and settings.
+    #[command(
+        after_help = "Examples:\n  queuectl reset\n  queuectl reset --yes\n  echo y | queuectl reset"
+    )]
+    Reset {
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// List dead jobs.
+    #[command(after_help = "Example:\n  queuectl dlq list")]
+    List {
+        #[arg(long, value_enum, default_value_t)]
+        output: Format,
+    },
+    /// Send a dead job back to the queue with its attempts reset to 0.
+    #[command(after_help = "Example:\n  queuectl dlq retry job5")]
+    Retry { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Print a setting's value, or every setting when no key is given.
+    #[command(after_help = "Examples:\n  queuectl config get backoff_base\n  queuectl config get")]
+    Get { key: Option<String> },
+    /// Change a setting.
+    #[command(after_help = "Settings:
+  aging_interval       seconds a waiting job needs to gain one priority level (default 60)
+  backoff_base         a failed job waits backoff_base ^ attempts seconds before its retry (default 2)
+  default_max_retries  retries of jobs that give no max_retries (default 3)
+  job_timeout          seconds an attempt may run, for jobs that give no timeout; 0 = no limit (default 0)
+  max_output_bytes     output kept per attempt (default 1048576)
+  shutdown_grace       seconds running jobs get when the server stops (default 10)
+
+Example:
+  queuectl config set backoff_base 3")]
+    Set { key: String, value: String },
+}
+
+#[derive(Subcommand)]
+pub enum WorkerCommand {
+    /// Set the server's worker count and, unless --daemon, print their activity until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  queuectl worker start --count 3\n  queuectl worker start --count 3 --daemon"
+    )]
+    Start {
+        /// How many jobs run at once.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Return at once and leave the workers running in the server.
+        #[arg(long)]
+        daemon: bool,
+    },
+    /// Stop the workers; each finishes its current job first.
+    #[command(after_help = "Example:\n  queuectl worker stop")]
+    Stop,
+}
+
+#[derive(Subcommand)]
+pub enum ServerCommand {
+    /// Stop the server gracefully: running jobs get the shutdown_grace setting to finish.
+    #[command(after_help = "Example:\n  queuectl server stop")]
+    Stop,
+}

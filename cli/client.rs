@@ -1,0 +1,196 @@
+//! Finding the server: an explicit address, or the socket in QUEUECTL_HOME with a server started there on demand.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use queuectl::pb::queue_service_client::QueueServiceClient;
+use queuectl::server::{self, TOKEN_FILE};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+/// How long `queuectl` waits for a server it started to answer.
+const STARTUP_LIMIT: Duration = Duration::from_secs(10);
+
+/// No server could be reached; exit code 3.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
+
+/// Adds the bearer token to every request over TCP.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+pub type Client = QueueServiceClient<InterceptedService<Channel, Auth>>;
+
+enum Target {
+    #[cfg(unix)]
+    Socket(PathBuf),
+    Tcp(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            #[cfg(unix)]
+            Target::Socket(path) => write!(f, "unix:{}", path.display()),
+            Target::Tcp(url) => f.write_str(url),
+        }
+    }
+}
+
+fn parse_target(address: &str) -> anyhow::Result<Target> {
+    #[cfg(unix)]
+    if let Some(path) = address.strip_prefix("unix:") {
+        return Ok(Target::Socket(PathBuf::from(path)));
+    }
+    if address.starts_with("http://") || address.starts_with("https://") {
+        return Ok(Target::Tcp(address.to_owned()));
+    }
+    anyhow::bail!(
+        "server address must be unix:/path/to/socket or http://HOST:PORT, got {address:?}"
+    )
+}
+
+async fn open(target: &Target) -> Result<Channel, tonic::transport::Error> {
+    match target {
+        #[cfg(unix)]
+        Target::Socket(path) => {
+            let path = path.clone();
+            // The URI is required but unused: the connector below decides where to connect.
+            Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+        }
+        Target::Tcp(url) => Endpoint::from_shared(url.clone())?.connect().await,
+    }
+}
+
+fn token(home: &Path) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
+    let token = match std::env::var("QUEUECTL_TOKEN") {
+        Ok(token) => token,
+        Err(_) => match std::fs::read_to_string(home.join(TOKEN_FILE)) {
+            Ok(token) => token,
+            Err(_) => return Ok(None),
+        },
+    };
+    Ok(Some(format!("Bearer {}", token.trim()).parse()?))
+}
+
+/// The address of the home's own server.
+fn home_target(home: &Path) -> Target {
+    #[cfg(unix)]
+    {
+        Target::Socket(home.join(server::SOCKET_FILE))
+    }
+    #[cfg(windows)]
+    {
+        let url = std::fs::read_to_string(home.join(server::ADDRESS_FILE)).unwrap_or_default();
+        Target::Tcp(url.trim().to_owned())
+    }
+}
+
+fn autostart_disabled() -> bool {
+    std::env::var("QUEUECTL_NO_AUTOSTART").is_ok_and(|value| !value.is_empty() && value != "0")
+}
+
+/// Starts `queuectld` for `home`, detached, with no workers and its log in the home folder.
+fn spawn_server(home: &Path) -> anyhow::Result<()> {
+    if !home.exists() {
+        // Owner-only from the start; the server refuses a home that others can write to.
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(home)?;
+    }
+    let binary = std::env::current_exe()?
+        .with_file_name(format!("queuectld{}", std::env::consts::EXE_SUFFIX));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.join("server.log"))?;
+    let mut command = std::process::Command::new(&binary);
+    command
+        .arg("--workers")
+        .arg("0")
+        .env("QUEUECTL_HOME", home)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // Its own process group, so that Ctrl-C in this terminal does not reach it.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .spawn()
+        .map_err(|error| anyhow::anyhow!("cannot start {}: {error}", binary.display()))?;
+    Ok(())
+}
+
+/// Connects to the server, starting the home's own one if it is not running.
+pub async fn connect(server: Option<&str>) -> anyhow::Result<Client> {
+    let home = server::default_home();
+    let auth = Auth(token(&home)?);
+    let connected = |channel| QueueServiceClient::with_interceptor(channel, auth.clone());
+    if let Some(address) = server {
+        let target = parse_target(address)?;
+        return match open(&target).await {
+            Ok(channel) => Ok(connected(channel)),
+            Err(error) => Err(Unreachable(format!(
+                "no queuectl server answers at {target} ({error}); start one with `queuectld`"
+            ))
+            .into()),
+        };
+    }
+    let target = home_target(&home);
+    if let Ok(channel) = open(&target).await {
+        return Ok(connected(channel));
+    }
+    if autostart_disabled() {
+        return Err(Unreachable(format!(
+            "no queuectl server is running at {target}; start one with `queuectld` \
+             (QUEUECTL_NO_AUTOSTART is set, so queuectl does not start it)"
+        ))
+        .into());
+    }
+    spawn_server(&home)?;
+    let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
+    loop {
+        let target = home_target(&home);
+        match open(&target).await {
+            Ok(channel) => {
+                let auth = Auth(token(&home)?);
+                return Ok(QueueServiceClient::with_interceptor(channel, auth));
+            }
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                return Err(Unreachable(format!(
+                    "started queuectld, but it did not answer at {target} within {}s ({error}); \
+                     see {}",
+                    STARTUP_LIMIT.as_secs(),
+                    home.join("server.log").display()
+                ))
+                .into());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! One function per subcommand: build the request, make the call, print the answer.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, Write};
+
+use anyhow::{Context, bail};
+use queuectl::pb;
+use serde_json::Value;
+use tokio_stream::StreamExt;
+
+use crate::args::{Format, StateArg};
+use crate::client::Client;
+use crate::output;
+
+const JOB_KEYS: &str = "command, id, priority, max_retries (or max-retries), timeout";
+
+/// Reads an integer field of the job JSON.
+fn integer<T: TryFrom<i64>>(key: &str, value: &Value, range: &str) -> anyhow::Result<T> {
+    let Some(number) = value.as_i64() else {
+        if value.is_number() {
+            bail!("{key} must be {range}, got {value}");
+        }
+        bail!("{key} must be an integer, got {value}");
+    };
+    T::try_from(number).map_err(|_| anyhow::anyhow!("{key} must be {range}, got {number}"))
+}
+
+/// Parses the job JSON of `queuectl enqueue` into a request; the server checks the values' ranges.
+pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
+    let value: Value = serde_json::from_str(json)
+        .map_err(|error| anyhow::anyhow!("the job is not valid JSON: {error}"))?;
+    let Value::Object(fields) = value else {
+        bail!("the job must be a JSON object such as {{\"command\":\"echo hi\"}}, got {value}");
+    };
+    let mut request = pb::EnqueueRequest::default();
+    let mut command = None;
+    for (key, value) in &fields {
+        match key.as_str() {
+            "command" => match value {
+                Value::String(text) => command = Some(text.clone()),
+                other => bail!("command must be a string, got {other}"),
+            },
+            "id" => match value {
+                Value::String(text) => request.id = Some(text.clone()),
+                other => bail!("id must be a string, got {other}"),
+            },
+            "priority" => request.priority = Some(integer(key, value, "1-10")?),
+            "max_retries" | "max-retries" => {
+                if request.max_retries.is_some() {
+                    bail!("give max_retries or max-retries, not both");
+                }
+                request.max_retries = Some(integer(key, value, "0-1000")?);
+            }
+            "timeout" => request.timeout = Some(integer(key, value, "0-604800 seconds")?),
+            unknown => bail!("unknown key {unknown:?} in the job: expected {JOB_KEYS}"),
+        }
+    }
+    request.command =
+        command.context("the job needs a \"command\", e.g. {\"command\":\"echo hi\"}")?;
+    Ok(request)
+}
+
+pub async fn enqueue(client: &mut Client, json: &str) -> anyhow::Result<()> {
+    let request = parse_job(json)?;
+    let job = client
+        .enqueue(request)
+        .await?
+        .into_inner()
+        .job
+        .context("the server sent no job")?;
+    println!("Enqueued job {}", job.id);
+    Ok(())
+}
+
+pub async fn status(client: &mut Client) -> anyhow::Result<()> {
+    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+    print!("{}", output::status_text(&status));
+    Ok(())
+}
+
+fn state_filter(state: Option<StateArg>) -> pb::JobState {
+    match state {
+        None => pb::JobState::Unspecified,
+        Some(StateArg::Pending) => pb::JobState::Pending,
+        Some(StateArg::Processing) => pb::JobState::Processing,
+        Some(StateArg::Failed) => pb::JobState::Failed,
+        Some(StateArg::Completed) => pb::JobState::Completed,
+        Some(StateArg::Dead) => pb::JobState::Dead,
+    }
+}
+
+/// Prints jobs page by page, so that a long list starts at once and never sits whole in memory.
+pub async fn list(
+    client: &mut Client,
+    state: Option<StateArg>,
+    format: Format,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if let Format::Table = format {
+        writeln!(stdout, "{}", output::table_header())?;
+    }
+    let mut remaining = limit.unwrap_or(u64::MAX);
+    let mut page_token = String::new();
+    while remaining > 0 {
+        let page = client
+            .list(pb::ListRequest {
+                state: state_filter(state).into(),
+                page_size: u32::try_from(remaining.min(1000)).unwrap_or(1000),
+                page_token,
+            })
+            .await?
+            .into_inner();
+        for job in &page.jobs {
+            let line = match format {
+                Format::Json => output::job_json(job),
+                Format::Table => output::job_row(job),
+            };
+            writeln!(stdout, "{line}")?;
+        }
+        remaining = remaining.saturating_sub(page.jobs.len() as u64);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    Ok(())
+}
+
+pub async fn get(client: &mut Client, id: String, format: Format) -> anyhow::Result<()> {
+    let job = client
+        .get_job(pb::GetJobRequest { id })
+        .await?
+        .into_inner()
+        .job
+        .context("the server sent no job")?;
+    match format {
+        Format::Json => println!("{}", output::job_json(&job)),
+        Format::Table => println!("{}\n{}", output::table_header(), output::job_row(&job)),
+    }
+    Ok(())
+}
+
+fn is_final(state: i32) -> bool {
+    matches!(
+        pb::JobState::try_from(state),
+        Ok(pb::JobState::Completed | pb::JobState::Dead)
+    )
+}
+
+pub async fn logs(client: &mut Client, id: String, follow: bool) -> anyhow::Result<()> {
+    // Subscribe before reading the stored runs, so that nothing falls between the two.
+    let mut events = if follow {
+        let request = pb::WatchEventsRequest { job_id: id.clone() };
+        Some(client.watch_events(request).await?.into_inner())
+    } else {
+        None
+    };
+    let runs = client
+        .get_job_logs(pb::GetJobLogsRequest { id: id.clone() })
+        .await?
+        .into_inner()
+        .runs;
+    let mut stdout = std::io::stdout();
+    for run in &runs {
+        writeln!(stdout, "{}", output::run_header(&id, run))?;
+        stdout.write_all(&run.output)?;
+    }
+    let Some(events) = events.as_mut() else {
+        return Ok(());
+    };
+    let job = client
+        .get_job(pb::GetJobRequest { id: id.clone() })
+        .await?
+        .into_inner()
+        .job;
+    if job.is_some_and(|job| is_final(job.state)) {
+        return Ok(());
+    }
+    while let Some(event) = events.next().await {
+        use pb::watch_events_response::Event;
+        match event?.event {
+            Some(Event::JobOutput(chunk)) => stdout.write_all(&chunk.data)?,
+            Some(Event::JobFinished(finished)) => {
+                println!(
+                    "{}",
+                    output::event_line(&Event::JobFinished(finished.clone())).unwrap_or_default()
+                );
+                if is_final(finished.state) {
+                    break;
+                }
+            }
+            Some(other) => {
+                if let Some(line) = output::event_line(&other) {
+                    println!("{line}");
+                }
+            }
+            None => {}
+        }
+        stdout.flush()?;
+    }
+    Ok(())
+}
+
+pub async fn dlq_retry(client: &mut Client, id: String) -> anyhow::Result<()> {
+    client
+        .dlq_retry(pb::DlqRetryRequest { id: id.clone() })
+        .await?;
+    println!("Job {id} moved back to pending");
+    Ok(())
+}
+
+pub async fn config_get(client: &mut Client, key: Option<String>) -> anyhow::Result<()> {
+    let all = key.is_none();
+    let entries = client
+        .get_config(pb::GetConfigRequest {
+            key: key.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .entries;
+    for entry in entries {
+        if all {
+            println!("{} = {}", entry.key, entry.value);
+        } else {
+            println!("{}", entry.value);
+        }
+    }
+    Ok(())
+}
+
+pub async fn config_set(client: &mut Client, key: String, value: String) -> anyhow::Result<()> {
+    client
+        .set_config(pb::SetConfigRequest { key, value })
+        .await?;
+    println!("OK");
+    Ok(())
+}
+
+/// Sets the worker count, then prints worker activity until the workers have exited. Ctrl-C stops them
+/// gracefully: each finishes its current job.
+pub async fn worker_start(client: &mut Client, count: u32, daemon: bool) -> anyhow::Result<()> {
+    if daemon {
+        client
+            .start_workers(pb::StartWorkersRequest { count })
+            .await?;
+        println!("Started {count} workers in the server; `queuectl worker stop` stops them");
+        return Ok(());
+    }
+    // Subscribe first, so that the workers' first events are seen.
+    let mut events = client
+        .watch_events(pb::WatchEventsRequest::default())
+        .await?
+        .into_inner();
+    client
+        .start_workers(pb::StartWorkersRequest { count })
+        .await?;
+    let mut live: BTreeSet<u32> = (0..count).collect();
+    let mut stopping = false;
+    let mut stdout = std::io::stdout();
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                use pb::watch_events_response::Event;
+                let Some(event) = event.transpose()?.and_then(|response| response.event) else {
+                    println!("the server stopped");
+                    return Ok(());
+                };
+                match &event {
+                    Event::JobOutput(chunk) => stdout.write_all(&chunk.data)?,
+                    Event::WorkerStarted(started) => {
+                        live.insert(started.worker);
+                    }
+                    Event::WorkerExited(exited) => {
+                        live.remove(&exited.worker);
+                    }
+                    _ => {}
+                }
+                if let Some(line) = output::event_line(&event) {
+                    writeln!(stdout, "{line}")?;
+                }
+                stdout.flush()?;
+                if live.is_empty() {
+                    return Ok(());
+                }
+            }
+            _ = tokio::signal::ctrl_c(), if !stopping => {
+                stopping = true;
+                client.stop_workers(pb::StopWorkersRequest { wait: false }).await?;
+            }
+        }
+    }
+}
+
+pub async fn worker_stop(client: &mut Client) -> anyhow::Result<()> {
+    let running = client
+        .stop_workers(pb::StopWorkersRequest { wait: false })
+        .await?
+        .into_inner()
+        .running;
+    if running == 0 {
+        println!("Workers stopped");
+    } else {
+        println!("Workers stopping; {running} running jobs finish first");
+    }
+    Ok(())
+}
+
+pub async fn server_stop(client: &mut Client) -> anyhow::Result<()> {
+    client.shutdown(pb::ShutdownRequest {}).await?;
+    println!("Server stopping; running jobs get the shutdown_grace setting to finish");
+    Ok(())
+}
+
+/// Asks on stdout, reads the answer from stdin (a terminal or a pipe); anything but y/yes is a no.
+fn confirmed(question: &str) -> anyhow::Result<bool> {
+    print!("{question} (y/N): ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(matches!(
+        answer.trim().to_ascii_lowercase().as_str(),
+        "y" | "yes"
+    ))
+}
+
+pub async fn reset(client: &mut Client, yes: bool) -> anyhow::Result<()> {
+    if !yes && !confirmed("This will stop all workers and delete all jobs. Continue?")? {
+        bail!("reset cancelled; nothing was changed");
+    }
+    client.reset(pb::ResetRequest {}).await?;
+    println!("Queue reset successful: all jobs and configurations cleared.");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_spellings_of_max_retries_are_accepted() {
+        assert_eq!(
+            parse_job(r#"{"command":"x","max-retries":2}"#)
+                .unwrap()
+                .max_retries,
+            Some(2)
+        );
+        assert_eq!(
+            parse_job(r#"{"command":"x","max_retries":4}"#)
+                .unwrap()
+                .max_retries,
+            Some(4)
+        );
+    }
+
+    #[test]
+    fn bad_json_is_named() {
+        let error = |json| parse_job(json).unwrap_err().to_string();
+        assert!(error("{").starts_with("the job is not valid JSON"));
+        assert!(error("[1]").starts_with("the job must be a JSON object"));
+        assert!(error("{}").starts_with("the job needs a \"command\""));
+        assert!(error(r#"{"command":1}"#).starts_with("command must be a string"));
+        assert_eq!(
+            error(r#"{"command":"x","priority":"high"}"#),
+            "priority must be an integer, got \"high\""
+        );
+        assert_eq!(
+            error(r#"{"command":"x","priority":1e30}"#),
+            "priority must be 1-10, got 1e30"
+        );
+        assert_eq!(
+            error(r#"{"command":"x","priority":99999999999}"#),
+            "priority must be 1-10, got 99999999999"
+        );
+        assert!(error(r#"{"command":"x","retries":1}"#).starts_with("unknown key \"retries\""));
+        assert!(error(r#"{"command":"x","max_retries":1,"max-retries":1}"#).contains("not both"));
+    }
+}
