@@ -1,0 +1,219 @@
+//! Drives the real `queuectl` and `queuectld` binaries against a temporary QUEUECTL_HOME, as a user would.
+
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const QUEUECTL: &str = env!("CARGO_BIN_EXE_queuectl");
+pub const QUEUECTLD: &str = env!("CARGO_BIN_EXE_queuectld");
+
+/// Generous: CI machines are slow, and a deadline only matters when something is broken.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `condition` until it holds, failing the test with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A temporary QUEUECTL_HOME, and the server this test started in it, if any.
+pub struct Home {
+    dir: tempfile::TempDir,
+    server: Option<Child>,
+}
+
+impl Home {
+    pub fn new() -> Home {
+        let dir = tempfile::Builder::new()
+            .prefix("queuectl-test-")
+            .tempdir()
+            .expect("a temp dir");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        Home { dir, server: None }
+    }
+
+    /// A home with a server started by the test (not by autostart), with `workers` workers.
+    pub fn with_server(workers: u32) -> Home {
+        let mut home = Home::new();
+        home.start_server(workers);
+        home
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn server_command(&self, workers: u32) -> Command {
+        let mut command = Command::new(QUEUECTLD);
+        command
+            .arg("--workers")
+            .arg(workers.to_string())
+            .env("QUEUECTL_HOME", self.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.file("test-server.log"))
+                    .unwrap(),
+            ));
+        command
+    }
+
+    /// Starts `queuectld` and waits until it answers.
+    pub fn start_server(&mut self, workers: u32) {
+        assert!(self.server.is_none(), "a server runs already");
+        self.server = Some(self.server_command(workers).spawn().expect("queuectld starts"));
+        wait_until("the server to answer", DEADLINE, || {
+            self.try_queuectl(&["status"]).status.success()
+        });
+    }
+
+    /// The server process the test started.
+    pub fn server(&mut self) -> &mut Child {
+        self.server.as_mut().expect("the test started a server")
+    }
+
+    /// kill -9 of the server, then waits for it to be gone.
+    pub fn kill_server(&mut self) {
+        let mut server = self.server.take().expect("the test started a server");
+        server.kill().unwrap();
+        server.wait().unwrap();
+    }
+
+    /// Asks the server to stop and waits for it to exit; returns its exit status.
+    pub fn stop_server(&mut self) -> std::process::ExitStatus {
+        let mut server = self.server.take().expect("the test started a server");
+        self.ok(&["server", "stop"]);
+        wait_for_exit(&mut server, DEADLINE)
+    }
+
+    /// `queuectl` with this home; never starts a server by itself.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(QUEUECTL);
+        command
+            .args(args)
+            .env("QUEUECTL_HOME", self.path())
+            .env("QUEUECTL_NO_AUTOSTART", "1")
+            .env_remove("QUEUECTL_SERVER")
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub fn try_queuectl(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("queuectl runs")
+    }
+
+    /// Runs `queuectl`, asserts success and returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let output = self.try_queuectl(args);
+        assert!(
+            output.status.success(),
+            "queuectl {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    /// Runs `queuectl`, asserts failure and returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let output = self.try_queuectl(args);
+        assert!(
+            !output.status.success(),
+            "queuectl {args:?} should have failed, printed {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        String::from_utf8(output.stderr).expect("utf-8 output")
+    }
+
+    pub fn enqueue(&self, json: &str) -> String {
+        let out = self.ok(&["enqueue", json]);
+        out.trim()
+            .strip_prefix("Enqueued job ")
+            .unwrap_or_else(|| panic!("unexpected enqueue output {out:?}"))
+            .to_owned()
+    }
+
+    pub fn jobs(&self, extra: &[&str]) -> Vec<Value> {
+        let mut args = vec!["list"];
+        args.extend_from_slice(extra);
+        self.ok(&args)
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("each line is a JSON job"))
+            .collect()
+    }
+
+    pub fn job(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok(&["get", id])).expect("a JSON job")
+    }
+
+    pub fn state(&self, id: &str) -> String {
+        self.job(id)["state"].as_str().unwrap().to_owned()
+    }
+
+    pub fn wait_for_state(&self, id: &str, state: &str) {
+        wait_until(&format!("{id} to be {state}"), DEADLINE, || self.state(id) == state);
+    }
+
+    /// The server's view of jobs per state, from `status`.
+    pub fn count(&self, state: &str) -> u64 {
+        let status = self.ok(&["status"]);
+        status
+            .lines()
+            .find_map(|line| line.trim().strip_prefix(&format!("{state}: ")))
+            .unwrap_or_else(|| panic!("no {state} line in {status}"))
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        } else {
+            // An autostarted server: ask it to go.
+            let _ = self.try_queuectl(&["server", "stop"]);
+        }
+    }
+}
+
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "the process did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+#[cfg(unix)]
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
