@@ -207,14 +207,16 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueueServiceServer<Grpc>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| ServerError::Listen(format!("building reflection: {error}")))?;
-    let reflection_alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|error| ServerError::Listen(format!("building reflection: {error}")))?;
+    let described = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |error| ServerError::Listen(format!("building reflection: {error}"));
+    let reflection = described().build_v1().map_err(reflection_error)?;
+    // grpcurl and older clients still ask the v1alpha service.
+    let reflection_alpha = described().build_v1alpha().map_err(reflection_error)?;
     let queue_service = QueueServiceServer::new(Grpc::new(queue.clone()))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
 

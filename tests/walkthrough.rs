@@ -13,7 +13,9 @@ fn started_at_secs(header: &str) -> f64 {
     let stamp = header.split("started ").nth(1).unwrap();
     let stamp = &stamp[..26];
     let time = humantime::parse_rfc3339(&format!("{stamp}Z")).unwrap();
-    time.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+    time.duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 #[test]
@@ -26,7 +28,11 @@ fn the_old_readme_walkthrough_works_step_by_step() {
             .env_remove("QUEUECTL_NO_AUTOSTART")
             .output()
             .unwrap();
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         String::from_utf8(output.stdout).unwrap()
     };
 
@@ -36,7 +42,10 @@ fn the_old_readme_walkthrough_works_step_by_step() {
 
     // 2. Changing it.
     assert_eq!(home.ok(&["config", "set", "backoff_base", "3"]), "OK\n");
-    assert_eq!(home.ok(&["config", "set", "default_max_retries", "4"]), "OK\n");
+    assert_eq!(
+        home.ok(&["config", "set", "default_max_retries", "4"]),
+        "OK\n"
+    );
     assert_eq!(home.ok(&["config", "get", "default_max_retries"]), "4\n");
     assert_eq!(home.ok(&["config", "get", "backoff_base"]), "3\n");
     home.ok(&["config", "set", "backoff_base", "2"]);
@@ -92,18 +101,35 @@ fn the_old_readme_walkthrough_works_step_by_step() {
         home.enqueue(&job);
     }
     let listed: Vec<Value> = home.jobs(&[]);
-    let ids: Vec<&str> = listed.iter().map(|job| job["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["job2", "job1", "job3", "job4"], "list orders by priority, then age");
+    let ids: Vec<&str> = listed
+        .iter()
+        .map(|job| job["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["job2", "job1", "job3", "job4"],
+        "list orders by priority, then age"
+    );
     home.ok(&["worker", "start", "--count", "1", "--daemon"]);
-    wait_until("the priority jobs to run", DEADLINE, || home.count("completed") == 4);
+    wait_until("the priority jobs to run", DEADLINE, || {
+        home.count("completed") == 4
+    });
     assert_eq!(
         std::fs::read_to_string(&order).unwrap(),
         "High Priority Job\nMedium Priority Job\nLow Priority Job\n"
     );
     for job in home.jobs(&[]) {
         for key in [
-            "id", "command", "state", "attempts", "max_retries", "priority", "created_at",
-            "updated_at", "run_after", "last_error",
+            "id",
+            "command",
+            "state",
+            "attempts",
+            "max_retries",
+            "priority",
+            "created_at",
+            "updated_at",
+            "run_after",
+            "last_error",
         ] {
             assert!(job.get(key).is_some(), "{key} missing from {job}");
         }
@@ -123,7 +149,10 @@ fn the_old_readme_walkthrough_works_step_by_step() {
     assert_eq!(dead[0]["attempts"], 3);
     assert_eq!(dead[0]["max_retries"], 2);
     assert_eq!(dead[0]["last_error"], "exit:127");
-    assert_eq!(home.ok(&["dlq", "list"]), home.ok(&["list", "--state", "dead"]));
+    assert_eq!(
+        home.ok(&["dlq", "list"]),
+        home.ok(&["list", "--state", "dead"])
+    );
     let logs = home.ok(&["logs", "job5"]);
     let starts: Vec<f64> = logs
         .lines()
@@ -131,15 +160,24 @@ fn the_old_readme_walkthrough_works_step_by_step() {
         .map(started_at_secs)
         .collect();
     assert_eq!(starts.len(), 3, "{logs}");
-    assert!(starts[1] - starts[0] >= 2.0, "first backoff ≥ 2 s: {starts:?}");
-    assert!(starts[2] - starts[1] >= 4.0, "second backoff ≥ 4 s: {starts:?}");
+    assert!(
+        starts[1] - starts[0] >= 2.0,
+        "first backoff ≥ 2 s: {starts:?}"
+    );
+    assert!(
+        starts[2] - starts[1] >= 4.0,
+        "second backoff ≥ 4 s: {starts:?}"
+    );
     assert!(logs.contains("invalidcommand: not found"), "{logs}");
 
     // 9. Retrying it: back to pending with attempts 0, then through its retries to dead again.
     home.ok(&["worker", "stop"]);
     home.ok(&["dlq", "retry", "job5"]);
     let retried = home.job("job5");
-    assert_eq!((retried["state"].as_str(), retried["attempts"].as_u64()), (Some("pending"), Some(0)));
+    assert_eq!(
+        (retried["state"].as_str(), retried["attempts"].as_u64()),
+        (Some("pending"), Some(0))
+    );
     home.ok(&["worker", "start", "--count", "1", "--daemon"]);
     home.wait_for_state("job5", "dead");
     assert_eq!(home.job("job5")["attempts"], 3);
@@ -194,7 +232,12 @@ fn a_declined_reset_changes_nothing() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        reset.stdin.take().unwrap().write_all(answer.as_bytes()).unwrap();
+        reset
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(answer.as_bytes())
+            .unwrap();
         let output = reset.wait_with_output().unwrap();
         assert!(!output.status.success(), "answer {answer:?}");
         assert!(String::from_utf8_lossy(&output.stderr).contains("nothing was changed"));

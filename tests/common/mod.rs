@@ -18,7 +18,10 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
     while !condition() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -80,7 +83,11 @@ impl Home {
     /// Starts `queuectld` and waits until it answers.
     pub fn start_server(&mut self, workers: u32) {
         assert!(self.server.is_none(), "a server runs already");
-        self.server = Some(self.server_command(workers).spawn().expect("queuectld starts"));
+        self.server = Some(
+            self.server_command(workers)
+                .spawn()
+                .expect("queuectld starts"),
+        );
         wait_until("the server to answer", DEADLINE, || {
             self.try_queuectl(&["status"]).status.success()
         });
@@ -169,7 +176,9 @@ impl Home {
     }
 
     pub fn wait_for_state(&self, id: &str, state: &str) {
-        wait_until(&format!("{id} to be {state}"), DEADLINE, || self.state(id) == state);
+        wait_until(&format!("{id} to be {state}"), DEADLINE, || {
+            self.state(id) == state
+        });
     }
 
     /// The server's view of jobs per state, from `status`.
@@ -202,7 +211,10 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitSt
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(start.elapsed() < limit, "the process did not exit within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "the process did not exit within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
