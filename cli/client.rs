@@ -1,6 +1,6 @@
 //! Finding the server: an explicit address, or the socket in QUEUECTL_HOME with a server started there on demand.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ pub type Client = QueueServiceClient<InterceptedService<Channel, Auth>>;
 
 enum Target {
     #[cfg(unix)]
-    Socket(PathBuf),
+    Socket(std::path::PathBuf),
     Tcp(String),
 }
 
@@ -55,7 +55,7 @@ impl std::fmt::Display for Target {
 fn parse_target(address: &str) -> anyhow::Result<Target> {
     #[cfg(unix)]
     if let Some(path) = address.strip_prefix("unix:") {
-        return Ok(Target::Socket(PathBuf::from(path)));
+        return Ok(Target::Socket(path.into()));
     }
     if address.starts_with("http://") || address.starts_with("https://") {
         return Ok(Target::Tcp(address.to_owned()));

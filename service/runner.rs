@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until};
 
 use crate::job::{Failure, Outcome};
 
@@ -24,6 +24,7 @@ const SCRUBBED_ENV: [&str; 8] = [
 ];
 
 /// How long a job's processes get between SIGTERM and SIGKILL.
+#[cfg(unix)]
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// How long output is still read once the command ended, for bytes in flight.
@@ -136,7 +137,7 @@ async fn terminate(child: &mut Child) {
     #[cfg(unix)]
     if let Some(pgid) = child.id() {
         signal_group(pgid, libc::SIGTERM);
-        if timeout(KILL_GRACE, child.wait()).await.is_ok() {
+        if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_ok() {
             signal_group(pgid, libc::SIGKILL);
             return;
         }

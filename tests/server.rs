@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
-use std::time::Duration;
 
 use common::{DEADLINE, Home, wait_until};
 
