@@ -366,7 +366,7 @@ mod tests {
         );
         assert_eq!(
             error(r#"{"command":"x","priority":1e30}"#),
-            "priority must be 1-10, got 1e30"
+            "priority must be 1-10, got 1e+30"
         );
         assert_eq!(
             error(r#"{"command":"x","priority":99999999999}"#),
