@@ -159,10 +159,17 @@ pub enum WorkerCommand {
         /// Return at once and leave the workers running in the server.
         #[arg(long)]
         daemon: bool,
+        /// Set the count on every server sharing the PostgreSQL database, not only this one.
+        #[arg(long)]
+        all: bool,
     },
     /// Stop the workers; each finishes its current job first.
-    #[command(after_help = "Example:\n  queuectl worker stop")]
-    Stop,
+    #[command(after_help = "Examples:\n  queuectl worker stop\n  queuectl worker stop --all")]
+    Stop {
+        /// Stop the workers of every server sharing the PostgreSQL database.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]

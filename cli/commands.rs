@@ -239,10 +239,15 @@ pub async fn config_set(client: &mut Client, key: String, value: String) -> anyh
 
 /// Sets the worker count, then prints worker activity until the workers have exited. Ctrl-C stops them
 /// gracefully: each finishes its current job.
-pub async fn worker_start(client: &mut Client, count: u32, daemon: bool) -> anyhow::Result<()> {
+pub async fn worker_start(
+    client: &mut Client,
+    count: u32,
+    daemon: bool,
+    all: bool,
+) -> anyhow::Result<()> {
     if daemon {
         client
-            .start_workers(pb::StartWorkersRequest { count })
+            .start_workers(pb::StartWorkersRequest { count, all })
             .await?;
         println!("Started {count} workers in the server; `queuectl worker stop` stops them");
         return Ok(());
@@ -253,7 +258,7 @@ pub async fn worker_start(client: &mut Client, count: u32, daemon: bool) -> anyh
         .await?
         .into_inner();
     client
-        .start_workers(pb::StartWorkersRequest { count })
+        .start_workers(pb::StartWorkersRequest { count, all })
         .await?;
     let mut live: BTreeSet<u32> = (0..count).collect();
     let mut stopping = false;
@@ -286,15 +291,15 @@ pub async fn worker_start(client: &mut Client, count: u32, daemon: bool) -> anyh
             }
             _ = tokio::signal::ctrl_c(), if !stopping => {
                 stopping = true;
-                client.stop_workers(pb::StopWorkersRequest { wait: false }).await?;
+                client.stop_workers(pb::StopWorkersRequest { wait: false, all }).await?;
             }
         }
     }
 }
 
-pub async fn worker_stop(client: &mut Client) -> anyhow::Result<()> {
+pub async fn worker_stop(client: &mut Client, all: bool) -> anyhow::Result<()> {
     let running = client
-        .stop_workers(pb::StopWorkersRequest { wait: false })
+        .stop_workers(pb::StopWorkersRequest { wait: false, all })
         .await?
         .into_inner()
         .running;

@@ -34,10 +34,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Set { key, value }) => {
             commands::config_set(client, key, value).await
         }
-        Command::Worker(WorkerCommand::Start { count, daemon }) => {
-            commands::worker_start(client, count, daemon).await
+        Command::Worker(WorkerCommand::Start { count, daemon, all }) => {
+            commands::worker_start(client, count, daemon, all).await
         }
-        Command::Worker(WorkerCommand::Stop) => commands::worker_stop(client).await,
+        Command::Worker(WorkerCommand::Stop { all }) => commands::worker_stop(client, all).await,
         Command::Server(ServerCommand::Stop) => commands::server_stop(client).await,
         Command::Reset { yes } => commands::reset(client, yes).await,
     }

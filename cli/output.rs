@@ -155,7 +155,25 @@ pub fn status_text(status: &pb::StatusResponse) -> String {
         "Workers: {} ({busy} busy), server pid {}\n",
         status.worker_count, status.server_pid
     ));
-    for worker in &status.workers {
+    push_workers(&mut text, &status.workers);
+    // Other servers sharing a PostgreSQL database (the first entry is the one that answered).
+    for server in status.servers.iter().skip(1) {
+        let busy = server
+            .workers
+            .iter()
+            .filter(|worker| !worker.job_id.is_empty())
+            .count();
+        text.push_str(&format!(
+            "Server {} on {}: {} workers ({busy} busy), pid {}\n",
+            server.id, server.host, server.worker_count, server.pid
+        ));
+        push_workers(&mut text, &server.workers);
+    }
+    text
+}
+
+fn push_workers(text: &mut String, workers: &[pb::Worker]) {
+    for worker in workers {
         let stopping = if worker.stopping { " (stopping)" } else { "" };
         if worker.job_id.is_empty() {
             text.push_str(&format!("  [worker {}] idle{stopping}\n", worker.index));
@@ -166,7 +184,6 @@ pub fn status_text(status: &pb::StatusResponse) -> String {
             ));
         }
     }
-    text
 }
 
 /// A worker event as the Python queuectl's workers printed it; job output is passed through by the caller.

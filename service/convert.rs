@@ -6,7 +6,7 @@ use crate::config::Settings;
 use crate::error::QueueError;
 use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, NewJob, PRIORITY_RANGE};
 use crate::pb;
-use crate::store::{Cursor, RunRecord};
+use crate::store::{Cursor, RunRecord, ServerRecord, WorkerRecord};
 use crate::supervisor::{Event, WorkerView};
 
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -207,6 +207,31 @@ impl From<WorkerView> for pb::Worker {
                 .unwrap_or_default(),
             started_at: running.as_ref().map(|run| timestamp(run.started_at)),
             stopping: worker.stopping,
+        }
+    }
+}
+
+impl From<WorkerRecord> for pb::Worker {
+    fn from(worker: WorkerRecord) -> Self {
+        pb::Worker {
+            index: worker.index,
+            job_id: worker.job_id.unwrap_or_default(),
+            command: worker.command.unwrap_or_default(),
+            started_at: worker.started_at.map(timestamp),
+            stopping: worker.stopping,
+        }
+    }
+}
+
+impl From<ServerRecord> for pb::Server {
+    fn from(server: ServerRecord) -> Self {
+        pb::Server {
+            id: server.id,
+            host: server.host,
+            pid: server.pid,
+            worker_count: server.worker_count,
+            workers: server.workers.into_iter().map(Into::into).collect(),
+            seen_at: Some(timestamp(server.seen_at)),
         }
     }
 }

@@ -122,6 +122,7 @@ impl QueueService for Grpc {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let [pending, processing, failed, completed, dead] = self.queue.counts().await?;
         let (worker_count, workers) = self.queue.supervisor.workers();
+        let servers = self.queue.servers().await?;
         Ok(Response::new(pb::StatusResponse {
             pending,
             processing,
@@ -132,6 +133,7 @@ impl QueueService for Grpc {
             workers: workers.into_iter().map(Into::into).collect(),
             server_pid: std::process::id(),
             server_version: env!("CARGO_PKG_VERSION").into(),
+            servers: servers.into_iter().map(Into::into).collect(),
         }))
     }
 
@@ -189,13 +191,14 @@ impl QueueService for Grpc {
         &self,
         request: Request<pb::StartWorkersRequest>,
     ) -> Result<Response<pb::StartWorkersResponse>, Status> {
-        let count = request.into_inner().count;
+        let request = request.into_inner();
+        let count = request.count;
         if !(1..=1024).contains(&count) {
             return Err(Status::invalid_argument(format!(
                 "count must be 1-1024, got {count}"
             )));
         }
-        self.queue.supervisor.set_workers(count);
+        self.queue.set_workers(count, request.all).await?;
         Ok(Response::new(pb::StartWorkersResponse { count }))
     }
 
@@ -203,10 +206,11 @@ impl QueueService for Grpc {
         &self,
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
+        let request = request.into_inner();
         let supervisor = &self.queue.supervisor;
         let running = u32::try_from(supervisor.running()).unwrap_or(u32::MAX);
-        supervisor.set_workers(0);
-        if request.into_inner().wait {
+        self.queue.set_workers(0, request.all).await?;
+        if request.wait {
             supervisor.idle().await;
         }
         Ok(Response::new(pb::StopWorkersResponse { running }))

@@ -27,6 +27,20 @@ struct Args {
     /// clients then need the token the server writes to QUEUECTL_HOME/token.
     #[arg(long, value_name = "URL")]
     listen: Option<String>,
+    /// Keep the queue in this PostgreSQL database (postgres://...), shared with other queuectld
+    /// servers, instead of SQLite in QUEUECTL_HOME. The URL can hold a password: prefer the variable.
+    #[arg(
+        long,
+        env = "QUEUECTL_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
+    /// With PostgreSQL: seconds after its last heartbeat before another server takes over a
+    /// server's running jobs.
+    #[arg(long, env = "QUEUECTL_LEASE_TIMEOUT", default_value_t = 30, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    lease_timeout: u64,
 }
 
 fn parse_listen(url: &str) -> anyhow::Result<Listen> {
@@ -56,6 +70,8 @@ async fn main() -> anyhow::Result<()> {
         home: args.home.unwrap_or_else(server::default_home),
         workers: args.workers,
         listen,
+        database_url: args.database_url,
+        lease: std::time::Duration::from_secs(args.lease_timeout),
     };
     if let Err(error) = server::run(options).await {
         tracing::error!(%error, "queuectld failed");

@@ -2,14 +2,15 @@
 
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::{self, Settings};
 use crate::convert::JobSpec;
 use crate::error::QueueError;
 use crate::job::{self, Job, JobState};
 use crate::store::{
-    EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, StateCounts, Store,
+    EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord, Signal, StateCounts,
+    Store,
 };
 use crate::supervisor::Supervisor;
 use crate::writer::Writer;
@@ -28,7 +29,11 @@ pub struct Queue {
 
 impl Queue {
     /// Loads the settings, recovers what a previous server left running and starts `workers` workers.
-    pub async fn start(store: Arc<dyn Store>, workers: u32) -> Result<Queue, QueueError> {
+    pub async fn start(
+        store: Arc<dyn Store>,
+        server_id: String,
+        workers: u32,
+    ) -> Result<Queue, QueueError> {
         let stored = store.load_config().await?;
         let settings = Arc::new(RwLock::new(Settings::from_stored(
             stored
@@ -37,13 +42,28 @@ impl Queue {
         )));
         let wake = Arc::new(Notify::new());
         let writer = Writer::spawn(store.clone(), settings.clone(), wake.clone());
-        let supervisor = Supervisor::new(store.clone(), writer.clone(), settings.clone(), wake);
+        let supervisor = Supervisor::new(
+            store.clone(),
+            server_id,
+            writer.clone(),
+            settings.clone(),
+            wake.clone(),
+        );
         let recovered = supervisor.recover().await?;
         if recovered > 0 {
             tracing::warn!(recovered, "returned interrupted jobs to the queue");
         }
         supervisor.set_workers(workers);
         supervisor.start();
+        if let Some(signals) = store.signals() {
+            tokio::spawn(follow_signals(
+                signals,
+                store.clone(),
+                settings.clone(),
+                supervisor.clone(),
+                wake,
+            ));
+        }
         Ok(Queue {
             store,
             writer,
@@ -84,6 +104,32 @@ impl Queue {
 
     pub async fn counts(&self) -> Result<StateCounts, QueueError> {
         Ok(self.store.counts().await?)
+    }
+
+    /// Every live server sharing the database, this one first and as it is right now.
+    pub async fn servers(&self) -> Result<Vec<ServerRecord>, QueueError> {
+        let this = self.supervisor.record();
+        let others = if self.store.lease().is_some() {
+            self.store.servers().await?
+        } else {
+            Vec::new()
+        };
+        let mut servers = vec![this];
+        for other in others {
+            if other.id != servers[0].id {
+                servers.push(other);
+            }
+        }
+        Ok(servers)
+    }
+
+    /// Sets the worker count of this server or, with `all`, of every server sharing the database.
+    pub async fn set_workers(&self, count: u32, all: bool) -> Result<(), QueueError> {
+        self.supervisor.set_workers(count);
+        if all {
+            self.store.broadcast_workers(count).await?;
+        }
+        Ok(())
     }
 
     /// Sends a dead job back to the queue with its attempts reset.
@@ -174,6 +220,32 @@ impl Queue {
 
     pub fn shutdown_grace(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.settings().shutdown_grace_secs())
+    }
+}
+
+/// Applies what other servers of a shared database announce: new jobs, changed settings, worker counts.
+async fn follow_signals(
+    mut signals: mpsc::UnboundedReceiver<Signal>,
+    store: Arc<dyn Store>,
+    settings: Arc<RwLock<Settings>>,
+    supervisor: Supervisor,
+    wake: Arc<Notify>,
+) {
+    while let Some(signal) = signals.recv().await {
+        match signal {
+            Signal::Jobs => wake.notify_one(),
+            Signal::Workers(count) => supervisor.set_workers(count),
+            Signal::Config => match store.load_config().await {
+                Ok(stored) => {
+                    *settings.write().expect("settings lock") = Settings::from_stored(
+                        stored
+                            .iter()
+                            .map(|(key, value)| (key.as_str(), value.as_str())),
+                    );
+                }
+                Err(error) => tracing::error!(%error, "reloading settings failed"),
+            },
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use tonic_health::ServingStatus;
 use crate::grpc::Grpc;
 use crate::pb::queue_service_server::QueueServiceServer;
 use crate::queue::Queue;
-use crate::store::{Store, StoreError, sqlite::SqliteStore};
+use crate::store::{Store, StoreError, postgres::PgStore, sqlite::SqliteStore};
 
 /// Requests larger than this are refused before they are decoded (tonic's default is 4 MiB).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -24,6 +24,7 @@ pub const SOCKET_FILE: &str = "queuectl.sock";
 pub const TOKEN_FILE: &str = "token";
 pub const ADDRESS_FILE: &str = "server.addr";
 const LOCK_FILE: &str = "server.lock";
+const SERVER_ID_FILE: &str = "server.id";
 const DATABASE_FILE: &str = "jobs.db";
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,33 @@ pub struct Options {
     pub home: PathBuf,
     pub workers: u32,
     pub listen: Listen,
+    /// A PostgreSQL URL shared with other servers; `None` for SQLite in the home folder.
+    pub database_url: Option<String>,
+    /// How long a server's claim on a job outlives its last heartbeat, with a shared database.
+    pub lease: std::time::Duration,
+}
+
+/// This machine's name, as `status` shows it.
+pub fn host_name() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// The home's server id, made once and kept, so that a restarted server recognises the jobs it was running.
+fn server_id(home: &Path) -> Result<String, ServerError> {
+    let path = home.join(SERVER_ID_FILE);
+    if let Ok(id) = fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_owned());
+        }
+    }
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes)
+        .map_err(|error| ServerError::Home(format!("no randomness for the server id: {error}")))?;
+    let suffix: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    let id = format!("{}-{suffix}", host_name());
+    write_private(&path, &id)?;
+    Ok(id)
 }
 
 /// The default home: `$QUEUECTL_HOME`, else `~/.queuectl`.
@@ -202,8 +230,11 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     prepare_home(home)?;
     let _lock = lock_home(home)?;
 
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&home.join(DATABASE_FILE)).await?);
-    let queue = Arc::new(Queue::start(store, options.workers).await?);
+    let store: Arc<dyn Store> = match &options.database_url {
+        Some(url) => Arc::new(PgStore::open(url, options.lease).await?),
+        None => Arc::new(SqliteStore::open(&home.join(DATABASE_FILE)).await?),
+    };
+    let queue = Arc::new(Queue::start(store, server_id(home)?, options.workers).await?);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueueServiceServer<Grpc>>().await;

@@ -13,11 +13,17 @@ use crate::clock;
 use crate::config::Settings;
 use crate::job::{self, Job, JobState, Micros, Outcome};
 use crate::runner::{self, RunSpec};
-use crate::store::{GuardedUpdate, RunEnded, RunStarted, Store, StoreError};
+use crate::store::{
+    GuardedUpdate, InFlight, RunEnded, RunStarted, ServerRecord, Store, StoreError, WorkerRecord,
+};
 use crate::writer::Writer;
 
 /// How long the scheduler waits before it tries the database again after an error.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
+/// With a shared database, how often the scheduler looks for work even without a notification, in case one was
+/// lost while the notification channel reconnected.
+const SHARED_POLL: Duration = Duration::from_secs(5);
 
 /// Worker activity, as `queuectl worker start` prints it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +100,8 @@ struct Slots {
 
 struct Shared {
     store: Arc<dyn Store>,
+    /// This server's id: the owner of the jobs it claims.
+    server_id: String,
     writer: Writer,
     settings: Arc<RwLock<Settings>>,
     events: broadcast::Sender<Event>,
@@ -116,6 +124,7 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(
         store: Arc<dyn Store>,
+        server_id: String,
         writer: Writer,
         settings: Arc<RwLock<Settings>>,
         wake: Arc<Notify>,
@@ -124,6 +133,7 @@ impl Supervisor {
         Supervisor {
             shared: Arc::new(Shared {
                 store,
+                server_id,
                 writer,
                 settings,
                 events,
@@ -139,37 +149,32 @@ impl Supervisor {
     /// Returns to the queue every job a previous server left processing, after killing what is left of its
     /// processes. Call before [`Supervisor::start`].
     pub async fn recover(&self) -> Result<usize, StoreError> {
-        let in_flight = self.shared.store.in_flight().await?;
-        let policy = self.policy();
+        let in_flight = self.shared.store.in_flight(&self.shared.server_id).await?;
         for stale in &in_flight {
+            // Only our own jobs ran on this machine, so only their process groups are ours to kill.
             if let Some(pgid) = stale.pgid.and_then(|pgid| u32::try_from(pgid).ok()) {
                 runner::kill_group(pgid);
             }
-            let job = &stale.job;
-            let update = GuardedUpdate {
-                job_id: job.id.clone(),
-                expect_state: JobState::Processing,
-                expect_runs: job.runs,
-                settled: job::settle(job, &Outcome::Interrupted, policy, clock::now()),
-                ended: None,
-            };
-            self.shared.writer.update(update, true).await?;
-            tracing::warn!(job_id = %job.id, run = job.runs, "recovered a job interrupted by a server stop");
+            self.shared.requeue(stale).await?;
         }
         Ok(in_flight.len())
     }
 
-    /// Starts the scheduler.
+    /// Starts the scheduler and, with a shared database, the heartbeat that keeps this server's claims.
     pub fn start(&self) {
         tokio::spawn(schedule(self.shared.clone()));
+        if let Some(lease) = self.shared.store.lease() {
+            tokio::spawn(heartbeat(self.shared.clone(), lease / 3));
+        }
+    }
+
+    /// This server as other servers of a shared database see it.
+    pub fn record(&self) -> ServerRecord {
+        self.shared.record()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.events.subscribe()
-    }
-
-    fn policy(&self) -> job::Policy {
-        self.shared.settings.read().expect("settings lock").policy()
     }
 
     /// Sets how many jobs run at once. Extra workers finish their current job, then exit.
@@ -253,6 +258,45 @@ impl Supervisor {
 }
 
 impl Shared {
+    /// Returns a job whose run was cut short (its server stopped or vanished) to the queue, unless it moved on.
+    async fn requeue(&self, stale: &InFlight) -> Result<(), StoreError> {
+        let job = &stale.job;
+        let policy = self.settings.read().expect("settings lock").policy();
+        let update = GuardedUpdate {
+            job_id: job.id.clone(),
+            expect_state: JobState::Processing,
+            expect_runs: job.runs,
+            settled: job::settle(job, &Outcome::Interrupted, policy, clock::now()),
+            ended: None,
+        };
+        if self.writer.update(update, true).await? {
+            tracing::warn!(job_id = %job.id, run = job.runs, "returned an interrupted job to the queue");
+        }
+        Ok(())
+    }
+
+    fn record(&self) -> ServerRecord {
+        let slots = self.slots.lock().expect("slots lock");
+        ServerRecord {
+            id: self.server_id.clone(),
+            host: crate::server::host_name(),
+            pid: std::process::id(),
+            worker_count: slots.target,
+            workers: slots
+                .slots
+                .iter()
+                .map(|(index, slot)| WorkerRecord {
+                    index: *index,
+                    job_id: slot.running.as_ref().map(|run| run.job_id.to_string()),
+                    command: slot.running.as_ref().map(|run| run.command.to_string()),
+                    started_at: slot.running.as_ref().map(|run| run.started_at),
+                    stopping: slot.stopping,
+                })
+                .collect(),
+            seen_at: clock::now(),
+        }
+    }
+
     fn emit(&self, event: Event) {
         // No subscriber is fine: nobody is watching.
         let _ = self.events.send(event);
@@ -320,6 +364,10 @@ async fn schedule(shared: Arc<Shared>) {
                 }
             };
         }
+        if shared.store.lease().is_some() {
+            let poll_at = Instant::now() + SHARED_POLL;
+            wake_at = Some(wake_at.map_or(poll_at, |at| at.min(poll_at)));
+        }
         match wake_at {
             Some(at) => tokio::select! {
                 () = shared.wake.notified() => {}
@@ -333,7 +381,10 @@ async fn schedule(shared: Arc<Shared>) {
 /// Starts a job on each of `idle` it can fill. Returns when to look again if some slot stayed idle.
 async fn claim(shared: &Arc<Shared>, idle: Vec<u32>) -> Result<Option<Instant>, StoreError> {
     let limit = u32::try_from(idle.len()).unwrap_or(u32::MAX);
-    let jobs = shared.store.claim(limit, clock::now()).await?;
+    let jobs = shared
+        .store
+        .claim(limit, clock::now(), &shared.server_id)
+        .await?;
     let filled = jobs.len();
     let mut workers = idle.into_iter();
     for job in jobs {
@@ -348,24 +399,39 @@ async fn claim(shared: &Arc<Shared>, idle: Vec<u32>) -> Result<Option<Instant>, 
     if filled == limit as usize {
         return Ok(None);
     }
-    let Some(next) = shared.store.next_run_after().await? else {
-        return Ok(None);
-    };
-    let wait = u64::try_from(next.saturating_sub(clock::now())).unwrap_or(0);
-    Ok(Some(Instant::now() + Duration::from_micros(wait)))
+    let due = shared.store.next_due(clock::now()).await?;
+    Ok(due.map(|wait| Instant::now() + wait))
 }
 
 async fn requeue_unstarted(shared: &Arc<Shared>, job: Job) {
-    let policy = shared.settings.read().expect("settings lock").policy();
-    let update = GuardedUpdate {
-        job_id: job.id.clone(),
-        expect_state: JobState::Processing,
-        expect_runs: job.runs,
-        settled: job::settle(&job, &Outcome::Interrupted, policy, clock::now()),
-        ended: None,
-    };
-    if let Err(error) = shared.writer.update(update, false).await {
-        tracing::error!(job_id = %job.id, %error, "returning an unstarted job failed; a restart recovers it");
+    let id = job.id.clone();
+    if let Err(error) = shared.requeue(&InFlight { job, pgid: None }).await {
+        tracing::error!(job_id = %id, %error, "returning an unstarted job failed; a restart recovers it");
+    }
+}
+
+/// Renews this server's claims and returns to the queue the jobs of servers whose claims ran out.
+async fn heartbeat(shared: Arc<Shared>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if shared.draining.load(Ordering::SeqCst) {
+            return;
+        }
+        let expired = match shared.store.heartbeat(&shared.record()).await {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::error!(%error, "heartbeat failed; this server's claims may expire");
+                continue;
+            }
+        };
+        for stale in &expired {
+            tracing::warn!(job_id = %stale.job.id, "rescuing a job whose server stopped renewing its claim");
+            if let Err(error) = shared.requeue(stale).await {
+                tracing::error!(job_id = %stale.job.id, %error, "rescuing a job failed");
+            }
+        }
     }
 }
 

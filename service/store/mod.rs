@@ -4,10 +4,14 @@
 //! the row still matches. A report about a run that is no longer current (the job was recovered and claimed
 //! again meanwhile) is therefore rejected instead of applied.
 
+pub mod postgres;
 mod row;
 pub mod sqlite;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
+use tokio::sync::mpsc;
 
 use crate::job::{Job, JobState, Micros, NewJob, Policy, Settled};
 
@@ -110,6 +114,45 @@ pub struct Page {
 /// How many jobs are in each state, in [`JobState::ALL`] order.
 pub type StateCounts = [u64; JobState::ALL.len()];
 
+/// How long from `now` until `due`; zero when it is past.
+pub fn due_in(due: Micros, now: Micros) -> Duration {
+    Duration::from_micros(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
+}
+
+/// What one server tells the others about itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServerRecord {
+    pub id: String,
+    pub host: String,
+    pub pid: u32,
+    pub worker_count: u32,
+    pub workers: Vec<WorkerRecord>,
+    /// When the record was written, by the database's clock.
+    #[serde(default)]
+    pub seen_at: Micros,
+}
+
+/// One worker slot of a server, and the job it runs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerRecord {
+    pub index: u32,
+    pub job_id: Option<String>,
+    pub command: Option<String>,
+    pub started_at: Option<Micros>,
+    pub stopping: bool,
+}
+
+/// A change made through another server of the same database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Jobs may have become ready.
+    Jobs,
+    /// A setting changed.
+    Config,
+    /// Every server is asked to run this many workers.
+    Workers(u32),
+}
+
 /// One attempt of a job as stored.
 #[derive(Debug, Clone)]
 pub struct RunRecord {
@@ -132,15 +175,32 @@ pub trait Store: Send + Sync + 'static {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError>;
 
-    /// Moves up to `limit` ready jobs (pending, or failed with `run_after <= now`) to processing, best first, and
-    /// starts a new run of each.
-    async fn claim(&self, limit: u32, now: Micros) -> Result<Vec<Job>, StoreError>;
+    /// How long a claim holds without renewal, when several servers share the database; `None` when one server
+    /// owns it and recovers everything at its start.
+    fn lease(&self) -> Option<Duration>;
 
-    /// The earliest `run_after` of any waiting job, to sleep until then.
-    async fn next_run_after(&self) -> Result<Option<Micros>, StoreError>;
+    /// Moves up to `limit` ready jobs (pending, or failed with `run_after <= now`) to processing for `owner`, best
+    /// first, and starts a new run of each.
+    async fn claim(&self, limit: u32, now: Micros, owner: &str) -> Result<Vec<Job>, StoreError>;
 
-    /// Every job that is processing, for recovery after a restart.
-    async fn in_flight(&self) -> Result<Vec<InFlight>, StoreError>;
+    /// How long until the earliest waiting job is due (zero if one is due already); `None` if none waits.
+    async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError>;
+
+    /// The jobs `owner` was running, for recovery when it starts again.
+    async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError>;
+
+    /// Publishes `server`, renews the leases of the jobs it runs, and returns jobs of other servers whose lease
+    /// ran out, for the caller to return to the queue. Only called when [`Store::lease`] is set.
+    async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError>;
+
+    /// The servers that sent a heartbeat within two leases.
+    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError>;
+
+    /// Asks every server of the database to run `count` workers.
+    async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError>;
+
+    /// Changes made through other servers, when the database is shared.
+    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
 

@@ -1,8 +1,10 @@
 //! Rows as the databases hold them, and their conversion into domain types at the edge.
 
+use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
+
 use crate::job::{Job, JobState};
 
-use super::{RunRecord, StoreError};
+use super::{Cursor, InFlight, Page, RunRecord, StateCounts, StoreError};
 
 /// The job columns every query that returns jobs selects, in [`JobRow`] order. A macro, so that `concat!` can
 /// build whole statements as static strings.
@@ -91,4 +93,68 @@ impl TryFrom<RunRow> for RunRecord {
             truncated: row.truncated,
         })
     }
+}
+
+/// Jobs with their process group, from rows of [`job_columns!`] plus `pgid`.
+pub fn in_flight<'r, R>(
+    rows: &'r [R],
+    classify: fn(sqlx::Error) -> StoreError,
+) -> Result<Vec<InFlight>, StoreError>
+where
+    R: Row,
+    JobRow: FromRow<'r, R>,
+    Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+    &'static str: ColumnIndex<R>,
+{
+    rows.iter()
+        .map(|row| {
+            let pgid: Option<i64> = row.try_get("pgid").map_err(classify)?;
+            let job = JobRow::from_row(row).map_err(classify)?;
+            Ok(InFlight {
+                job: job.try_into()?,
+                pgid,
+            })
+        })
+        .collect()
+}
+
+/// A page of jobs from `limit + 1` rows of [`job_columns!`] plus `seq`: the extra row only says more follow.
+pub fn page<'r, R>(
+    rows: &'r [R],
+    limit: u32,
+    classify: fn(sqlx::Error) -> StoreError,
+) -> Result<Page, StoreError>
+where
+    R: Row,
+    JobRow: FromRow<'r, R>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    &'static str: ColumnIndex<R>,
+{
+    let limit = limit as usize;
+    let mut jobs = Vec::with_capacity(rows.len().min(limit));
+    let mut last = None;
+    for row in rows.iter().take(limit) {
+        let job: Job = JobRow::from_row(row).map_err(classify)?.try_into()?;
+        last = Some(Cursor {
+            priority: job.priority,
+            seq: row.try_get("seq").map_err(classify)?,
+        });
+        jobs.push(job);
+    }
+    Ok(Page {
+        jobs,
+        next: last.filter(|_| rows.len() > limit),
+    })
+}
+
+/// Per-state counts from `(state, count)` rows.
+pub fn counts(rows: Vec<(String, i64)>) -> Result<StateCounts, StoreError> {
+    let mut counts = StateCounts::default();
+    for (state, count) in rows {
+        let state: JobState = state
+            .parse()
+            .map_err(|error: crate::job::UnknownState| StoreError::Internal(error.to_string()))?;
+        counts[state as usize] = u64::try_from(count).unwrap_or_default();
+    }
+    Ok(counts)
 }

@@ -5,18 +5,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::Connection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Row};
 
 use super::row::{self, JobRow, RunRow, job_columns};
+use tokio::sync::mpsc;
+
 use super::{
     Cursor, EnqueueRejected, GuardedUpdate, InFlight, ListFilter, Page, RunRecord, RunStarted,
-    StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+    ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
 };
-use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
+use crate::job::{self, Job, Micros, NewJob, Policy};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -293,7 +295,11 @@ impl Store for SqliteStore {
         Ok(WriteOutcome { enqueued, applied })
     }
 
-    async fn claim(&self, limit: u32, now: Micros) -> Result<Vec<Job>, StoreError> {
+    fn lease(&self) -> Option<Duration> {
+        None
+    }
+
+    async fn claim(&self, limit: u32, now: Micros, _owner: &str) -> Result<Vec<Job>, StoreError> {
         const SQL: &str = concat!(
             "UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = ?1, pgid = NULL
              WHERE seq IN (SELECT seq FROM jobs
@@ -314,14 +320,18 @@ impl Store for SqliteStore {
         row::jobs(rows)
     }
 
-    async fn next_run_after(&self) -> Result<Option<Micros>, StoreError> {
-        sqlx::query_scalar("SELECT MIN(run_after) FROM jobs WHERE state IN ('pending', 'failed')")
-            .fetch_one(&self.reader)
-            .await
-            .map_err(classify)
+    async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError> {
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(run_after) FROM jobs WHERE state IN ('pending', 'failed')",
+        )
+        .fetch_one(&self.reader)
+        .await
+        .map_err(classify)?;
+        Ok(next.map(|next| super::due_in(next, now)))
     }
 
-    async fn in_flight(&self) -> Result<Vec<InFlight>, StoreError> {
+    /// One server owns a SQLite database, so everything processing was its own.
+    async fn in_flight(&self, _owner: &str) -> Result<Vec<InFlight>, StoreError> {
         const SQL: &str = concat!(
             "SELECT ",
             job_columns!(),
@@ -331,16 +341,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await
             .map_err(classify)?;
-        rows.into_iter()
-            .map(|row| {
-                let pgid: Option<i64> = row.try_get("pgid").map_err(classify)?;
-                let job = <JobRow as sqlx::FromRow<_>>::from_row(&row).map_err(classify)?;
-                Ok(InFlight {
-                    job: job.try_into()?,
-                    pgid,
-                })
-            })
-            .collect()
+        row::in_flight(&rows, classify)
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
@@ -381,23 +382,7 @@ impl Store for SqliteStore {
             query = query.bind(state.as_str());
         }
         let rows = query.fetch_all(&self.reader).await.map_err(classify)?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        let mut last = None;
-        for row in rows.iter().take(filter.limit as usize) {
-            let job: Job = <JobRow as sqlx::FromRow<_>>::from_row(row)
-                .map_err(classify)?
-                .try_into()?;
-            last = Some(Cursor {
-                priority: job.priority,
-                seq: row.try_get("seq").map_err(classify)?,
-            });
-            jobs.push(job);
-        }
-        let more = rows.len() > filter.limit as usize;
-        Ok(Page {
-            jobs,
-            next: last.filter(|_| more),
-        })
+        row::page(&rows, filter.limit, classify)
     }
 
     async fn counts(&self) -> Result<StateCounts, StoreError> {
@@ -406,14 +391,7 @@ impl Store for SqliteStore {
                 .fetch_all(&self.reader)
                 .await
                 .map_err(classify)?;
-        let mut counts = StateCounts::default();
-        for (state, count) in rows {
-            let state: JobState = state
-                .parse()
-                .map_err(|error: job::UnknownState| StoreError::Internal(error.to_string()))?;
-            counts[state as usize] = u64::try_from(count).unwrap_or_default();
-        }
-        Ok(counts)
+        row::counts(rows)
     }
 
     async fn runs(&self, id: &str) -> Result<Vec<RunRecord>, StoreError> {
@@ -456,6 +434,22 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn heartbeat(&self, _server: &ServerRecord) -> Result<Vec<InFlight>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn broadcast_workers(&self, _count: u32) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
+        None
     }
 
     async fn reset(&self) -> Result<u64, StoreError> {

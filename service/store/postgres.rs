@@ -1,0 +1,559 @@
+//! The PostgreSQL store, for several servers sharing one queue.
+//!
+//! Servers agree on time by asking the database (`queuectl_now()`): a caller's `now` is only used to turn its
+//! absolute times into delays. Claims take rows with `FOR UPDATE SKIP LOCKED` and hold them by a lease the owner
+//! renews; enqueues and setting changes are announced with NOTIFY, so idle servers wake at once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use tokio::sync::mpsc;
+
+use super::row::{self, JobRow, RunRow, job_columns};
+use super::{
+    Cursor, EnqueueRejected, GuardedUpdate, InFlight, ListFilter, Page, RunRecord, RunStarted,
+    ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+};
+use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
+
+const JOBS_CHANNEL: &str = "queuectl_jobs";
+const CONFIG_CHANNEL: &str = "queuectl_config";
+const WORKERS_CHANNEL: &str = "queuectl_workers";
+
+pub struct PgStore {
+    pool: PgPool,
+    lease: Duration,
+    signals: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
+}
+
+impl PgStore {
+    /// Connects, brings the schema up to date and starts listening for other servers' announcements.
+    pub async fn open(url: &str, lease: Duration) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|error| StoreError::Unavailable(format!("bad database URL: {error}")))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(classify)?;
+        sqlx::migrate!("service/store/migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|error| StoreError::Internal(format!("migrating the database: {error}")))?;
+        let mut listener = PgListener::connect_with(&pool).await.map_err(classify)?;
+        listener
+            .listen_all([JOBS_CHANNEL, CONFIG_CHANNEL, WORKERS_CHANNEL])
+            .await
+            .map_err(classify)?;
+        let (sender, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(forward_notifications(listener, sender));
+        Ok(PgStore {
+            pool,
+            lease,
+            signals: std::sync::Mutex::new(Some(receiver)),
+        })
+    }
+
+    async fn transaction<T>(
+        &self,
+        durable: bool,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        if !durable {
+            // Losing this commit to a crash of the database host only reruns a job: skip the WAL flush wait.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        let value = work(&mut tx).await.map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(value)
+    }
+
+    fn lease_micros(&self) -> i64 {
+        i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX)
+    }
+}
+
+/// Turns notifications into signals. A lost connection is re-established by the listener; meanwhile the
+/// scheduler's slow poll covers what was missed.
+async fn forward_notifications(mut listener: PgListener, signals: mpsc::UnboundedSender<Signal>) {
+    loop {
+        let notification = match listener.recv().await {
+            Ok(notification) => notification,
+            Err(error) => {
+                tracing::warn!(%error, "lost the database notification channel; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let signal = match notification.channel() {
+            JOBS_CHANNEL => Signal::Jobs,
+            CONFIG_CHANNEL => Signal::Config,
+            WORKERS_CHANNEL => match notification.payload().parse() {
+                Ok(count) => Signal::Workers(count),
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        if signals.send(signal).is_err() {
+            return;
+        }
+    }
+}
+
+/// Maps a driver error to what it means for a client, by SQLSTATE class.
+fn classify(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.as_ref() {
+                "53100" => StoreError::Full(db.message().to_owned()),
+                // connection exceptions, insufficient resources, operator intervention, read-only transactions
+                c if c.starts_with("08")
+                    || c.starts_with("53")
+                    || c.starts_with("57")
+                    || c == "25006" =>
+                {
+                    StoreError::Unavailable(db.message().to_owned())
+                }
+                _ => StoreError::Internal(error.to_string()),
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => StoreError::Unavailable(error.to_string()),
+        _ => StoreError::Internal(error.to_string()),
+    }
+}
+
+async fn insert_job(
+    conn: &mut PgConnection,
+    id: &str,
+    job: &NewJob,
+    policy: Policy,
+) -> Result<Option<JobRow>, sqlx::Error> {
+    const SQL: &str = concat!(
+        "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
+                           updated_at, run_after)
+         SELECT $1, $2, 'pending', $3, $4, $5, t.now + $6, t.now, t.now, t.now FROM (SELECT queuectl_now() AS now) t
+         ON CONFLICT (id) DO NOTHING
+         RETURNING ",
+        job_columns!()
+    );
+    sqlx::query_as(SQL)
+        .bind(id)
+        .bind(&job.command)
+        .bind(i64::from(job.priority))
+        .bind(i64::from(job.max_retries))
+        .bind(
+            job.timeout_secs
+                .map(|secs| i64::try_from(secs).unwrap_or(i64::MAX)),
+        )
+        .bind(job::queue_key(0, job.priority, policy.aging_interval_secs))
+        .fetch_optional(conn)
+        .await
+}
+
+async fn enqueue_request(
+    conn: &mut PgConnection,
+    jobs: &[NewJob],
+    policy: Policy,
+) -> Result<Result<Vec<JobRow>, EnqueueRejected>, sqlx::Error> {
+    let mut savepoint = conn.begin().await?;
+    let mut stored = Vec::with_capacity(jobs.len());
+    for new_job in jobs {
+        let inserted = match &new_job.id {
+            Some(id) => insert_job(&mut savepoint, id, new_job, policy).await?,
+            // A generated id can collide with one a person chose; then take the next number.
+            None => loop {
+                let number: i64 = sqlx::query_scalar("SELECT nextval('job_number')")
+                    .fetch_one(&mut *savepoint)
+                    .await?;
+                let id = format!("job{number}");
+                if let Some(job) = insert_job(&mut savepoint, &id, new_job, policy).await? {
+                    break Some(job);
+                }
+            },
+        };
+        match inserted {
+            Some(job) => stored.push(job),
+            None => {
+                savepoint.rollback().await?;
+                let id = new_job.id.clone().unwrap_or_default();
+                return Ok(Err(EnqueueRejected::DuplicateId(id)));
+            }
+        }
+    }
+    savepoint.commit().await?;
+    Ok(Ok(stored))
+}
+
+async fn record_start(conn: &mut PgConnection, start: &RunStarted) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH started AS (
+             UPDATE jobs SET pgid = $1 WHERE id = $2 AND state = 'processing' AND runs = $3 RETURNING seq)
+         INSERT INTO job_runs (job_seq, run, worker, started_at)
+         SELECT seq, $3, $4, queuectl_now() FROM started
+         ON CONFLICT (job_seq, run) DO NOTHING",
+    )
+    .bind(start.pgid)
+    .bind(&start.job_id)
+    .bind(i64::from(start.run))
+    .bind(i64::from(start.worker))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn apply_update(
+    conn: &mut PgConnection,
+    update: &GuardedUpdate,
+    now: Micros,
+) -> Result<bool, sqlx::Error> {
+    let settled = &update.settled;
+    // Absolute times from the caller's clock become delays from the database's.
+    let seq: Option<i64> = sqlx::query_scalar(
+        "UPDATE jobs SET state = $1, attempts = $2, run_after = queuectl_now() + $3, queue_key = queuectl_now() + $4,
+                         last_error = $5, updated_at = queuectl_now(), pgid = NULL, owner = NULL,
+                         lease_expires_at = NULL
+         WHERE id = $6 AND state = $7 AND runs = $8
+         RETURNING seq",
+    )
+    .bind(settled.state.as_str())
+    .bind(i64::from(settled.attempts))
+    .bind(settled.run_after.saturating_sub(now))
+    .bind(settled.queue_key.saturating_sub(now))
+    .bind(&settled.last_error)
+    .bind(&update.job_id)
+    .bind(update.expect_state.as_str())
+    .bind(i64::from(update.expect_runs))
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(seq) = seq else {
+        return Ok(false);
+    };
+    if let Some(ended) = &update.ended {
+        sqlx::query(
+            "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
+             VALUES ($1, $2, $3, queuectl_now(), queuectl_now(), $4, $5, $6)
+             ON CONFLICT (job_seq, run) DO UPDATE SET
+                 finished_at = excluded.finished_at, outcome = excluded.outcome,
+                 output = excluded.output, truncated = excluded.truncated",
+        )
+        .bind(seq)
+        .bind(i64::from(update.expect_runs))
+        .bind(i64::from(ended.worker))
+        .bind(&ended.outcome)
+        .bind(&ended.output)
+        .bind(ended.truncated)
+        .execute(conn)
+        .await?;
+    }
+    Ok(true)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn write(
+        &self,
+        batch: &WriteBatch,
+        now: Micros,
+        policy: Policy,
+    ) -> Result<WriteOutcome, StoreError> {
+        let (enqueued, applied) = self
+            .transaction(batch.durable, async |conn| {
+                let mut enqueued = Vec::with_capacity(batch.enqueues.len());
+                for jobs in &batch.enqueues {
+                    enqueued.push(enqueue_request(conn, jobs, policy).await?);
+                }
+                for start in &batch.starts {
+                    record_start(conn, start).await?;
+                }
+                let mut applied = Vec::with_capacity(batch.updates.len());
+                for update in &batch.updates {
+                    applied.push(apply_update(conn, update, now).await?);
+                }
+                let waiting = batch.updates.iter().zip(&applied).any(|(update, applied)| {
+                    *applied && matches!(update.settled.state, JobState::Pending | JobState::Failed)
+                });
+                if waiting || enqueued.iter().any(Result::is_ok) {
+                    sqlx::query("SELECT pg_notify($1, '')")
+                        .bind(JOBS_CHANNEL)
+                        .execute(conn)
+                        .await?;
+                }
+                Ok((enqueued, applied))
+            })
+            .await?;
+        let enqueued = enqueued
+            .into_iter()
+            .map(|request| match request {
+                Ok(rows) => row::jobs(rows).map(Ok),
+                Err(rejected) => Ok(Err(rejected)),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(WriteOutcome { enqueued, applied })
+    }
+
+    fn lease(&self) -> Option<Duration> {
+        Some(self.lease)
+    }
+
+    async fn claim(&self, limit: u32, _now: Micros, owner: &str) -> Result<Vec<Job>, StoreError> {
+        const SQL: &str = concat!(
+            "WITH picked AS (
+                 SELECT seq FROM jobs
+                 WHERE state IN ('pending', 'failed') AND run_after <= queuectl_now()
+                 ORDER BY queue_key, seq LIMIT $1
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
+                             owner = $2, lease_expires_at = queuectl_now() + $3
+             FROM picked WHERE jobs.seq = picked.seq
+             RETURNING ",
+            job_columns!()
+        );
+        let lease = self.lease_micros();
+        let rows: Vec<JobRow> = self
+            .transaction(false, async |conn| {
+                sqlx::query_as(SQL)
+                    .bind(i64::from(limit))
+                    .bind(owner)
+                    .bind(lease)
+                    .fetch_all(conn)
+                    .await
+            })
+            .await?;
+        row::jobs(rows)
+    }
+
+    async fn next_due(&self, _now: Micros) -> Result<Option<Duration>, StoreError> {
+        let wait: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(run_after) - queuectl_now() FROM jobs WHERE state IN ('pending', 'failed')",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(classify)?;
+        Ok(wait.map(|wait| super::due_in(wait, 0)))
+    }
+
+    async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError> {
+        const SQL: &str = concat!(
+            "SELECT ",
+            job_columns!(),
+            ", pgid FROM jobs WHERE state = 'processing' AND owner = $1"
+        );
+        let rows = sqlx::query(SQL)
+            .bind(owner)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        row::in_flight(&rows, classify)
+    }
+
+    async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError> {
+        const EXPIRED: &str = concat!(
+            "SELECT ",
+            job_columns!(),
+            ", pgid FROM jobs
+             WHERE state = 'processing' AND lease_expires_at < queuectl_now() AND owner IS DISTINCT FROM $1"
+        );
+        let workers = serde_json::to_string(&server.workers)
+            .map_err(|error| StoreError::Internal(error.to_string()))?;
+        let lease = self.lease_micros();
+        self.transaction(false, async |conn| {
+            sqlx::query(
+                "INSERT INTO servers (id, host, pid, worker_count, workers, seen_at)
+                 VALUES ($1, $2, $3, $4, $5, queuectl_now())
+                 ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                     worker_count = excluded.worker_count, workers = excluded.workers, seen_at = excluded.seen_at",
+            )
+            .bind(&server.id)
+            .bind(&server.host)
+            .bind(i64::from(server.pid))
+            .bind(i64::from(server.worker_count))
+            .bind(&workers)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE jobs SET lease_expires_at = queuectl_now() + $2
+                 WHERE state = 'processing' AND owner = $1",
+            )
+            .bind(&server.id)
+            .bind(lease)
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+        .await?;
+        let rows = sqlx::query(EXPIRED)
+            .bind(&server.id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        row::in_flight(&rows, classify)
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
+        let rows: Vec<(String, String, i64, i64, String, i64)> = sqlx::query_as(
+            "SELECT id, host, pid, worker_count, workers, seen_at FROM servers
+             WHERE seen_at > queuectl_now() - 2 * $1 ORDER BY host, id",
+        )
+        .bind(self.lease_micros())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|(id, host, pid, worker_count, workers, seen_at)| {
+                Ok(ServerRecord {
+                    id,
+                    host,
+                    pid: u32::try_from(pid).unwrap_or_default(),
+                    worker_count: u32::try_from(worker_count).unwrap_or_default(),
+                    workers: serde_json::from_str(&workers)
+                        .map_err(|error| StoreError::Internal(error.to_string()))?,
+                    seen_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(WORKERS_CHANNEL)
+            .bind(count.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
+        self.signals.lock().expect("signals lock").take()
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        const SQL: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1");
+        let row: Option<JobRow> = sqlx::query_as(SQL)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.map(Job::try_from).transpose()
+    }
+
+    async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
+        const ALL: &str = concat!(
+            "SELECT ",
+            job_columns!(),
+            ", seq FROM jobs WHERE (priority, seq) > ($1, $2) ORDER BY priority, seq LIMIT $3"
+        );
+        const IN_STATE: &str = concat!(
+            "SELECT ",
+            job_columns!(),
+            ", seq FROM jobs WHERE state = $4 AND (priority, seq) > ($1, $2) ORDER BY priority, seq LIMIT $3"
+        );
+        let after = filter.after.unwrap_or(Cursor {
+            priority: 0,
+            seq: 0,
+        });
+        let sql = if filter.state.is_some() {
+            IN_STATE
+        } else {
+            ALL
+        };
+        let mut query = sqlx::query(sql)
+            .bind(i64::from(after.priority))
+            .bind(after.seq)
+            .bind(i64::from(filter.limit) + 1);
+        if let Some(state) = filter.state {
+            query = query.bind(state.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
+        row::page(&rows, filter.limit, classify)
+    }
+
+    async fn counts(&self) -> Result<StateCounts, StoreError> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+        row::counts(rows)
+    }
+
+    async fn runs(&self, id: &str) -> Result<Vec<RunRecord>, StoreError> {
+        let rows: Vec<RunRow> = sqlx::query_as(
+            "SELECT r.run, r.worker, r.started_at, r.finished_at, r.outcome, r.output, r.truncated
+             FROM job_runs r JOIN jobs j ON j.seq = r.job_seq
+             WHERE j.id = $1 ORDER BY r.run",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.into_iter().map(RunRecord::try_from).collect()
+    }
+
+    async fn load_config(&self) -> Result<Vec<(String, String)>, StoreError> {
+        sqlx::query_as("SELECT key, value FROM config")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    async fn save_config(&self, key: &str, value: &str, policy: Policy) -> Result<(), StoreError> {
+        self.transaction(true, async |conn| {
+            sqlx::query(
+                "INSERT INTO config (key, value) VALUES ($1, $2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE jobs SET queue_key = run_after + (priority - 1) * $1
+                 WHERE state IN ('pending', 'failed')",
+            )
+            .bind(job::secs_to_micros(policy.aging_interval_secs))
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CONFIG_CHANNEL)
+                .execute(conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn reset(&self) -> Result<u64, StoreError> {
+        self.transaction(true, async |conn| {
+            let deleted = sqlx::query("DELETE FROM jobs")
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            sqlx::query("DELETE FROM config")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("ALTER SEQUENCE job_number RESTART WITH 1")
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(CONFIG_CHANNEL)
+                .execute(conn)
+                .await?;
+            Ok(deleted)
+        })
+        .await
+    }
+}
