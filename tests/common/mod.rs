@@ -82,12 +82,14 @@ impl Home {
 
     /// Starts `queuectld` and waits until it answers.
     pub fn start_server(&mut self, workers: u32) {
+        let command = self.server_command(workers);
+        self.start_server_with(command);
+    }
+
+    /// Starts `command` (from [`Home::server_command`]) and waits until the server answers.
+    pub fn start_server_with(&mut self, mut command: Command) {
         assert!(self.server.is_none(), "a server runs already");
-        self.server = Some(
-            self.server_command(workers)
-                .spawn()
-                .expect("queuectld starts"),
-        );
+        self.server = Some(command.spawn().expect("queuectld starts"));
         wait_until("the server to answer", DEADLINE, || {
             self.try_queuectl(&["status"]).status.success()
         });

@@ -1,0 +1,237 @@
+//! Several `queuectld` servers sharing one PostgreSQL database behave as one queue: every job runs once, an idle
+//! server picks up another's enqueue, and a killed server's jobs are rescued by the others once its lease expires.
+//!
+//! Runs when QUEUECTL_TEST_DATABASE_URL points at a PostgreSQL server where it may create databases (`.ci/run`
+//! sets it); skipped otherwise, except in CI.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{DEADLINE, Home, wait_until};
+use queuectl::pb::{self, queue_service_client::QueueServiceClient};
+use sqlx::Connection;
+use tonic::transport::{Channel, Endpoint};
+
+/// A database of its own for one test, dropped at the end.
+struct TestDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    fn create() -> Option<TestDatabase> {
+        let Ok(admin_url) = std::env::var("QUEUECTL_TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "QUEUECTL_TEST_DATABASE_URL is not set; .ci/run sets it"
+            );
+            eprintln!("skipping: set QUEUECTL_TEST_DATABASE_URL to run the PostgreSQL tests");
+            return None;
+        };
+        let name = format!(
+            "queuectl_test_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        admin(&admin_url, &format!("CREATE DATABASE {name}"));
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .expect("a URL ending in /database");
+        let url = format!("{base}/{name}");
+        Some(TestDatabase {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        admin(
+            &self.admin_url,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn admin(url: &str, statement: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+}
+
+/// Starts a server on `database` in `home` with a 2 s lease.
+fn start(home: &mut Home, database: &TestDatabase, workers: u32) {
+    let mut command = home.server_command(workers);
+    command
+        .env("QUEUECTL_DATABASE_URL", &database.url)
+        .env("QUEUECTL_LEASE_TIMEOUT", "2");
+    home.start_server_with(command);
+}
+
+async fn client(home: &Home) -> QueueServiceClient<Channel> {
+    let socket = home.file("queuectl.sock");
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .unwrap();
+    QueueServiceClient::new(channel)
+}
+
+/// Enqueues `count` jobs that append their token to `log`, spread over `homes` in batches.
+fn enqueue_tokens(homes: &[&Home], count: usize, log: &std::path::Path, pause: &str) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut clients = Vec::new();
+        for home in homes {
+            clients.push(client(home).await);
+        }
+        for (batch, start) in (0..count).step_by(100).enumerate() {
+            let jobs = (start..(start + 100).min(count))
+                .map(|token| pb::EnqueueRequest {
+                    command: format!("{pause}echo t{token} >> {}", log.display()),
+                    ..Default::default()
+                })
+                .collect();
+            let client = &mut clients[batch % homes.len()];
+            client
+                .enqueue_batch(pb::EnqueueBatchRequest { jobs })
+                .await
+                .unwrap();
+        }
+    });
+}
+
+/// How many times each token was run.
+fn runs(log: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut runs = BTreeMap::new();
+    for token in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        *runs.entry(token.to_owned()).or_default() += 1;
+    }
+    runs
+}
+
+#[test]
+fn three_servers_run_every_job_exactly_once() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let mut homes: Vec<Home> = (0..3).map(|_| Home::new()).collect();
+    for home in &mut homes {
+        start(home, &database, 2);
+    }
+    let log = homes[0].file("runs");
+    enqueue_tokens(&homes.iter().collect::<Vec<_>>(), 3000, &log, "");
+    wait_until("3,000 jobs to complete", Duration::from_secs(120), || {
+        homes[1].count("completed") == 3000
+    });
+    let runs = runs(&log);
+    assert_eq!(runs.len(), 3000, "every job ran");
+    assert!(runs.values().all(|&count| count == 1), "no job ran twice");
+
+    let status = homes[2].ok(&["status"]);
+    assert_eq!(
+        status.matches("Server ").count(),
+        2,
+        "status shows the other two servers:\n{status}"
+    );
+    let ids: Vec<String> = homes[0]
+        .jobs(&["--limit", "5"])
+        .iter()
+        .map(|job| job["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        ["job1", "job2", "job3", "job4", "job5"],
+        "ids are shared"
+    );
+}
+
+#[test]
+fn an_enqueue_on_one_server_wakes_the_idle_workers_of_another() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let (mut enqueuer, mut worker) = (Home::new(), Home::new());
+    start(&mut enqueuer, &database, 0);
+    start(&mut worker, &database, 1);
+    enqueuer.enqueue(r#"{"command":"true"}"#);
+    worker.wait_for_state("job1", "completed");
+    let runs = worker.ok(&["logs", "job1"]);
+    assert!(runs.contains("attempt 1"), "{runs}");
+}
+
+#[test]
+fn a_killed_servers_jobs_are_rescued_by_the_others() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let (mut survivor, mut victim) = (Home::new(), Home::new());
+    start(&mut victim, &database, 2);
+    let log = victim.file("runs");
+    enqueue_tokens(&[&victim], 200, &log, "sleep 0.02; ");
+    wait_until("some jobs to complete", DEADLINE, || runs(&log).len() >= 20);
+    victim.kill_server();
+    start(&mut survivor, &database, 2);
+    wait_until("every job to complete", Duration::from_secs(120), || {
+        survivor.count("completed") == 200
+    });
+    assert_eq!(survivor.count("processing"), 0);
+    let runs = runs(&log);
+    assert_eq!(runs.len(), 200, "no job is lost");
+    let twice = runs.values().filter(|&&count| count > 1).count();
+    assert!(
+        twice <= 2,
+        "only the jobs running at the kill may run twice, got {twice}"
+    );
+}
+
+#[test]
+fn a_restarted_server_recovers_its_own_jobs_without_waiting_for_the_lease() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let mut home = Home::new();
+    let with_long_lease = |home: &Home, workers: u32| {
+        let mut command = home.server_command(workers);
+        command
+            .env("QUEUECTL_DATABASE_URL", &database.url)
+            .env("QUEUECTL_LEASE_TIMEOUT", "3600");
+        command
+    };
+    home.start_server_with(with_long_lease(&home, 1));
+    let started = home.file("started");
+    home.enqueue(&format!(
+        r#"{{"command":"echo run >> {}; sleep 300"}}"#,
+        started.display()
+    ));
+    wait_until("the job to start", DEADLINE, || started.exists());
+    home.kill_server();
+    home.start_server_with(with_long_lease(&home, 1));
+    wait_until("the job to run again", DEADLINE, || {
+        std::fs::read_to_string(&started).is_ok_and(|runs| runs.lines().count() == 2)
+    });
+    // Stop without waiting, so that the sleeping job's processes go with the server.
+    home.ok(&["config", "set", "shutdown_grace", "0"]);
+    assert!(home.stop_server().success());
+}
