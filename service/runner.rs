@@ -4,7 +4,7 @@
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
@@ -72,26 +72,32 @@ impl Capture {
     }
 }
 
+/// Holds the command until its process group is on record, then runs it as `/bin/sh -c` would. Without the
+/// hold, a server killed right after the spawn would leave processes behind that its successor cannot find.
+#[cfg(unix)]
+const GATE: &str = r#"read -r _ && exec /bin/sh -c "$1""#;
+
 fn shell(command: &str) -> Command {
     #[cfg(unix)]
     let mut shell = {
         let mut shell = Command::new("/bin/sh");
-        shell.arg("-c").arg(command);
+        shell.arg("-c").arg(GATE).arg("queuectl-job").arg(command);
         // Its own process group, so that a timeout or abort reaches everything the command started.
         shell.process_group(0);
+        shell.stdin(Stdio::piped());
         shell
     };
     #[cfg(windows)]
     let mut shell = {
         let mut shell = Command::new("cmd");
         shell.arg("/C").arg(command);
+        shell.stdin(Stdio::null());
         shell
     };
     for name in SCRUBBED_ENV {
         shell.env_remove(name);
     }
     shell
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -171,18 +177,19 @@ async fn drain(
     }
 }
 
-/// Runs `spec` to its end. `on_spawn` gets the process group id once the shell is up; `on_output` gets each chunk
+/// Runs `spec` to its end. `on_spawn` gets the process group id once the shell is up, and the command starts when
+/// it returns; `on_output` gets each chunk
 /// of output that is kept. A `true` on `abort` ends the command as interrupted.
 pub async fn run(
     spec: RunSpec<'_>,
     mut abort: watch::Receiver<bool>,
-    on_spawn: impl FnOnce(Option<u32>),
+    on_spawn: impl AsyncFnOnce(Option<u32>),
     mut on_output: impl FnMut(&[u8]),
 ) -> Report {
     let mut child = match shell(spec.command).spawn() {
         Ok(child) => child,
         Err(error) => {
-            on_spawn(None);
+            on_spawn(None).await;
             return Report {
                 outcome: Outcome::Failed(Failure::Spawn(error.to_string())),
                 output: Vec::new(),
@@ -191,7 +198,12 @@ pub async fn run(
         }
     };
     let pgid = child.id();
-    on_spawn(pgid);
+    on_spawn(pgid).await;
+    if let Some(mut gate) = child.stdin.take() {
+        // Opens the gate; the command then sees its stdin closed, as with /dev/null. A failed write means the
+        // shell is gone already, which its exit status reports.
+        let _ = gate.write_all(b"\n").await;
+    }
 
     let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("both pipes were asked for");

@@ -460,14 +460,20 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
     let report = runner::run(
         spec,
         shared.abort.subscribe(),
-        |pgid| {
-            shared.writer.started(RunStarted {
-                job_id: job.id.clone(),
-                run: job.runs,
-                worker,
-                pgid: pgid.map(i64::from),
-                started_at: clock::now(),
-            });
+        async |pgid| {
+            let started = shared
+                .writer
+                .started(RunStarted {
+                    job_id: job.id.clone(),
+                    run: job.runs,
+                    worker,
+                    pgid: pgid.map(i64::from),
+                    started_at: clock::now(),
+                })
+                .await;
+            if let Err(error) = started {
+                tracing::error!(job_id = %job.id, %error, "recording the start failed; a crash now could leave its processes behind");
+            }
         },
         |chunk| {
             if !chunk.is_empty() {

@@ -20,7 +20,10 @@ enum Op {
         jobs: Vec<NewJob>,
         reply: oneshot::Sender<EnqueueResult>,
     },
-    Start(RunStarted),
+    Start {
+        start: RunStarted,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Update {
         update: GuardedUpdate,
         durable: bool,
@@ -53,9 +56,11 @@ impl Writer {
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
-    /// Records that a run started; nobody waits for it, but it is written before any later update of the job.
-    pub fn started(&self, start: RunStarted) {
-        self.send(Op::Start(start));
+    /// Records that a run started and in which process group, so that a restart can kill what it left behind.
+    pub async fn started(&self, start: RunStarted) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Start { start, reply });
+        answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
     /// Applies a guarded update; `Ok(false)` when the job was no longer in the expected state and run.
@@ -89,6 +94,7 @@ async fn write_loop(
     while receiver.recv_many(&mut ops, MAX_BATCH).await > 0 {
         let mut batch = WriteBatch::default();
         let mut enqueue_replies = Vec::new();
+        let mut start_replies = Vec::new();
         let mut update_replies = Vec::new();
         for op in ops.drain(..) {
             match op {
@@ -97,7 +103,10 @@ async fn write_loop(
                     enqueue_replies.push(reply);
                     batch.durable = true;
                 }
-                Op::Start(start) => batch.starts.push(start),
+                Op::Start { start, reply } => {
+                    batch.starts.push(start);
+                    start_replies.push(reply);
+                }
                 Op::Update {
                     update,
                     durable,
@@ -123,6 +132,9 @@ async fn write_loop(
                 for (reply, result) in enqueue_replies.into_iter().zip(outcome.enqueued) {
                     let _ = reply.send(Ok(result));
                 }
+                for reply in start_replies {
+                    let _ = reply.send(Ok(()));
+                }
                 for (reply, applied) in update_replies.into_iter().zip(outcome.applied) {
                     let _ = reply.send(Ok(applied));
                 }
@@ -133,6 +145,9 @@ async fn write_loop(
             Err(error) => {
                 tracing::error!(%error, writes = batch.updates.len() + batch.enqueues.len(), "write failed");
                 for reply in enqueue_replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                for reply in start_replies {
                     let _ = reply.send(Err(error.clone()));
                 }
                 for reply in update_replies {

@@ -220,16 +220,23 @@ fn a_restarted_server_recovers_its_own_jobs_without_waiting_for_the_lease() {
         command
     };
     home.start_server_with(with_long_lease(&home, 1));
-    let started = home.file("started");
+    let pids = home.file("pids");
     home.enqueue(&format!(
-        r#"{{"command":"echo run >> {}; sleep 300"}}"#,
-        started.display()
+        r#"{{"command":"sleep 300 & echo $! >> {}; wait"}}"#,
+        pids.display()
     ));
-    wait_until("the job to start", DEADLINE, || started.exists());
+    let runs = || std::fs::read_to_string(&pids).unwrap_or_default();
+    wait_until("the job to start", DEADLINE, || runs().ends_with('\n'));
     home.kill_server();
+    let orphan: u32 = runs().trim().parse().unwrap();
+    assert!(common::alive(orphan));
     home.start_server_with(with_long_lease(&home, 1));
+    assert!(
+        !common::alive(orphan),
+        "the restart killed what the old run left"
+    );
     wait_until("the job to run again", DEADLINE, || {
-        std::fs::read_to_string(&started).is_ok_and(|runs| runs.lines().count() == 2)
+        runs().lines().count() == 2
     });
     // Stop without waiting, so that the sleeping job's processes go with the server.
     home.ok(&["config", "set", "shutdown_grace", "0"]);
