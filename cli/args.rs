@@ -15,7 +15,9 @@ Examples:
 The server (queuectld) is started in the background on first use, with no workers, and listens
 on a socket in QUEUECTL_HOME (default ~/.queuectl) that only you can reach.
 
-Exit codes: 0 done, 1 the request failed, 2 bad usage, 3 no server could be reached.";
+Exit codes: 0 done, 1 the request failed (or, for `wait`, a job ended dead), 2 bad usage, 3 no server
+could be reached. `health` exits as grpc_health_probe does: 0 serving, 2 cannot connect, 3 the check failed,
+4 not serving.";
 
 /// A durable background job queue for shell commands.
 #[derive(Parser)]
@@ -60,8 +62,11 @@ pub enum Command {
         job: String,
     },
     /// Count jobs by state and show what each worker runs.
-    #[command(after_help = "Example:\n  queuectl status")]
-    Status,
+    #[command(after_help = "Examples:\n  queuectl status\n  queuectl status --output json")]
+    Status {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
     /// List jobs, best priority first, one JSON object per line.
     #[command(
         after_help = "Examples:\n  queuectl list\n  queuectl list --state pending --output table"
@@ -88,9 +93,37 @@ pub enum Command {
     Logs {
         id: String,
         /// Keep printing the output of new attempts until the job is completed or dead.
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "output")]
         follow: bool,
+        /// `json` prints one object per attempt (output as text, invalid UTF-8 replaced).
+        #[arg(long, value_enum)]
+        output: Option<Format>,
     },
+    /// Wait until jobs are completed or dead; exit 1 if any ended dead.
+    #[command(after_help = "Examples:
+  queuectl wait job1 job2
+  queuectl wait                       # every job that is not final yet
+  queuectl wait job7 --timeout 10m
+  id=$(queuectl enqueue '{\"command\":\"make\"}' | cut -d' ' -f3) && queuectl wait \"$id\"")]
+    Wait {
+        /// The jobs; none means every job that is not final now.
+        ids: Vec<String>,
+        /// Give up after this long (e.g. 90s, 5m, 1h): exit 1.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
+    /// Check the server's health as grpc_health_probe does (never starts a server).
+    #[command(after_help = "Example:\n  queuectl health && echo serving")]
+    Health,
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  queuectl completions bash > /etc/bash_completion.d/queuectl
+  queuectl completions zsh > \"${fpath[1]}/_queuectl\"
+  queuectl completions fish > ~/.config/fish/completions/queuectl.fish")]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    #[command(after_help = "Example:\n  queuectl man > /usr/local/share/man/man1/queuectl.1")]
+    Man,
     /// The dead letter queue: jobs that failed every attempt.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -130,8 +163,15 @@ pub enum DlqCommand {
 #[derive(Subcommand)]
 pub enum ConfigCommand {
     /// Print a setting's value, or every setting when no key is given.
-    #[command(after_help = "Examples:\n  queuectl config get backoff_base\n  queuectl config get")]
-    Get { key: Option<String> },
+    #[command(
+        after_help = "Examples:\n  queuectl config get backoff_base\n  queuectl config get --output json"
+    )]
+    Get {
+        key: Option<String>,
+        /// `json` prints an object of settings; the default prints the value (or key = value lines).
+        #[arg(long, value_enum)]
+        output: Option<Format>,
+    },
     /// Change a setting.
     #[command(after_help = "Settings:
   aging_interval       seconds a waiting job needs to gain one priority level (default 60)

@@ -148,27 +148,36 @@ fn spawn_server(home: &Path) -> anyhow::Result<()> {
 
 /// Connects to the server, starting the home's own one if it is not running.
 pub async fn connect(server: Option<&str>) -> anyhow::Result<Client> {
+    let channel = channel(server, true).await?;
+    // Read after a start: a server listening on TCP writes its token when it starts.
+    let auth = Auth(token(&server::default_home())?);
+    Ok(QueueServiceClient::with_interceptor(channel, auth))
+}
+
+/// A channel to the server; with `autostart`, the home's own server is started if it is not running.
+pub async fn channel(server: Option<&str>, autostart: bool) -> anyhow::Result<Channel> {
     let home = server::default_home();
-    let auth = Auth(token(&home)?);
-    let connected = |channel| QueueServiceClient::with_interceptor(channel, auth.clone());
     if let Some(address) = server {
         let target = parse_target(address)?;
-        return match open(&target).await {
-            Ok(channel) => Ok(connected(channel)),
-            Err(error) => Err(Unreachable(format!(
+        return open(&target).await.map_err(|error| {
+            Unreachable(format!(
                 "no queuectl server answers at {target} ({error}); start one with `queuectld`"
             ))
-            .into()),
-        };
+            .into()
+        });
     }
     let target = home_target(&home);
     if let Ok(channel) = open(&target).await {
-        return Ok(connected(channel));
+        return Ok(channel);
     }
-    if autostart_disabled() {
+    if !autostart || autostart_disabled() {
         return Err(Unreachable(format!(
-            "no queuectl server is running at {target}; start one with `queuectld` \
-             (QUEUECTL_NO_AUTOSTART is set, so queuectl does not start it)"
+            "no queuectl server is running at {target}; start one with `queuectld`{}",
+            if autostart {
+                " (QUEUECTL_NO_AUTOSTART is set, so queuectl does not start it)"
+            } else {
+                ""
+            }
         ))
         .into());
     }
@@ -177,10 +186,7 @@ pub async fn connect(server: Option<&str>) -> anyhow::Result<Client> {
     loop {
         let target = home_target(&home);
         match open(&target).await {
-            Ok(channel) => {
-                let auth = Auth(token(&home)?);
-                return Ok(QueueServiceClient::with_interceptor(channel, auth));
-            }
+            Ok(channel) => return Ok(channel),
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(Unreachable(format!(
                     "started queuectld, but it did not answer at {target} within {}s ({error}); \

@@ -25,6 +25,23 @@ fn integer<T: TryFrom<i64>>(key: &str, value: &Value, range: &str) -> anyhow::Re
     T::try_from(number).map_err(|_| anyhow::anyhow!("{key} must be {range}, got {number}"))
 }
 
+/// A timeout: whole seconds, or a duration a person writes (`90s`, `5m`, `1h 30m`).
+fn seconds(value: &Value) -> anyhow::Result<i64> {
+    let Value::String(text) = value else {
+        return integer("timeout", value, "0-604800 seconds");
+    };
+    let duration = humantime::parse_duration(text).map_err(|error| {
+        anyhow::anyhow!(
+            "timeout {text:?} is not a duration ({error}); use e.g. 300, \"90s\" or \"5m\""
+        )
+    })?;
+    if duration.subsec_nanos() != 0 {
+        bail!("timeout must be whole seconds, got {text:?}");
+    }
+    i64::try_from(duration.as_secs())
+        .map_err(|_| anyhow::anyhow!("timeout must be 0-604800 seconds, got {text:?}"))
+}
+
 /// Parses the job JSON of `queuectl enqueue` into a request; the server checks the values' ranges.
 pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
     let value: Value = serde_json::from_str(json)
@@ -51,7 +68,7 @@ pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
                 }
                 request.max_retries = Some(integer(key, value, "0-1000")?);
             }
-            "timeout" => request.timeout = Some(integer(key, value, "0-604800 seconds")?),
+            "timeout" => request.timeout = Some(seconds(value)?),
             unknown => bail!("unknown key {unknown:?} in the job: expected {JOB_KEYS}"),
         }
     }
@@ -72,9 +89,12 @@ pub async fn enqueue(client: &mut Client, json: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn status(client: &mut Client) -> anyhow::Result<()> {
+pub async fn status(client: &mut Client, format: Format) -> anyhow::Result<()> {
     let status = client.status(pb::StatusRequest {}).await?.into_inner();
-    print!("{}", output::status_text(&status));
+    match format {
+        Format::Table => print!("{}", output::status_text(&status)),
+        Format::Json => println!("{}", output::status_json(&status)),
+    }
     Ok(())
 }
 
@@ -148,7 +168,12 @@ fn is_final(state: i32) -> bool {
     )
 }
 
-pub async fn logs(client: &mut Client, id: String, follow: bool) -> anyhow::Result<()> {
+pub async fn logs(
+    client: &mut Client,
+    id: String,
+    follow: bool,
+    format: Option<Format>,
+) -> anyhow::Result<()> {
     // Subscribe before reading the stored runs, so that nothing falls between the two.
     let mut events = if follow {
         let request = pb::WatchEventsRequest { job_id: id.clone() };
@@ -163,6 +188,10 @@ pub async fn logs(client: &mut Client, id: String, follow: bool) -> anyhow::Resu
         .runs;
     let mut stdout = std::io::stdout();
     for run in &runs {
+        if let Some(Format::Json) = format {
+            writeln!(stdout, "{}", output::run_json(run))?;
+            continue;
+        }
         writeln!(stdout, "{}", output::run_header(&id, run))?;
         stdout.write_all(&run.output)?;
     }
@@ -202,6 +231,142 @@ pub async fn logs(client: &mut Client, id: String, follow: bool) -> anyhow::Resu
     Ok(())
 }
 
+/// Exit code of `queuectl health`, as grpc_health_probe has it.
+pub async fn health(server: Option<&str>) -> i32 {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = match crate::client::channel(server, false).await {
+        Ok(channel) => channel,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return 2;
+        }
+    };
+    match HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+    {
+        Ok(response) if response.get_ref().status() == ServingStatus::Serving => {
+            println!("status: SERVING");
+            0
+        }
+        Ok(response) => {
+            println!("status: {}", response.get_ref().status().as_str_name());
+            4
+        }
+        Err(status) => {
+            eprintln!("error: health check failed: {}", status.message());
+            3
+        }
+    }
+}
+
+/// The ids of every job that is not final.
+async fn unfinished(client: &mut Client) -> anyhow::Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for state in [
+        pb::JobState::Pending,
+        pb::JobState::Processing,
+        pb::JobState::Failed,
+    ] {
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list(pb::ListRequest {
+                    state: state.into(),
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            ids.extend(page.jobs.into_iter().map(|job| job.id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+    Ok(ids)
+}
+
+/// Blocks until every job in `ids` (or every unfinished job) is completed or dead; fails if one ended dead.
+pub async fn wait(
+    client: &mut Client,
+    ids: Vec<String>,
+    timeout: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // Subscribe first, so that a job finishing between the two steps is not missed.
+    let mut events = client
+        .watch_events(pb::WatchEventsRequest::default())
+        .await?
+        .into_inner();
+    let ids = if ids.is_empty() {
+        unfinished(client).await?
+    } else {
+        ids
+    };
+    let mut waiting = BTreeSet::new();
+    let mut dead = Vec::new();
+    for id in &ids {
+        let job = client
+            .get_job(pb::GetJobRequest { id: id.clone() })
+            .await?
+            .into_inner()
+            .job;
+        match job.map(|job| job.state) {
+            Some(state) if state == i32::from(pb::JobState::Dead) => dead.push(id.clone()),
+            Some(state) if is_final(state) => {}
+            _ => {
+                waiting.insert(id.clone());
+            }
+        }
+    }
+    let progress = if std::io::stdout().is_terminal() {
+        let bar = indicatif::ProgressBar::new(ids.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} jobs final {msg}")
+                .expect("a valid template"),
+        );
+        bar.set_position((ids.len() - waiting.len()) as u64);
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let deadline = timeout.map(|limit| tokio::time::Instant::now() + limit);
+    while !waiting.is_empty() {
+        let event = tokio::select! {
+            event = events.next() => event,
+            () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                progress.abandon();
+                bail!("{} jobs were still not final when the timeout ran out", waiting.len());
+            }
+        };
+        let Some(event) = event.transpose()?.and_then(|response| response.event) else {
+            bail!("the server stopped while jobs were still running");
+        };
+        if let pb::watch_events_response::Event::JobFinished(finished) = event {
+            if is_final(finished.state) && waiting.remove(&finished.job_id) {
+                if finished.state == i32::from(pb::JobState::Dead) {
+                    dead.push(finished.job_id);
+                }
+                progress.inc(1);
+            }
+        }
+    }
+    progress.finish_and_clear();
+    if !dead.is_empty() {
+        bail!(
+            "{} of {} jobs ended dead: {}",
+            dead.len(),
+            ids.len(),
+            dead.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub async fn dlq_retry(client: &mut Client, id: String) -> anyhow::Result<()> {
     client
         .dlq_retry(pb::DlqRetryRequest { id: id.clone() })
@@ -210,7 +375,11 @@ pub async fn dlq_retry(client: &mut Client, id: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn config_get(client: &mut Client, key: Option<String>) -> anyhow::Result<()> {
+pub async fn config_get(
+    client: &mut Client,
+    key: Option<String>,
+    format: Option<Format>,
+) -> anyhow::Result<()> {
     let all = key.is_none();
     let entries = client
         .get_config(pb::GetConfigRequest {
@@ -219,6 +388,10 @@ pub async fn config_get(client: &mut Client, key: Option<String>) -> anyhow::Res
         .await?
         .into_inner()
         .entries;
+    if let Some(Format::Json) = format {
+        println!("{}", output::config_json(&entries));
+        return Ok(());
+    }
     for entry in entries {
         if all {
             println!("{} = {}", entry.key, entry.value);
@@ -379,5 +552,17 @@ mod tests {
         );
         assert!(error(r#"{"command":"x","retries":1}"#).starts_with("unknown key \"retries\""));
         assert!(error(r#"{"command":"x","max_retries":1,"max-retries":1}"#).contains("not both"));
+        assert!(
+            error(r#"{"command":"x","timeout":"soon"}"#)
+                .starts_with("timeout \"soon\" is not a duration")
+        );
+    }
+
+    #[test]
+    fn timeouts_take_seconds_or_human_durations() {
+        let timeout = |json| parse_job(json).unwrap().timeout;
+        assert_eq!(timeout(r#"{"command":"x","timeout":90}"#), Some(90));
+        assert_eq!(timeout(r#"{"command":"x","timeout":"5m"}"#), Some(300));
+        assert_eq!(timeout(r#"{"command":"x","timeout":"1h 30m"}"#), Some(5400));
     }
 }

@@ -5,32 +5,56 @@ mod client;
 mod commands;
 mod output;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use args::{Cli, Command, ConfigCommand, DlqCommand, ServerCommand, WorkerCommand};
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    // Parse the job before reaching for a server: a typo should not start one.
-    if let Command::Enqueue { job } = &cli.command {
-        commands::parse_job(job)?;
+    // Commands that need no server, and checks that should not start one.
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "queuectl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        Command::Health => {
+            let code = commands::health(cli.server.as_deref()).await;
+            std::process::exit(code);
+        }
+        Command::Enqueue { job } => {
+            commands::parse_job(job)?;
+        }
+        _ => {}
     }
     let mut client = client::connect(cli.server.as_deref()).await?;
     let client = &mut client;
     match cli.command {
+        Command::Completions { .. } | Command::Man | Command::Health => Ok(()),
         Command::Enqueue { job } => commands::enqueue(client, &job).await,
-        Command::Status => commands::status(client).await,
+        Command::Status { output } => commands::status(client, output).await,
         Command::List {
             state,
             output,
             limit,
         } => commands::list(client, state, output, limit).await,
         Command::Get { id, output } => commands::get(client, id, output).await,
-        Command::Logs { id, follow } => commands::logs(client, id, follow).await,
+        Command::Logs { id, follow, output } => commands::logs(client, id, follow, output).await,
+        Command::Wait { ids, timeout } => commands::wait(client, ids, timeout).await,
         Command::Dlq(DlqCommand::List { output }) => {
             commands::list(client, Some(args::StateArg::Dead), output, None).await
         }
         Command::Dlq(DlqCommand::Retry { id }) => commands::dlq_retry(client, id).await,
-        Command::Config(ConfigCommand::Get { key }) => commands::config_get(client, key).await,
+        Command::Config(ConfigCommand::Get { key, output }) => {
+            commands::config_get(client, key, output).await
+        }
         Command::Config(ConfigCommand::Set { key, value }) => {
             commands::config_set(client, key, value).await
         }

@@ -120,6 +120,75 @@ pub fn job_json(job: &pb::Job) -> String {
     String::from_utf8(out).expect("the formatter writes ASCII")
 }
 
+fn worker_json(worker: &pb::Worker) -> serde_json::Value {
+    serde_json::json!({
+        "index": worker.index,
+        "job_id": Some(&worker.job_id).filter(|id| !id.is_empty()),
+        "command": Some(&worker.command).filter(|command| !command.is_empty()),
+        "started_at": worker.started_at.as_ref().map(|at| iso_time(Some(at))),
+        "stopping": worker.stopping,
+    })
+}
+
+/// `status --output json`: one object with the counts, this server's workers and every server.
+pub fn status_json(status: &pb::StatusResponse) -> String {
+    let servers: Vec<_> = status
+        .servers
+        .iter()
+        .map(|server| {
+            serde_json::json!({
+                "id": server.id,
+                "host": server.host,
+                "pid": server.pid,
+                "worker_count": server.worker_count,
+                "workers": server.workers.iter().map(worker_json).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "pending": status.pending,
+        "processing": status.processing,
+        "failed": status.failed,
+        "completed": status.completed,
+        "dead": status.dead,
+        "worker_count": status.worker_count,
+        "workers": status.workers.iter().map(worker_json).collect::<Vec<_>>(),
+        "server_pid": status.server_pid,
+        "server_version": status.server_version,
+        "servers": servers,
+    })
+    .to_string()
+}
+
+/// `config get --output json`: the settings as an object of numbers.
+pub fn config_json(entries: &[pb::ConfigEntry]) -> String {
+    let settings: serde_json::Map<String, serde_json::Value> = entries
+        .iter()
+        .map(|entry| {
+            let value = entry
+                .value
+                .parse::<u64>()
+                .map_or_else(|_| entry.value.clone().into(), Into::into);
+            (entry.key.clone(), value)
+        })
+        .collect();
+    serde_json::Value::Object(settings).to_string()
+}
+
+/// `logs --output json`: one attempt per line, its output as text.
+pub fn run_json(run: &pb::JobRun) -> String {
+    serde_json::json!({
+        "run": run.run,
+        "worker": run.worker,
+        "started_at": iso_time(run.started_at.as_ref()),
+        "finished_at": run.finished_at.as_ref().map(|at| iso_time(Some(at))),
+        "outcome": Some(&run.outcome).filter(|outcome| !outcome.is_empty()),
+        "truncated": run.truncated,
+        "output": String::from_utf8_lossy(&run.output),
+    })
+    .to_string()
+}
+
 pub fn table_header() -> String {
     format!(
         "{:<16} {:<10} {:>3} {:>8} {:<20} {}",

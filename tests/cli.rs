@@ -1,0 +1,148 @@
+//! The CLI in its ecosystem: health probes, completions, the man page, `wait`, JSON on every read command.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::{DEADLINE, Home};
+use serde_json::Value;
+
+#[test]
+fn health_exits_as_grpc_health_probe_does() {
+    let mut home = Home::new();
+    let code = |home: &Home| home.try_queuectl(&["health"]).status.code();
+    assert_eq!(code(&home), Some(2), "no server: cannot connect");
+    assert!(
+        !home.file("queuectl.sock").exists(),
+        "health never starts a server"
+    );
+    home.start_server(0);
+    assert_eq!(code(&home), Some(0));
+    assert_eq!(home.ok(&["health"]), "status: SERVING\n");
+
+    // While the server drains a running job, it reports NOT_SERVING.
+    let gate = home.file("gate");
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    home.enqueue(&format!(
+        r#"{{"command":"while [ ! -e {} ]; do sleep 0.05; done"}}"#,
+        gate.display()
+    ));
+    home.wait_for_state("job1", "processing");
+    home.ok(&["server", "stop"]);
+    common::wait_until("health to turn NOT_SERVING", DEADLINE, || {
+        code(&home) == Some(4)
+    });
+    std::fs::write(&gate, "").unwrap();
+    let mut server = home.server();
+    assert!(common::wait_for_exit(&mut server, DEADLINE).success());
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_same_definitions() {
+    let home = Home::new();
+    for shell in ["bash", "zsh", "fish", "powershell"] {
+        let script = home.ok(&["completions", shell]);
+        assert!(
+            script.contains("enqueue") && script.contains("dlq"),
+            "{shell}"
+        );
+    }
+    let man = home.ok(&["man"]);
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH queuectl"),
+        "{}",
+        &man[..80]
+    );
+    assert!(man.contains("enqueue"));
+    assert!(
+        home.fails(&["completions", "tcsh"])
+            .contains("invalid value")
+    );
+}
+
+#[test]
+fn wait_blocks_until_jobs_are_final_and_fails_if_one_is_dead() {
+    let home = Home::with_server(2);
+    home.ok(&["config", "set", "backoff_base", "1"]);
+    let ok = home.enqueue(r#"{"command":"sleep 0.3"}"#);
+    let doomed = home.enqueue(r#"{"command":"exit 3","max_retries":1}"#);
+    let output = home.try_queuectl(&["wait", &ok]);
+    assert!(output.status.success());
+    assert_eq!(home.state(&ok), "completed");
+    assert!(output.stdout.is_empty(), "no progress bar when piped");
+
+    let stderr = home.fails(&["wait", &ok, &doomed]);
+    assert!(stderr.contains("1 of 2 jobs ended dead: job2"), "{stderr}");
+    assert_eq!(home.state(&doomed), "dead");
+
+    home.enqueue(r#"{"command":"sleep 30"}"#);
+    let stderr = home.fails(&["wait", "--timeout", "1s"]);
+    assert!(stderr.contains("still not final"), "{stderr}");
+    assert!(
+        home.fails(&["wait", "ghost"])
+            .contains("no job with id 'ghost'")
+    );
+}
+
+#[test]
+fn a_timeout_can_be_written_as_a_duration() {
+    let home = Home::with_server(0);
+    home.enqueue(r#"{"command":"true","timeout":"5m"}"#);
+    assert_eq!(home.job("job1")["timeout"], 300);
+    assert!(
+        home.fails(&["enqueue", r#"{"command":"true","timeout":"8d"}"#])
+            .contains("timeout must be")
+    );
+}
+
+#[test]
+fn every_read_command_speaks_json() {
+    let home = Home::with_server(1);
+    home.enqueue(r#"{"command":"echo hi"}"#);
+    home.wait_for_state("job1", "completed");
+    let status: Value = serde_json::from_str(&home.ok(&["status", "--output", "json"])).unwrap();
+    assert_eq!(status["completed"], 1);
+    assert_eq!(status["worker_count"], 1);
+    assert_eq!(status["servers"].as_array().unwrap().len(), 1);
+    let config: Value =
+        serde_json::from_str(&home.ok(&["config", "get", "--output", "json"])).unwrap();
+    assert_eq!(config["backoff_base"], 2);
+    let run: Value =
+        serde_json::from_str(home.ok(&["logs", "job1", "--output", "json"]).trim()).unwrap();
+    assert_eq!(
+        (run["outcome"].as_str(), run["output"].as_str()),
+        (Some("ok"), Some("hi\n"))
+    );
+    let job: Value = serde_json::from_str(&home.ok(&["get", "job1", "--output", "json"])).unwrap();
+    assert_eq!(job["state"], "completed");
+    let table = home.ok(&["list", "--output", "table"]);
+    assert!(
+        table.starts_with("ID ") && table.contains("job1"),
+        "{table}"
+    );
+    assert!(!table.contains('\u{1b}'), "no colour codes when piped");
+}
+
+#[test]
+fn logs_follow_streams_until_the_job_is_final() {
+    let home = Home::with_server(1);
+    let gate = home.file("gate");
+    home.enqueue(&format!(
+        r#"{{"command":"echo before; while [ ! -e {} ]; do sleep 0.05; done; echo after"}}"#,
+        gate.display()
+    ));
+    home.wait_for_state("job1", "processing");
+    let follow = home
+        .command(&["logs", "job1", "--follow"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(&gate, "").unwrap();
+    let output = follow.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        printed.contains("after\n") && printed.contains("job job1 completed"),
+        "{printed}"
+    );
+}
