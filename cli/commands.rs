@@ -346,13 +346,14 @@ pub async fn wait(
         let Some(event) = event.transpose()?.and_then(|response| response.event) else {
             bail!("the server stopped while jobs were still running");
         };
-        if let pb::watch_events_response::Event::JobFinished(finished) = event {
-            if is_final(finished.state) && waiting.remove(&finished.job_id) {
-                if finished.state == i32::from(pb::JobState::Dead) {
-                    dead.push(finished.job_id);
-                }
-                progress.inc(1);
+        if let pb::watch_events_response::Event::JobFinished(finished) = event
+            && is_final(finished.state)
+            && waiting.remove(&finished.job_id)
+        {
+            if finished.state == i32::from(pb::JobState::Dead) {
+                dead.push(finished.job_id);
             }
+            progress.inc(1);
         }
     }
     progress.finish_and_clear();
