@@ -33,8 +33,7 @@ fn health_exits_as_grpc_health_probe_does() {
         code(&home) == Some(4)
     });
     std::fs::write(&gate, "").unwrap();
-    let mut server = home.server();
-    assert!(common::wait_for_exit(&mut server, DEADLINE).success());
+    assert!(common::wait_for_exit(home.server(), DEADLINE).success());
 }
 
 #[test]
