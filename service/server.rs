@@ -262,6 +262,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 running = queue.supervisor.running(),
                 "stopping: draining workers"
             );
+            crate::notify::stopping();
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
@@ -284,6 +285,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             })?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
             tracing::info!(socket = %path.display(), workers = options.workers, "queuectld ready");
+            crate::notify::ready(&format!("serving on {}", path.display()));
             router
                 .add_service(health_service)
                 .add_service(reflection)
@@ -313,6 +315,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             let bound = listener.local_addr()?;
             write_private(&home.join(ADDRESS_FILE), &format!("http://{bound}"))?;
             tracing::info!(address = %bound, workers = options.workers, "queuectld ready");
+            crate::notify::ready(&format!("serving on http://{bound}"));
             router
                 .add_service(health_service)
                 .add_service(InterceptedService::new(reflection, check.clone()))

@@ -347,26 +347,35 @@ impl Shared {
     }
 }
 
-/// Claims work for idle slots whenever woken, and sleeps until the next retry is due otherwise.
+/// Claims work for idle slots whenever woken, and sleeps until the next retry is due otherwise. Under a service
+/// manager's watchdog, it also pings from here, so that a stuck scheduler gets the server restarted.
 async fn schedule(shared: Arc<Shared>) {
+    let watchdog = crate::notify::watchdog_interval();
+    let mut next_ping = Instant::now();
     loop {
         if shared.draining.load(Ordering::SeqCst) {
             return;
         }
-        let mut wake_at = None;
+        if let Some(interval) = watchdog
+            && Instant::now() >= next_ping
+        {
+            crate::notify::watchdog_ping();
+            next_ping = Instant::now() + interval;
+        }
+        let mut wake_at = watchdog.map(|_| next_ping);
         let idle = shared.idle_slots();
         if !idle.is_empty() {
-            wake_at = match claim(&shared, idle).await {
-                Ok(wake_at) => wake_at,
+            let due = match claim(&shared, idle).await {
+                Ok(due) => due,
                 Err(error) => {
                     tracing::error!(%error, "claiming jobs failed");
                     Some(Instant::now() + RETRY_AFTER_ERROR)
                 }
             };
+            wake_at = earliest(wake_at, due);
         }
         if shared.store.lease().is_some() {
-            let poll_at = Instant::now() + SHARED_POLL;
-            wake_at = Some(wake_at.map_or(poll_at, |at| at.min(poll_at)));
+            wake_at = earliest(wake_at, Some(Instant::now() + SHARED_POLL));
         }
         match wake_at {
             Some(at) => tokio::select! {
@@ -375,6 +384,13 @@ async fn schedule(shared: Arc<Shared>) {
             },
             None => shared.wake.notified().await,
         }
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
