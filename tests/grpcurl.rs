@@ -65,6 +65,9 @@ fn grpcurl_lists_enqueues_and_checks_health() {
     );
     assert_eq!(home.state("job1"), "pending");
 
+    let status = call(&home, &[], &["queuectl.v1.QueueService/Status"]);
+    assert!(status.contains(r#""pending": "1""#), "{status}");
+
     let health = call(&home, &[], &["grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
 

@@ -1,0 +1,62 @@
+//! A client generated from the proto in another language: `clients/python` is generated afresh with
+//! grpcio-tools and its example runs against a real server.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::process::Command;
+
+use common::Home;
+
+fn python_has_grpc_tools() -> bool {
+    let found = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "grpcio-tools is missing; .ci/run installs it"
+        );
+        eprintln!("skipping: pip install grpcio grpcio-tools");
+    }
+    found
+}
+
+#[test]
+fn the_generated_python_client_drives_a_real_server() {
+    if !python_has_grpc_tools() {
+        return;
+    }
+    let home = Home::with_server(1);
+    let generated = home.file("generated");
+    let status = Command::new("clients/python/generate.sh")
+        .arg(&generated)
+        .status()
+        .unwrap();
+    assert!(status.success(), "generating the client failed");
+
+    let output = Command::new("python3")
+        .arg("clients/python/example.py")
+        .arg(format!("unix://{}", home.file("queuectl.sock").display()))
+        .env("PYTHONPATH", &generated)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for line in [
+        "enqueued job1 (JOB_STATE_PENDING)",
+        "worker 0 picked job1",
+        "job1 finished: JOB_STATE_COMPLETED",
+        "attempt 1 (ok): hello from python",
+        "refused: INVALID_ARGUMENT: priority must be 1-10, got 11",
+    ] {
+        assert!(printed.contains(line), "{line:?} missing from:\n{printed}");
+    }
+    assert_eq!(home.state("job1"), "completed");
+}
