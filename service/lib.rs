@@ -9,6 +9,7 @@ pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod job;
+pub mod metrics;
 pub mod notify;
 pub mod queue;
 pub mod runner;

@@ -41,6 +41,9 @@ struct Args {
     #[arg(long, env = "QUEUECTL_LEASE_TIMEOUT", default_value_t = 30, value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9464). Off by default.
+    #[arg(long, value_name = "ADDRESS")]
+    metrics_listen: Option<SocketAddr>,
     /// `text` for people (without timestamps when journald adds its own), `json` for log collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -92,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         listen,
         database_url: args.database_url,
         lease: std::time::Duration::from_secs(args.lease_timeout),
+        metrics: args.metrics_listen,
     };
     if let Err(error) = server::run(options).await {
         tracing::error!(%error, "queuectld failed");

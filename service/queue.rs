@@ -8,6 +8,7 @@ use crate::config::{self, Settings};
 use crate::convert::JobSpec;
 use crate::error::QueueError;
 use crate::job::{self, Job, JobState};
+use crate::metrics::Metrics;
 use crate::store::{
     EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord, Signal, StateCounts,
     Store,
@@ -22,6 +23,7 @@ pub struct Queue {
     /// Serialises setting changes, so that the stored value and the one in force cannot disagree.
     config_change: Mutex<()>,
     pub supervisor: Supervisor,
+    pub metrics: Arc<Metrics>,
     shutdown: Arc<Notify>,
     /// Turns `true` when the server stops; long-lived streams end then.
     closing: watch::Sender<bool>,
@@ -53,6 +55,8 @@ impl Queue {
         if recovered > 0 {
             tracing::warn!(recovered, "returned interrupted jobs to the queue");
         }
+        let metrics = Arc::new(Metrics::default());
+        tokio::spawn(metrics.clone().follow(supervisor.subscribe()));
         supervisor.set_workers(workers);
         supervisor.start();
         if let Some(signals) = store.signals() {
@@ -70,6 +74,7 @@ impl Queue {
             settings,
             config_change: Mutex::new(()),
             supervisor,
+            metrics,
             shutdown: Arc::new(Notify::new()),
             closing: watch::Sender::new(false),
         })
@@ -87,7 +92,10 @@ impl Queue {
             .map(|spec| spec.resolve(&settings))
             .collect();
         match self.writer.enqueue(jobs).await? {
-            Ok(jobs) => Ok(jobs),
+            Ok(jobs) => {
+                self.metrics.enqueued(jobs.len());
+                Ok(jobs)
+            }
             Err(EnqueueRejected::DuplicateId(id)) => Err(QueueError::AlreadyExists(format!(
                 "a job with id '{id}' already exists; choose another id or leave it out to get one"
             ))),
@@ -104,6 +112,10 @@ impl Queue {
 
     pub async fn counts(&self) -> Result<StateCounts, QueueError> {
         Ok(self.store.counts().await?)
+    }
+
+    pub async fn oldest_pending(&self) -> Result<Option<crate::job::Micros>, QueueError> {
+        Ok(self.store.oldest_pending().await?)
     }
 
     /// Every live server sharing the database, this one first and as it is right now.

@@ -76,6 +76,8 @@ pub struct Options {
     pub database_url: Option<String>,
     /// How long a server's claim on a job outlives its last heartbeat, with a shared database.
     pub lease: std::time::Duration,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// This machine's name, as `status` shows it.
@@ -235,6 +237,15 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         None => Arc::new(SqliteStore::open(&home.join(DATABASE_FILE)).await?),
     };
     let queue = Arc::new(Queue::start(store, server_id(home)?, options.workers).await?);
+
+    if let Some(address) = options.metrics {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            if let Err(error) = crate::metrics::serve(address, queue).await {
+                tracing::error!(%error, %address, "cannot serve metrics");
+            }
+        });
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueueServiceServer<Grpc>>().await;

@@ -145,3 +145,50 @@ fn logs_follow_streams_until_the_job_is_final() {
         "{printed}"
     );
 }
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut home = Home::new();
+    let mut server = home.server_command(1);
+    server.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
+    home.start_server_with(server);
+    home.enqueue(r#"{"command":"true"}"#);
+    home.enqueue(r#"{"command":"exit 1","max_retries":0}"#);
+    home.wait_for_state("job2", "dead");
+    home.wait_for_state("job1", "completed");
+    common::wait_until("the metrics to count both jobs", DEADLINE, || {
+        let metrics = scrape(port);
+        metrics.starts_with("HTTP/1.1 200")
+            && metrics.contains("queuectl_job_duration_seconds_count 2")
+    });
+    let metrics = scrape(port);
+    for line in [
+        "queuectl_jobs{state=\"completed\"} 1",
+        "queuectl_jobs{state=\"dead\"} 1",
+        "queuectl_jobs{state=\"pending\"} 0",
+        "queuectl_jobs_enqueued_total 2",
+        "queuectl_jobs_completed_total 1",
+        "queuectl_jobs_dead_total 1",
+        "queuectl_workers 1",
+        "queuectl_workers_busy 0",
+        "queuectl_oldest_pending_age_seconds 0",
+    ] {
+        assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
+    }
+}

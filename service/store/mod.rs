@@ -209,6 +209,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn counts(&self) -> Result<StateCounts, StoreError>;
 
+    /// When the longest-waiting pending job was enqueued.
+    async fn oldest_pending(&self) -> Result<Option<Micros>, StoreError>;
+
     /// The attempts of a job, oldest first.
     async fn runs(&self, id: &str) -> Result<Vec<RunRecord>, StoreError>;
 

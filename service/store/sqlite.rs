@@ -394,6 +394,13 @@ impl Store for SqliteStore {
         row::counts(rows)
     }
 
+    async fn oldest_pending(&self) -> Result<Option<Micros>, StoreError> {
+        sqlx::query_scalar("SELECT MIN(created_at) FROM jobs WHERE state = 'pending'")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(classify)
+    }
+
     async fn runs(&self, id: &str) -> Result<Vec<RunRecord>, StoreError> {
         let rows: Vec<RunRow> = sqlx::query_as(
             "SELECT r.run, r.worker, r.started_at, r.finished_at, r.outcome, r.output, r.truncated
