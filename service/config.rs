@@ -9,6 +9,8 @@ pub struct Key {
     pub name: &'static str,
     pub default: u64,
     pub range: RangeInclusive<u64>,
+    /// A number of seconds: a person may also write `90s`, `5m` or `1h`.
+    pub seconds: bool,
     pub help: &'static str,
 }
 
@@ -16,36 +18,42 @@ pub struct Key {
 pub const KEYS: [Key; 6] = [
     Key {
         name: "aging_interval",
+        seconds: true,
         default: 60,
         range: 1..=31_536_000,
         help: "seconds a waiting job needs to gain one priority level",
     },
     Key {
         name: "backoff_base",
+        seconds: false,
         default: 2,
         range: 1..=1000,
         help: "a failed job waits backoff_base ^ attempts seconds (at most a day) before it runs again",
     },
     Key {
         name: "default_max_retries",
+        seconds: false,
         default: 3,
         range: 0..=1000,
         help: "retries of a job that gives no max_retries",
     },
     Key {
         name: "job_timeout",
+        seconds: true,
         default: 0,
         range: 0..=604_800,
         help: "seconds an attempt may run before it is killed, for jobs that give no timeout (0: no limit)",
     },
     Key {
         name: "max_output_bytes",
+        seconds: false,
         default: 1_048_576,
         range: 0..=67_108_864,
         help: "bytes of output kept per attempt; the rest is dropped and marked",
     },
     Key {
         name: "shutdown_grace",
+        seconds: true,
         default: 10,
         range: 0..=3600,
         help: "seconds running jobs get to finish when the server stops, before they are killed",
@@ -56,8 +64,9 @@ pub const KEYS: [Key; 6] = [
 pub enum ConfigError {
     #[error("unknown config key '{0}': expected one of {keys}", keys = key_names())]
     UnknownKey(String),
-    #[error("{key} must be an integer in {min}-{max}, got '{value}'")]
+    #[error("{key} must be an integer in {min}-{max}{unit}, got '{value}'")]
     BadValue {
+        unit: &'static str,
         key: &'static str,
         value: String,
         min: u64,
@@ -80,13 +89,23 @@ pub fn find_key(name: &str) -> Result<&'static Key, ConfigError> {
 
 /// Parses a value for `key`, rejecting anything outside its range.
 pub fn parse_value(key: &'static Key, value: &str) -> Result<u64, ConfigError> {
-    value
-        .trim()
-        .parse::<u64>()
-        .ok()
+    let text = value.trim();
+    let parsed = text.parse::<u64>().ok().or_else(|| {
+        key.seconds
+            .then(|| humantime::parse_duration(text).ok())
+            .flatten()
+            .filter(|duration| duration.subsec_nanos() == 0)
+            .map(|duration| duration.as_secs())
+    });
+    parsed
         .filter(|parsed| key.range.contains(parsed))
         .ok_or_else(|| ConfigError::BadValue {
             key: key.name,
+            unit: if key.seconds {
+                " seconds (or e.g. 90s, 5m)"
+            } else {
+                ""
+            },
             value: value.to_owned(),
             min: *key.range.start(),
             max: *key.range.end(),
@@ -218,6 +237,23 @@ mod tests {
             error.to_string(),
             "unknown config key 'max_retries': expected one of aging_interval, backoff_base, \
              default_max_retries, job_timeout, max_output_bytes, shutdown_grace"
+        );
+    }
+
+    #[test]
+    fn durations_may_be_written_as_people_write_them() {
+        let mut settings = Settings::default();
+        assert_eq!(settings.set("job_timeout", "5m"), Ok(300));
+        assert_eq!(settings.set("aging_interval", "1h 30m"), Ok(5400));
+        assert_eq!(settings.set("shutdown_grace", "45"), Ok(45));
+        assert!(
+            settings.set("backoff_base", "5m").is_err(),
+            "not a duration"
+        );
+        let error = settings.set("job_timeout", "8d").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "job_timeout must be an integer in 0-604800 seconds (or e.g. 90s, 5m), got '8d'"
         );
     }
 
