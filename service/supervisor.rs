@@ -404,6 +404,11 @@ async fn claim(shared: &Arc<Shared>, idle: Vec<u32>) -> Result<Option<Instant>, 
     let filled = jobs.len();
     let mut workers = idle.into_iter();
     for job in jobs {
+        // A drain that began while the claim was in flight starts nothing new.
+        if shared.draining.load(Ordering::SeqCst) {
+            requeue_unstarted(shared, job).await;
+            continue;
+        }
         match workers.by_ref().find(|worker| shared.occupy(*worker, &job)) {
             Some(worker) => {
                 tokio::spawn(run_job(shared.clone(), worker, job));
