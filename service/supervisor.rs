@@ -19,6 +19,10 @@ use crate::writer::Writer;
 /// How long the scheduler waits before it tries the database again after an error.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
+/// A result that could not be written is tried again after this, doubling up to [`FINISH_RETRY_MAX`].
+const FINISH_RETRY_FIRST: Duration = Duration::from_millis(100);
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Worker activity, as `queuectl worker start` prints it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -434,7 +438,7 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
             truncated: report.truncated,
         }),
     };
-    match shared.writer.update(update, false).await {
+    match record_finish(&shared, update).await {
         Ok(true) => {
             tracing::info!(job_id = %job.id, run = job.runs, worker, %state, outcome = %report.outcome, "job finished");
         }
@@ -442,7 +446,7 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
             tracing::warn!(job_id = %job.id, run = job.runs, "stale report rejected: the job moved on without this run");
         }
         Err(error) => {
-            tracing::error!(job_id = %job.id, run = job.runs, %error, "recording the result failed; a restart reruns the job");
+            tracing::error!(job_id = %job.id, run = job.runs, %error, "recording the result failed while draining; a restart reruns the job");
         }
     }
     shared.emit(Event::JobFinished {
@@ -452,4 +456,20 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
         error,
     });
     shared.release(worker);
+}
+
+/// Writes a finished run's update, retrying with a capped backoff while the database fails (locked, read-only),
+/// so the job does not stay `processing` until a restart. Gives up only once the server drains.
+async fn record_finish(shared: &Shared, update: GuardedUpdate) -> Result<bool, StoreError> {
+    let mut wait = FINISH_RETRY_FIRST;
+    loop {
+        match shared.writer.update(update.clone(), false).await {
+            Err(error) if !shared.draining.load(Ordering::SeqCst) => {
+                tracing::warn!(job_id = %update.job_id, run = update.expect_runs, %error, retry_in = ?wait, "recording the result failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(FINISH_RETRY_MAX);
+            }
+            result => return result,
+        }
+    }
 }
