@@ -112,6 +112,12 @@ impl Home {
         wait_for_exit(&mut server, DEADLINE)
     }
 
+    /// Waits for the server the test started to exit by itself (after a signal); returns its exit status.
+    pub fn wait_server_exit(&mut self) -> std::process::ExitStatus {
+        let mut server = self.server.take().expect("the test started a server");
+        wait_for_exit(&mut server, DEADLINE)
+    }
+
     /// `queuectl` with this home; never starts a server by itself.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(QUEUECTL);
