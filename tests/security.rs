@@ -1,0 +1,183 @@
+//! Who can reach the server and what its jobs can see: TCP only on loopback and only with the token (health
+//! excepted), and jobs that inherit none of the server's secrets or service-manager handles.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Output, Stdio};
+
+use common::{DEADLINE, Home, wait_until};
+
+/// `queuectld --listen <url>` in `home`, with its stderr in test-server.log.
+fn tcp_server(home: &Home, url: &str) -> Command {
+    let mut command = home.server_command(0);
+    command.args(["--listen", url]);
+    command
+}
+
+/// Starts a TCP server on a free loopback port and returns it with its address.
+fn start_tcp(home: &Home) -> (Child, String) {
+    let server = tcp_server(home, "http://127.0.0.1:0").spawn().unwrap();
+    let address_file = home.file("server.addr");
+    wait_until("the server to write its address", DEADLINE, || {
+        std::fs::read_to_string(&address_file).is_ok_and(|url| url.starts_with("http://"))
+    });
+    (server, std::fs::read_to_string(address_file).unwrap())
+}
+
+/// `grpcurl -plaintext [flags] host:port args` against a TCP server.
+fn grpcurl_tcp(url: &str, flags: &[&str], args: &[&str]) -> Output {
+    common::grpcurl()
+        .unwrap()
+        .arg("-plaintext")
+        .args(flags)
+        .arg(url.trim_start_matches("http://"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The part of the standard health contract that grpcurl needs to call Check.
+const HEALTH_PROTO: &str = r#"syntax = "proto3";
+package grpc.health.v1;
+message HealthCheckRequest { string service = 1; }
+message HealthCheckResponse {
+  enum ServingStatus { UNKNOWN = 0; SERVING = 1; NOT_SERVING = 2; SERVICE_UNKNOWN = 3; }
+  ServingStatus status = 1;
+}
+service Health { rpc Check(HealthCheckRequest) returns (HealthCheckResponse); }
+"#;
+
+#[test]
+fn tcp_needs_the_token_for_everything_but_health() {
+    let home = Home::new();
+    let (mut server, url) = start_tcp(&home);
+    let token_file = home.file("token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.len(), 64, "32 random bytes, hex");
+    assert_eq!(
+        std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // The right token (read by queuectl from the home) is accepted.
+    assert!(
+        home.ok(&["--server", &url, "status"])
+            .starts_with("Job states:")
+    );
+    home.ok(&[
+        "--server",
+        &url,
+        "enqueue",
+        r#"{"id":"mine","command":"true"}"#,
+    ]);
+
+    // A wrong token, and no token at all (another home, no token file), are refused.
+    let wrong = home
+        .command(&["--server", &url, "status"])
+        .env("QUEUECTL_TOKEN", "0".repeat(64))
+        .output()
+        .unwrap();
+    let stranger = Home::new();
+    let missing = stranger.try_queuectl(&["--server", &url, "enqueue", r#"{"command":"id"}"#]);
+    for refused in [&wrong, &missing] {
+        assert_eq!(refused.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("missing or wrong token"), "{stderr}");
+    }
+
+    if common::grpcurl().is_some() {
+        // Reflection needs the token, so grpcurl gets the health contract from a file.
+        std::fs::write(home.file("health.proto"), HEALTH_PROTO).unwrap();
+        let import = home.path().to_str().unwrap();
+        let health = grpcurl_tcp(
+            &url,
+            &["-import-path", import, "-proto", "health.proto"],
+            &["grpc.health.v1.Health/Check"],
+        );
+        assert!(health.status.success(), "health needs no token");
+        assert_eq!(
+            String::from_utf8_lossy(&health.stdout)
+                .split_whitespace()
+                .collect::<String>(),
+            r#"{"status":"SERVING"}"#,
+            "health says nothing else"
+        );
+        for args in [&["list"][..], &["queuectl.v1.QueueService/Status"]] {
+            let anonymous = grpcurl_tcp(&url, &[], args);
+            assert!(!anonymous.status.success(), "{args:?} without a token");
+            let stderr = String::from_utf8_lossy(&anonymous.stderr);
+            assert!(stderr.contains("Unauthenticated"), "{stderr}");
+        }
+        let bearer = format!("authorization: Bearer {}", token.trim());
+        let listed = grpcurl_tcp(&url, &["-H", &bearer], &["list"]);
+        assert!(listed.status.success(), "reflection with the token");
+        assert!(String::from_utf8_lossy(&listed.stdout).contains("queuectl.v1.QueueService"));
+    }
+
+    assert!(!home.file("queuectl.sock").exists(), "no socket beside TCP");
+    let listed = home.ok(&["--server", &url, "list"]);
+    assert_eq!(
+        listed.lines().count(),
+        1,
+        "only the job with the right token"
+    );
+    let log = std::fs::read_to_string(home.file("test-server.log")).unwrap();
+    assert!(!log.contains(token.trim()), "the token is never logged");
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn a_non_loopback_listener_is_refused_with_the_reason() {
+    let home = Home::new();
+    for url in ["http://0.0.0.0:0", "http://[::]:0"] {
+        let output = tcp_server(&home, url)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1), "{url}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(stderr.contains("is not a loopback address"), "{stderr}");
+        assert!(stderr.contains("could run commands as you"), "{stderr}");
+    }
+}
+
+#[test]
+fn jobs_inherit_none_of_the_servers_secrets() {
+    let home = Home::new();
+    let secrets = [
+        ("QUEUECTL_TOKEN", "secret-token-value"),
+        ("NOTIFY_SOCKET", "/run/systemd/notify"),
+        ("LISTEN_FDS", "1"),
+        ("LISTEN_PID", "1"),
+        ("LISTEN_FDNAMES", "queuectl"),
+        ("WATCHDOG_USEC", "1000000"),
+        ("WATCHDOG_PID", "1"),
+    ];
+    let mut server = home.server_command(1);
+    server.envs(secrets);
+    let mut server = server.spawn().unwrap();
+    wait_until("the server to answer", DEADLINE, || {
+        home.try_queuectl(&["status"]).status.success()
+    });
+    home.enqueue(r#"{"id":"env","command":"env"}"#);
+    home.wait_for_state("env", "completed");
+    let printed = home.ok(&["logs", "env"]);
+    assert!(printed.contains("QUEUECTL_HOME="), "env ran: {printed}");
+    for (name, _) in secrets {
+        assert!(
+            !printed
+                .lines()
+                .any(|line| line.starts_with(&format!("{name}="))),
+            "{name} reached the job"
+        );
+    }
+    for secret in ["secret-token-value"] {
+        assert!(!printed.contains(secret), "{secret} reached the job");
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
