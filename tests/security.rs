@@ -175,9 +175,10 @@ fn jobs_inherit_none_of_the_servers_secrets() {
             "{name} reached the job"
         );
     }
-    for secret in ["secret-token-value"] {
-        assert!(!printed.contains(secret), "{secret} reached the job");
-    }
+    assert!(
+        !printed.contains("secret-token-value"),
+        "the token reached the job"
+    );
     let _ = server.kill();
     let _ = server.wait();
 }
