@@ -4,7 +4,7 @@
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
@@ -76,11 +76,7 @@ fn shell(command: &str) -> Command {
     #[cfg(unix)]
     let mut shell = {
         let mut shell = Command::new("/bin/sh");
-        // The command waits for one line on stdin, sent once its process group is on record: if the server dies
-        // before that, the pipe closes, and the shell exits without running anything a restart could not kill.
-        shell
-            .arg("-c")
-            .arg(format!("read -r _ || exit 0\n{command}"));
+        shell.arg("-c").arg(command);
         // Its own process group, so that a timeout or abort reaches everything the command started.
         shell.process_group(0);
         shell
@@ -94,11 +90,8 @@ fn shell(command: &str) -> Command {
     for name in SCRUBBED_ENV {
         shell.env_remove(name);
     }
-    #[cfg(unix)]
-    shell.stdin(Stdio::piped());
-    #[cfg(windows)]
-    shell.stdin(Stdio::null());
     shell
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
@@ -178,18 +171,18 @@ async fn drain(
     }
 }
 
-/// Runs `spec` to its end. `on_spawn` gets the process group id once the shell is up, and the command starts only
-/// when it returns; `on_output` gets each chunk of output that is kept. A `true` on `abort` ends the command as interrupted.
+/// Runs `spec` to its end. `on_spawn` gets the process group id once the shell is up; `on_output` gets each chunk
+/// of output that is kept. A `true` on `abort` ends the command as interrupted.
 pub async fn run(
     spec: RunSpec<'_>,
     mut abort: watch::Receiver<bool>,
-    on_spawn: impl AsyncFnOnce(Option<u32>),
+    on_spawn: impl FnOnce(Option<u32>),
     mut on_output: impl FnMut(&[u8]),
 ) -> Report {
     let mut child = match shell(spec.command).spawn() {
         Ok(child) => child,
         Err(error) => {
-            on_spawn(None).await;
+            on_spawn(None);
             return Report {
                 outcome: Outcome::Failed(Failure::Spawn(error.to_string())),
                 output: Vec::new(),
@@ -198,11 +191,7 @@ pub async fn run(
         }
     };
     let pgid = child.id();
-    on_spawn(pgid).await;
-    if let Some(mut gate) = child.stdin.take() {
-        // A shell that died already cannot read it; its exit is reported below.
-        let _ = gate.write_all(b"\n").await;
-    }
+    on_spawn(pgid);
 
     let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("both pipes were asked for");

@@ -398,17 +398,14 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
     let report = runner::run(
         spec,
         shared.abort.subscribe(),
-        async |pgid| {
-            let start = RunStarted {
+        |pgid| {
+            shared.writer.started(RunStarted {
                 job_id: job.id.clone(),
                 run: job.runs,
                 worker,
                 pgid: pgid.map(i64::from),
                 started_at: clock::now(),
-            };
-            if let Err(error) = shared.writer.started(start).await {
-                tracing::warn!(job_id = %job.id, run = job.runs, %error, "recording the start failed; a restart cannot kill this run's processes");
-            }
+            });
         },
         |chunk| {
             if !chunk.is_empty() {

@@ -20,10 +20,7 @@ enum Op {
         jobs: Vec<NewJob>,
         reply: oneshot::Sender<EnqueueResult>,
     },
-    Start {
-        start: RunStarted,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
+    Start(RunStarted),
     Update {
         update: GuardedUpdate,
         durable: bool,
@@ -56,11 +53,9 @@ impl Writer {
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
-    /// Records that a run started, with the process group a restart must kill; returns once it is committed.
-    pub async fn started(&self, start: RunStarted) -> Result<(), StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Start { start, reply });
-        answer.await.unwrap_or_else(|_| Err(closed()))
+    /// Records that a run started; nobody waits for it, but it is written before any later update of the job.
+    pub fn started(&self, start: RunStarted) {
+        self.send(Op::Start(start));
     }
 
     /// Applies a guarded update; `Ok(false)` when the job was no longer in the expected state and run.
@@ -95,7 +90,6 @@ async fn write_loop(
         let mut batch = WriteBatch::default();
         let mut enqueue_replies = Vec::new();
         let mut update_replies = Vec::new();
-        let mut start_replies = Vec::new();
         for op in ops.drain(..) {
             match op {
                 Op::Enqueue { jobs, reply } => {
@@ -103,10 +97,7 @@ async fn write_loop(
                     enqueue_replies.push(reply);
                     batch.durable = true;
                 }
-                Op::Start { start, reply } => {
-                    batch.starts.push(start);
-                    start_replies.push(reply);
-                }
+                Op::Start(start) => batch.starts.push(start),
                 Op::Update {
                     update,
                     durable,
@@ -135,9 +126,6 @@ async fn write_loop(
                 for (reply, applied) in update_replies.into_iter().zip(outcome.applied) {
                     let _ = reply.send(Ok(applied));
                 }
-                for reply in start_replies {
-                    let _ = reply.send(Ok(()));
-                }
                 if woke_jobs {
                     enqueued.notify_one();
                 }
@@ -148,9 +136,6 @@ async fn write_loop(
                     let _ = reply.send(Err(error.clone()));
                 }
                 for reply in update_replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
-                for reply in start_replies {
                     let _ = reply.send(Err(error.clone()));
                 }
             }
