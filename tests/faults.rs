@@ -287,3 +287,61 @@ fn a_locked_database_gives_unavailable_and_the_server_recovers() {
     assert_eq!(home.job("kept")["state"], "completed");
     assert_eq!(home.jobs(&[]).len(), 3);
 }
+
+/// Makes files immutable (`chattr +i`: root, on ext4 and the like) for as long as it lives. Unlike a chmod, which
+/// root ignores and open handles outlive, it makes even the server's open database refuse writes.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    fn set(paths: Vec<std::path::PathBuf>) -> Option<Immutable> {
+        let guard = Immutable(paths);
+        guard.chattr("+i").then_some(guard)
+    }
+
+    fn chattr(&self, flag: &str) -> bool {
+        self.0.iter().all(|path| {
+            Command::new("chattr")
+                .arg(flag)
+                .arg(path)
+                .status()
+                .is_ok_and(|status| status.success())
+        })
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        self.chattr("-i");
+    }
+}
+
+#[test]
+fn a_read_only_database_gives_unavailable_and_the_server_recovers() {
+    let mut home = Home::with_server(1);
+    home.enqueue(r#"{"id":"kept","command":"echo kept","priority":2}"#);
+    home.wait_for_state("kept", "completed");
+    let before = home.ok(&["list"]);
+    let kept = home.job("kept");
+    let files = ["jobs.db", "jobs.db-wal"]
+        .map(|name| home.file(name))
+        .to_vec();
+    let Some(read_only) = Immutable::set(files) else {
+        eprintln!("skipping: chattr +i needs root and a file system that supports it");
+        return;
+    };
+
+    let output = home.try_queuectl(&["enqueue", r#"{"command":"true"}"#]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("database is unavailable"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(home.ok(&["list"]), before, "reads still work");
+
+    drop(read_only);
+    assert_eq!(home.enqueue(r#"{"command":"true"}"#), "job1");
+    home.wait_for_state("job1", "completed");
+    assert_eq!(home.job("kept"), kept, "what was stored is intact");
+    assert!(home.ok(&["logs", "kept"]).contains("kept\n"));
+    assert!(home.stop_server().success());
+    assert_eq!(integrity(&home.file("jobs.db")), "ok");
+}

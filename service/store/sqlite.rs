@@ -73,10 +73,19 @@ impl SqliteStore {
             .execute(&mut *conn)
             .await
             .map_err(classify)?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(classify)?;
-        let value = work(&mut *tx).await.map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(value)
+        let result = async {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let value = work(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(value)
+        }
+        .await;
+        if result.is_err() {
+            // A commit the disk refused leaves the connection inside its transaction, and every later begin would
+            // fail: a fresh connection starts clean once the fault is gone.
+            conn.close_on_drop();
+        }
+        result.map_err(classify)
     }
 }
 
