@@ -81,7 +81,20 @@ async fn open(target: &Target) -> Result<Channel, tonic::transport::Error> {
                 }))
                 .await
         }
-        Target::Tcp(url) => Endpoint::from_shared(url.clone())?.connect().await,
+        Target::Tcp(url) => {
+            let mut endpoint = Endpoint::from_shared(url.clone())?;
+            if url.starts_with("https://") {
+                let mut tls = tonic::transport::ClientTlsConfig::new();
+                // The server's certificate authority, when it is not one the system trusts.
+                if let Some(ca) =
+                    std::env::var_os("QUEUECTL_CA_CERT").and_then(|path| std::fs::read(path).ok())
+                {
+                    tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                }
+                endpoint = endpoint.tls_config(tls)?;
+            }
+            endpoint.connect().await
+        }
     }
 }
 

@@ -41,6 +41,16 @@ struct Args {
     #[arg(long, env = "QUEUECTL_LEASE_TIMEOUT", default_value_t = 30, value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     lease_timeout: u64,
+    /// With --listen: serve TLS with this certificate (PEM); needs --tls-key.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "listen"])]
+    tls_cert: Option<PathBuf>,
+    /// With --listen: the private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --listen: allow a non-loopback address without TLS. Anyone who can listen on that
+    /// network sees the token and can then run commands as you.
+    #[arg(long, requires = "listen")]
+    insecure_allow_remote: bool,
     /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9464). Off by default.
     #[arg(long, value_name = "ADDRESS")]
     metrics_listen: Option<SocketAddr>,
@@ -74,7 +84,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn parse_listen(url: &str) -> anyhow::Result<Listen> {
-    let address = url.strip_prefix("http://").unwrap_or(url);
+    let address = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
     let address: SocketAddr = address.parse().map_err(|_| {
         anyhow::anyhow!("--listen must look like http://127.0.0.1:7070, got {url:?}")
     })?;
@@ -96,6 +109,8 @@ async fn main() -> anyhow::Result<()> {
         database_url: args.database_url,
         lease: std::time::Duration::from_secs(args.lease_timeout),
         metrics: args.metrics_listen,
+        tls: args.tls_cert.zip(args.tls_key),
+        insecure_allow_remote: args.insecure_allow_remote,
     };
     if let Err(error) = server::run(options).await {
         tracing::error!(%error, "queuectld failed");

@@ -78,6 +78,10 @@ pub struct Options {
     pub lease: std::time::Duration,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// A certificate and key (PEM) to serve TCP with TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Serve a non-loopback TCP address without TLS: only on a network where nobody can listen in.
+    pub insecure_allow_remote: bool,
 }
 
 /// This machine's name, as `status` shows it.
@@ -310,10 +314,24 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             let _ = fs::remove_file(&path);
         }
         Listen::Tcp(address) => {
-            if !address.ip().is_loopback() {
+            if !address.ip().is_loopback()
+                && options.tls.is_none()
+                && !options.insecure_allow_remote
+            {
                 return Err(ServerError::Listen(format!(
-                    "{address} is not a loopback address: anyone who reaches it could run commands as you"
+                    "{address} is not a loopback address, and whoever reaches it runs commands as you: serve it \
+                     with TLS (--tls-cert and --tls-key), or pass --insecure-allow-remote on a network you trust"
                 )));
+            }
+            if let Some((cert, key)) = &options.tls {
+                let read = |path: &PathBuf| {
+                    fs::read(path).map_err(|error| {
+                        ServerError::Listen(format!("cannot read {}: {error}", path.display()))
+                    })
+                };
+                let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+                router = router
+                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
             }
             let check = TokenCheck {
                 expected: load_or_create_token(home)?.into_bytes().into(),
@@ -324,9 +342,14 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                     ServerError::Listen(format!("cannot listen on {address}: {error}"))
                 })?;
             let bound = listener.local_addr()?;
-            write_private(&home.join(ADDRESS_FILE), &format!("http://{bound}"))?;
+            let scheme = if options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            write_private(&home.join(ADDRESS_FILE), &format!("{scheme}://{bound}"))?;
             tracing::info!(address = %bound, workers = options.workers, "queuectld ready");
-            crate::notify::ready(&format!("serving on http://{bound}"));
+            crate::notify::ready(&format!("serving on {scheme}://{bound}"));
             router
                 .add_service(health_service)
                 .add_service(InterceptedService::new(reflection, check.clone()))

@@ -141,8 +141,127 @@ fn a_non_loopback_listener_is_refused_with_the_reason() {
         assert_eq!(output.status.code(), Some(1), "{url}");
         let stderr = String::from_utf8(output.stderr).unwrap();
         assert!(stderr.contains("is not a loopback address"), "{stderr}");
-        assert!(stderr.contains("could run commands as you"), "{stderr}");
+        assert!(stderr.contains("--tls-cert and --tls-key"), "{stderr}");
     }
+}
+
+/// A certificate authority and a certificate it signed for localhost, made with openssl in `dir`.
+fn certificates(dir: &std::path::Path) -> (String, String, String) {
+    let path = |name: &str| dir.join(name).display().to_string();
+    let (ca_key, ca, key, csr, cert) = (
+        path("ca.key"),
+        path("ca.pem"),
+        path("server.key"),
+        path("server.csr"),
+        path("server.pem"),
+    );
+    let extensions = path("ext.cnf");
+    std::fs::write(
+        &extensions,
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for args in [
+        vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca,
+            "-days",
+            "1",
+            "-subj",
+            "/CN=queuectl test CA",
+        ],
+        vec![
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            "/CN=localhost",
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "1",
+            "-extfile",
+            &extensions,
+        ],
+    ] {
+        let output = Command::new("openssl").args(&args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    (ca, cert, key)
+}
+
+/// Starts `command` and returns it with the address it wrote.
+fn start_listening(home: &Home, mut command: Command) -> (Child, String) {
+    let server = command.spawn().unwrap();
+    let address_file = home.file("server.addr");
+    wait_until("the server to write its address", DEADLINE, || {
+        std::fs::read_to_string(&address_file).is_ok_and(|url| url.contains("://"))
+    });
+    (server, std::fs::read_to_string(address_file).unwrap())
+}
+
+#[test]
+fn a_non_loopback_listener_serves_with_tls_or_an_explicit_opt_out() {
+    let home = Home::new();
+    let (ca, cert, key) = certificates(home.path());
+    let mut command = tcp_server(&home, "https://0.0.0.0:0");
+    command.args(["--tls-cert", &cert, "--tls-key", &key]);
+    let (mut server, url) = start_listening(&home, command);
+    let port = url.rsplit(':').next().unwrap().trim().to_owned();
+    assert!(url.starts_with("https://"), "{url}");
+    let over_tls = home
+        .command(&["--server", &format!("https://localhost:{port}"), "status"])
+        .env("QUEUECTL_CA_CERT", &ca)
+        .output()
+        .unwrap();
+    assert!(
+        over_tls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_tls.stderr)
+    );
+    let plain = home
+        .command(&["--server", &format!("http://127.0.0.1:{port}"), "status"])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "plain text is not served");
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let other = Home::new();
+    let mut command = tcp_server(&other, "http://0.0.0.0:0");
+    command.arg("--insecure-allow-remote");
+    let (mut server, url) = start_listening(&other, command);
+    let port = url.rsplit(':').next().unwrap().trim().to_owned();
+    other.ok(&["--server", &format!("http://127.0.0.1:{port}"), "status"]);
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 #[test]
