@@ -2,6 +2,7 @@
 //! on timeout or abort, always reaped.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -29,6 +30,15 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// How long output is still read once the command ended, for bytes in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// Benchmark only: with `QUEUECTL_BENCH_EXECUTOR=noop` in the server's environment every command succeeds at once
+/// without a process, so that `queuectl-bench` can measure what the store and the scheduler alone can do.
+pub const BENCH_EXECUTOR_ENV: &str = "QUEUECTL_BENCH_EXECUTOR";
+
+fn noop_executor() -> bool {
+    static NOOP: OnceLock<bool> = OnceLock::new();
+    *NOOP.get_or_init(|| std::env::var(BENCH_EXECUTOR_ENV).is_ok_and(|value| value == "noop"))
+}
 
 pub struct RunSpec<'a> {
     pub command: &'a str,
@@ -179,6 +189,14 @@ pub async fn run(
     on_spawn: impl FnOnce(Option<u32>),
     mut on_output: impl FnMut(&[u8]),
 ) -> Report {
+    if noop_executor() {
+        on_spawn(None);
+        return Report {
+            outcome: Outcome::Succeeded,
+            output: Vec::new(),
+            truncated: false,
+        };
+    }
     let mut child = match shell(spec.command).spawn() {
         Ok(child) => child,
         Err(error) => {
