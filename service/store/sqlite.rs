@@ -401,11 +401,10 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<StateCounts, StoreError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-                .fetch_all(&self.reader)
-                .await
-                .map_err(classify)?;
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT state, jobs FROM job_counts")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(classify)?;
         let mut counts = StateCounts::default();
         for (state, count) in rows {
             let state: JobState = state
