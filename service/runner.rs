@@ -2,6 +2,7 @@
 //! on timeout or abort, always reaped.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -29,6 +30,15 @@ const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// How long output is still read once the command ended, for bytes in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// Benchmark only: with `QUEUECTL_BENCH_EXECUTOR=noop` in the server's environment every command succeeds at once
+/// without a process, so that `queuectl-bench` can measure what the store and the scheduler alone can do.
+pub const BENCH_EXECUTOR_ENV: &str = "QUEUECTL_BENCH_EXECUTOR";
+
+fn noop_executor() -> bool {
+    static NOOP: OnceLock<bool> = OnceLock::new();
+    *NOOP.get_or_init(|| std::env::var(BENCH_EXECUTOR_ENV).is_ok_and(|value| value == "noop"))
+}
 
 pub struct RunSpec<'a> {
     pub command: &'a str,
@@ -178,14 +188,22 @@ async fn drain(
 }
 
 /// Runs `spec` to its end. `on_spawn` gets the process group id once the shell is up, and the command starts when
-/// it returns; `on_output` gets each chunk
-/// of output that is kept. A `true` on `abort` ends the command as interrupted.
+/// it returns; `on_output` gets each chunk of output that is kept. A `true` on `abort` ends the command as
+/// interrupted.
 pub async fn run(
     spec: RunSpec<'_>,
     mut abort: watch::Receiver<bool>,
     on_spawn: impl AsyncFnOnce(Option<u32>),
     mut on_output: impl FnMut(&[u8]),
 ) -> Report {
+    if noop_executor() {
+        on_spawn(None).await;
+        return Report {
+            outcome: Outcome::Succeeded,
+            output: Vec::new(),
+            truncated: false,
+        };
+    }
     let mut child = match shell(spec.command).spawn() {
         Ok(child) => child,
         Err(error) => {

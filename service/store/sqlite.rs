@@ -2,6 +2,7 @@
 //! pool is cheaper than its busy loop) and a small pool of readers beside it, in WAL mode.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +23,8 @@ use crate::job::{self, Job, Micros, NewJob, Policy};
 
 pub struct SqliteStore {
     writer: SqlitePool,
+    /// The `synchronous` mode the writer connection is in: `true` for FULL, as it is opened.
+    writer_durable: AtomicBool,
     reader: SqlitePool,
 }
 
@@ -54,7 +57,11 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(classify)?;
-        Ok(SqliteStore { writer, reader })
+        Ok(SqliteStore {
+            writer,
+            writer_durable: AtomicBool::new(true),
+            reader,
+        })
     }
 
     /// Runs `work` in an immediate transaction on the writer, committing with or without fsync.
@@ -64,15 +71,19 @@ impl SqliteStore {
         work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
         let mut conn = self.writer.acquire().await.map_err(classify)?;
-        let sync = if durable {
-            "PRAGMA synchronous = FULL"
-        } else {
-            "PRAGMA synchronous = NORMAL"
-        };
-        sqlx::query(sync)
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
+        // Each statement is a round trip to sqlx's SQLite thread: set the mode only when it changes.
+        if self.writer_durable.swap(durable, Ordering::SeqCst) != durable {
+            let sync = if durable {
+                "PRAGMA synchronous = FULL"
+            } else {
+                "PRAGMA synchronous = NORMAL"
+            };
+            if let Err(error) = sqlx::query(sync).execute(&mut *conn).await {
+                // Unknown mode now: make the next transaction set it again.
+                self.writer_durable.store(!durable, Ordering::SeqCst);
+                return Err(classify(error));
+            }
+        }
         let result = async {
             let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
             let value = work(&mut *tx).await?;
@@ -82,8 +93,9 @@ impl SqliteStore {
         .await;
         if result.is_err() {
             // A commit the disk refused leaves the connection inside its transaction, and every later begin would
-            // fail: a fresh connection starts clean once the fault is gone.
+            // fail: a fresh connection (which opens in FULL mode) starts clean once the fault is gone.
             conn.close_on_drop();
+            self.writer_durable.store(true, Ordering::SeqCst);
         }
         result.map_err(classify)
     }
@@ -121,10 +133,12 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
-async fn next_job_number(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
+/// Reserves `count` generated job numbers in one statement and returns the first.
+async fn next_job_numbers(conn: &mut SqliteConnection, count: i64) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
-        "UPDATE counters SET value = value + 1 WHERE name = 'next_job_number' RETURNING value - 1",
+        "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number' RETURNING value - ?1",
     )
+    .bind(count)
     .fetch_one(conn)
     .await
 }
@@ -170,12 +184,26 @@ async fn enqueue_request(
 ) -> Result<Result<Vec<JobRow>, EnqueueRejected>, sqlx::Error> {
     let mut savepoint = conn.begin().await?;
     let mut stored = Vec::with_capacity(jobs.len());
+    // One statement reserves a number for every job without an id, instead of one statement per job.
+    let generated =
+        i64::try_from(jobs.iter().filter(|job| job.id.is_none()).count()).unwrap_or(i64::MAX);
+    let mut reserved = match generated {
+        0 => 0..0,
+        count => {
+            let first = next_job_numbers(&mut savepoint, count).await?;
+            first..first + count
+        }
+    };
     for new_job in jobs {
         let inserted = match &new_job.id {
             Some(id) => insert_job(&mut savepoint, id, new_job, now, policy).await?,
             // A generated id can collide with one a person chose; then take the next number.
             None => loop {
-                let id = format!("job{}", next_job_number(&mut savepoint).await?);
+                let number = match reserved.next() {
+                    Some(number) => number,
+                    None => next_job_numbers(&mut savepoint, 1).await?,
+                };
+                let id = format!("job{number}");
                 if let Some(job) = insert_job(&mut savepoint, &id, new_job, now, policy).await? {
                     break Some(job);
                 }
@@ -309,9 +337,11 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, limit: u32, now: Micros, _owner: &str) -> Result<Vec<Job>, StoreError> {
+        // Without the index named, SQLite may pick jobs_by_state and sort every waiting job on each claim: with
+        // many jobs waiting (retries, jobs not due yet) that made claiming cost milliseconds.
         const SQL: &str = concat!(
             "UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = ?1, pgid = NULL
-             WHERE seq IN (SELECT seq FROM jobs
+             WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_ready
                            WHERE state IN ('pending', 'failed') AND run_after <= ?1
                            ORDER BY queue_key, seq LIMIT ?2)
              RETURNING ",
@@ -330,8 +360,9 @@ impl Store for SqliteStore {
     }
 
     async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError> {
+        // Named for the same reason as in `claim`: otherwise this scans every waiting job.
         let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(run_after) FROM jobs WHERE state IN ('pending', 'failed')",
+            "SELECT MIN(run_after) FROM jobs INDEXED BY jobs_waiting WHERE state IN ('pending', 'failed')",
         )
         .fetch_one(&self.reader)
         .await
@@ -395,11 +426,10 @@ impl Store for SqliteStore {
     }
 
     async fn counts(&self) -> Result<StateCounts, StoreError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-                .fetch_all(&self.reader)
-                .await
-                .map_err(classify)?;
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT state, jobs FROM job_counts")
+            .fetch_all(&self.reader)
+            .await
+            .map_err(classify)?;
         row::counts(rows)
     }
 

@@ -1,0 +1,217 @@
+//! Servers on temporary homes, clients on their sockets, and what /proc says about a process.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use queuectl::pb::queue_service_client::QueueServiceClient;
+use queuectl::pb::{self, EnqueueRequest};
+use queuectl::runner::BENCH_EXECUTOR_ENV;
+use queuectl::server::SOCKET_FILE;
+use tokio::process::{Child, Command};
+use tonic::transport::{Channel, Endpoint};
+
+pub type Client = QueueServiceClient<Channel>;
+
+/// How long a server gets to answer after it was started.
+const STARTUP_LIMIT: Duration = Duration::from_secs(30);
+
+/// The `queuectld` and `queuectl` binaries built beside this one.
+pub struct Bins {
+    pub server: PathBuf,
+    pub cli: PathBuf,
+}
+
+impl Bins {
+    pub fn beside_self() -> anyhow::Result<Bins> {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().context("the benchmark's own folder")?;
+        let bins = Bins {
+            server: dir.join("queuectld"),
+            cli: dir.join("queuectl"),
+        };
+        for bin in [&bins.server, &bins.cli] {
+            anyhow::ensure!(
+                bin.exists(),
+                "{} is missing: build all binaries first (cargo build --release --bins)",
+                bin.display()
+            );
+        }
+        Ok(bins)
+    }
+}
+
+/// A temporary QUEUECTL_HOME, removed when dropped.
+pub struct Home {
+    pub path: PathBuf,
+}
+
+impl Home {
+    pub fn new(name: &str) -> anyhow::Result<Home> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path =
+            std::env::temp_dir().join(format!("queuectl-bench-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Home { path })
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.path.join("jobs.db")
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Whether the server runs commands or pretends to (the benchmark-only no-op executor).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Executor {
+    Shell,
+    Noop,
+}
+
+/// A `queuectld` this benchmark started, with no workers until asked.
+pub struct Server {
+    child: Child,
+    pub pid: u32,
+    pub client: Client,
+    socket: PathBuf,
+}
+
+impl Server {
+    pub async fn start(bins: &Bins, home: &Home, executor: Executor) -> anyhow::Result<Server> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(home.path.join("server.log"))?;
+        let mut command = Command::new(&bins.server);
+        command
+            .arg("--workers=0")
+            .env("QUEUECTL_HOME", &home.path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        if executor == Executor::Noop {
+            command.env(BENCH_EXECUTOR_ENV, "noop");
+        }
+        let child = command.spawn().context("starting queuectld")?;
+        let pid = child.id().context("the server's pid")?;
+        let socket = home.path.join(SOCKET_FILE);
+        let deadline = Instant::now() + STARTUP_LIMIT;
+        let client = loop {
+            match connect(&socket).await {
+                Ok(client) => break client,
+                Err(error) if Instant::now() >= deadline => {
+                    return Err(error).context("queuectld did not answer");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        };
+        Ok(Server {
+            child,
+            pid,
+            client,
+            socket,
+        })
+    }
+
+    /// A new client on its own connection.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        connect(&self.socket).await
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.client.shutdown(pb::ShutdownRequest {}).await?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    pub async fn set_workers(&mut self, count: u32) -> anyhow::Result<()> {
+        if count == 0 {
+            self.client
+                .stop_workers(pb::StopWorkersRequest {
+                    wait: true,
+                    all: false,
+                })
+                .await?;
+        } else {
+            self.client
+                .start_workers(pb::StartWorkersRequest { count, all: false })
+                .await?;
+        }
+        Ok(())
+    }
+
+    pub async fn status(&mut self) -> anyhow::Result<pb::StatusResponse> {
+        Ok(self.client.status(pb::StatusRequest {}).await?.into_inner())
+    }
+}
+
+async fn connect(socket: &Path) -> anyhow::Result<Client> {
+    let socket = socket.to_owned();
+    // The URI is required but unused: the connector decides where to connect.
+    let channel = Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(QueueServiceClient::new(channel))
+}
+
+pub fn job(command: &str) -> EnqueueRequest {
+    EnqueueRequest {
+        command: command.to_owned(),
+        ..EnqueueRequest::default()
+    }
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("a /proc stat line")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })?;
+    Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
+}
+
+/// Resident memory of a process, in bytes.
+pub fn resident_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .context("VmRSS in /proc status")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()?;
+    Ok(kib * 1024)
+}
+
+/// The value at `quantile` (0-1) of `samples`, which it sorts.
+pub fn percentile(samples: &mut [f64], quantile: f64) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((samples.len() - 1) as f64 * quantile).round() as usize;
+    samples[rank]
+}

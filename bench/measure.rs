@@ -1,0 +1,627 @@
+//! The measurements, in the order the table shows them, and the table.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use queuectl::pb::{self, watch_events_response::Event};
+use sqlx::Connection;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+
+use crate::Args;
+use crate::harness::{
+    Bins, Client, Executor, Home, Server, cpu_time, job, percentile, resident_bytes,
+};
+
+/// How many of everything one run measures.
+struct Counts {
+    workers: u32,
+    noop_workers: u32,
+    drain_jobs: u64,
+    latency_jobs: usize,
+    single_rpcs: u64,
+    batches: u64,
+    cli_runs: usize,
+    idle: Duration,
+    stored_jobs: u64,
+    reads: usize,
+}
+
+impl Counts {
+    fn of(args: &Args) -> Counts {
+        let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get());
+        let workers = args
+            .workers
+            .unwrap_or(u32::try_from(cpus).unwrap_or(u32::MAX));
+        if args.quick {
+            return Counts {
+                workers,
+                noop_workers: args.noop_workers,
+                drain_jobs: 300,
+                latency_jobs: 20,
+                single_rpcs: 320,
+                batches: 3,
+                cli_runs: 5,
+                idle: Duration::from_secs(2),
+                stored_jobs: args.stored_jobs.unwrap_or(10_000),
+                reads: 5,
+            };
+        }
+        Counts {
+            workers,
+            noop_workers: args.noop_workers,
+            drain_jobs: 10_000,
+            latency_jobs: 300,
+            single_rpcs: 6_400,
+            batches: 30,
+            cli_runs: 50,
+            idle: Duration::from_secs(30),
+            stored_jobs: args.stored_jobs.unwrap_or(1_000_000),
+            reads: 50,
+        }
+    }
+}
+
+/// One line of the table: what was measured, the figure, and what it stands against.
+struct Line {
+    what: String,
+    figure: String,
+    against: String,
+}
+
+struct Table(Vec<Line>);
+
+impl Table {
+    fn add(&mut self, what: impl Into<String>, figure: String, against: String) {
+        let line = Line {
+            what: what.into(),
+            figure,
+            against,
+        };
+        eprintln!("  {}: {}  ({})", line.what, line.figure, line.against);
+        self.0.push(line);
+    }
+
+    /// Prints the lines in figure order; `add` numbers each line's text by its figure.
+    fn print(&mut self) {
+        self.0
+            .sort_by_key(|line| line.what.split('.').next().map(str::to_owned));
+        let what = self.0.iter().map(|line| line.what.len()).max().unwrap_or(0);
+        let figure = self
+            .0
+            .iter()
+            .map(|line| line.figure.len())
+            .max()
+            .unwrap_or(0);
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "| {:what$} | {:>figure$} | against |",
+            "figure", "value"
+        );
+        let _ = writeln!(
+            out,
+            "|{}|{}|---|",
+            "-".repeat(what + 2),
+            "-".repeat(figure + 2)
+        );
+        for line in &self.0 {
+            let _ = writeln!(
+                out,
+                "| {:what$} | {:>figure$} | {} |",
+                line.what, line.figure, line.against
+            );
+        }
+    }
+}
+
+fn rate(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+fn per_second(value: f64) -> String {
+    format!("{value:.0} jobs/s")
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+fn goal(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let counts = Counts::of(&args);
+    let bins = Bins::beside_self()?;
+    let mut table = Table(Vec::new());
+    let workers = counts.workers;
+
+    eprintln!("measuring the machine's limits");
+    let ceiling = spawn_ceiling(workers, counts.drain_jobs).await?;
+    table.add(
+        format!("1. spawn ceiling: `sh -c true`, {workers} at once"),
+        per_second(ceiling),
+        "the limit for figure 2".into(),
+    );
+    let fsync = fsync_time(&Home::new("fsync")?, counts.cli_runs.max(20))?;
+
+    eprintln!("small database");
+    let home = Home::new("small")?;
+    let mut server = Server::start(&bins, &home, Executor::Shell).await?;
+    let small = Figures::measure(&mut server, &counts).await?;
+    small.report(&mut table, "", ceiling, fsync, None);
+
+    let idle = idle_cost(&mut server, workers, counts.idle).await?;
+    let cpu_per_minute = idle.cpu.as_secs_f64() * 60.0 / counts.idle.as_secs_f64();
+    table.add(
+        format!(
+            "7. idle server, {workers} idle workers, {}s: CPU",
+            counts.idle.as_secs()
+        ),
+        format!("{:.3} s/min", cpu_per_minute),
+        format!("goal < 0.1 s/min: {}", goal(cpu_per_minute < 0.1)),
+    );
+    let rss_mb = idle.rss as f64 / 1_048_576.0;
+    table.add(
+        "7. idle server: RSS",
+        format!("{rss_mb:.1} MB"),
+        format!("goal < 30 MB: {}", goal(rss_mb < 30.0)),
+    );
+
+    let cli = cli_wall(&bins, &home, counts.cli_runs).await?;
+    table.add(
+        format!(
+            "6. `queuectl enqueue` wall time, median of {}",
+            counts.cli_runs
+        ),
+        format!("{:.2} ms", millis(cli)),
+        format!(
+            "fsync {:.2} ms; goal < 10 ms: {}",
+            millis(fsync),
+            goal(millis(cli) < 10.0)
+        ),
+    );
+    server.stop().await?;
+    drop(home);
+
+    eprintln!("queue core: no-op executor");
+    let home = Home::new("noop")?;
+    let mut server = Server::start(&bins, &home, Executor::Noop).await?;
+    let core = drain(&mut server, counts.drain_jobs, counts.noop_workers).await?;
+    server.stop().await?;
+    drop(home);
+    table.add(
+        format!(
+            "3. queue core: {} no-op jobs, {} workers",
+            counts.drain_jobs, counts.noop_workers
+        ),
+        per_second(core),
+        format!(
+            "{:.1}x figure 2; goal >= 20000 jobs/s: {}",
+            core / small.drain,
+            goal(core >= 20_000.0)
+        ),
+    );
+
+    eprintln!("large database: {} jobs stored", counts.stored_jobs);
+    let home = Home::new("large")?;
+    Server::start(&bins, &home, Executor::Shell)
+        .await?
+        .stop()
+        .await?;
+    let filled = Instant::now();
+    fill(&home, counts.stored_jobs).await?;
+    eprintln!("  filled in {:.1}s", filled.elapsed().as_secs_f64());
+    let mut server = Server::start(&bins, &home, Executor::Shell).await?;
+    let large = Figures::measure(&mut server, &counts).await?;
+    large.report(
+        &mut table,
+        &format!(" [{} stored]", counts.stored_jobs),
+        ceiling,
+        fsync,
+        Some(&small),
+    );
+    server.stop().await?;
+    drop(home);
+
+    println!();
+    table.print();
+    Ok(())
+}
+
+/// The figures measured on both the small and the large database.
+struct Figures {
+    drain: f64,
+    pickup: Vec<f64>,
+    single: f64,
+    concurrent: f64,
+    batch: f64,
+    status: Duration,
+    list: Duration,
+    jobs: u64,
+    workers: u32,
+    latency_jobs: usize,
+}
+
+impl Figures {
+    async fn measure(server: &mut Server, counts: &Counts) -> anyhow::Result<Figures> {
+        let drain = drain(server, counts.drain_jobs, counts.workers).await?;
+        let pickup = pickup_latency(server, counts.workers, counts.latency_jobs).await?;
+        let single = enqueue_singles(server, 1, counts.single_rpcs / 4).await?;
+        let concurrent = enqueue_singles(server, 32, counts.single_rpcs).await?;
+        let batch = enqueue_batches(server, counts.batches).await?;
+        let status = read_time(counts.reads, async || {
+            server.status().await?;
+            Ok(())
+        })
+        .await?;
+        let list = read_time(counts.reads, async || {
+            server
+                .client
+                .list(pb::ListRequest {
+                    page_size: 1000,
+                    ..pb::ListRequest::default()
+                })
+                .await?;
+            Ok(())
+        })
+        .await?;
+        Ok(Figures {
+            drain,
+            pickup,
+            single,
+            concurrent,
+            batch,
+            status,
+            list,
+            jobs: counts.drain_jobs,
+            workers: counts.workers,
+            latency_jobs: counts.latency_jobs,
+        })
+    }
+
+    fn report(
+        &self,
+        table: &mut Table,
+        suffix: &str,
+        ceiling: f64,
+        fsync: Duration,
+        small: Option<&Figures>,
+    ) {
+        // On the large database each figure also stands against the same figure on the small one.
+        let versus = |large: f64, small: Option<f64>, higher_is_better: bool| match small {
+            Some(small) => {
+                let slower = if higher_is_better {
+                    small / large
+                } else {
+                    large / small
+                };
+                format!(
+                    "; {slower:.2}x slower than small db, goal <= 1.5x: {}",
+                    goal(slower <= 1.5)
+                )
+            }
+            None => String::new(),
+        };
+        let ratio = self.drain / ceiling;
+        table.add(
+            format!(
+                "2. drain: {} `true` jobs, {} workers{suffix}",
+                self.jobs, self.workers
+            ),
+            per_second(self.drain),
+            format!(
+                "{ratio:.2} of figure 1, goal >= 0.9: {}{}",
+                goal(ratio >= 0.9),
+                versus(self.drain, small.map(|small| small.drain), true)
+            ),
+        );
+        let mut pickup = self.pickup.clone();
+        let (p50, p99) = (percentile(&mut pickup, 0.5), percentile(&mut pickup, 0.99));
+        let small_p50 = small.map(|small| percentile(&mut small.pickup.clone(), 0.5));
+        table.add(
+            format!(
+                "4. pickup latency p50 / p99, {} jobs{suffix}",
+                self.latency_jobs
+            ),
+            format!("{p50:.2} / {p99:.2} ms"),
+            format!(
+                "goal < 5 / < 25 ms: {}{}",
+                goal(p50 < 5.0 && p99 < 25.0),
+                versus(p50, small_p50, false)
+            ),
+        );
+        table.add(
+            format!("5. enqueue, 1 client, single RPCs{suffix}"),
+            per_second(self.single),
+            format!(
+                "one fsync per commit: {:.0} commits/s{}",
+                1.0 / fsync.as_secs_f64(),
+                versus(self.single, small.map(|small| small.single), true)
+            ),
+        );
+        table.add(
+            format!("5. enqueue, 32 clients, single RPCs{suffix}"),
+            per_second(self.concurrent),
+            format!(
+                "goal >= 5000 jobs/s: {}{}",
+                goal(self.concurrent >= 5000.0),
+                versus(self.concurrent, small.map(|small| small.concurrent), true)
+            ),
+        );
+        table.add(
+            format!("5. enqueue, batch RPCs of 1000{suffix}"),
+            per_second(self.batch),
+            format!(
+                "goal >= 50000 jobs/s: {}{}",
+                goal(self.batch >= 50_000.0),
+                versus(self.batch, small.map(|small| small.batch), true)
+            ),
+        );
+        table.add(
+            format!("8. `status` RPC, median{suffix}"),
+            format!("{:.2} ms", millis(self.status)),
+            format!("goal < 50 ms: {}", goal(millis(self.status) < 50.0)),
+        );
+        table.add(
+            format!("8. first page (1000 jobs) of `list` RPC, median{suffix}"),
+            format!("{:.2} ms", millis(self.list)),
+            format!("goal < 50 ms: {}", goal(millis(self.list) < 50.0)),
+        );
+    }
+}
+
+/// Spawns `sh -c true` `total` times, `parallelism` at a time, set up as the runner sets up a job.
+async fn spawn_ceiling(parallelism: u32, total: u64) -> anyhow::Result<f64> {
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let loops: Vec<_> = (0..parallelism)
+        .map(|_| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    let mut shell = std::process::Command::new("/bin/sh");
+                    shell.arg("-c").arg("true").process_group(0);
+                    tokio::process::Command::from(shell)
+                        .stdin(Stdio::null())
+                        .kill_on_drop(true)
+                        .output()
+                        .await?;
+                }
+                Ok::<_, std::io::Error>(())
+            })
+        })
+        .collect();
+    for spawner in loops {
+        spawner.await??;
+    }
+    Ok(rate(total, start.elapsed()))
+}
+
+/// The median time of one fsync of a small write, in `home`'s file system.
+fn fsync_time(home: &Home, samples: usize) -> anyhow::Result<Duration> {
+    let mut file = std::fs::File::create(home.path.join("probe"))?;
+    let mut times: Vec<f64> = (0..samples)
+        .map(|_| {
+            let start = Instant::now();
+            file.write_all(&[0u8; 512])?;
+            file.sync_data()?;
+            Ok(start.elapsed().as_secs_f64())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(Duration::from_secs_f64(percentile(&mut times, 0.5)))
+}
+
+/// Enqueues `jobs` jobs with no worker running, then starts `workers` and times until all of them completed.
+async fn drain(server: &mut Server, jobs: u64, workers: u32) -> anyhow::Result<f64> {
+    server.set_workers(0).await?;
+    let mut left = jobs;
+    while left > 0 {
+        let size = left.min(1000);
+        server
+            .client
+            .enqueue_batch(pb::EnqueueBatchRequest {
+                jobs: (0..size).map(|_| job("true")).collect(),
+            })
+            .await?;
+        left -= size;
+    }
+    let before = server.status().await?.completed;
+    let start = Instant::now();
+    server.set_workers(workers).await?;
+    loop {
+        if server.status().await?.completed - before >= jobs {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = start.elapsed();
+    server.set_workers(0).await?;
+    Ok(rate(jobs, elapsed))
+}
+
+fn unix_nanos() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as i128)
+}
+
+/// With `workers` idle, enqueues one job at a time that prints the time it started, and returns the times from
+/// each Enqueue reply to that start, in milliseconds.
+async fn pickup_latency(
+    server: &mut Server,
+    workers: u32,
+    jobs: usize,
+) -> anyhow::Result<Vec<f64>> {
+    server.set_workers(workers).await?;
+    let mut events = server
+        .client
+        .watch_events(pb::WatchEventsRequest::default())
+        .await?
+        .into_inner();
+    let mut enqueuer = server.connect().await?;
+    let mut latencies = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        // Workers are idle between jobs, as a queue that waits for work is.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let reply = enqueuer
+            .enqueue(job("date +%s%N"))
+            .await?
+            .into_inner()
+            .job
+            .context("the enqueued job")?;
+        let replied = unix_nanos();
+        let mut started = None;
+        loop {
+            let message = events.message().await?.context("the event stream ended")?;
+            match message.event {
+                Some(Event::JobOutput(output)) if output.job_id == reply.id => {
+                    started = Some(
+                        String::from_utf8_lossy(&output.data)
+                            .trim()
+                            .parse::<i128>()?,
+                    );
+                }
+                Some(Event::JobFinished(finished)) if finished.job_id == reply.id => break,
+                _ => {}
+            }
+        }
+        let started = started.context("the job printed no time")?;
+        latencies.push((started - replied) as f64 / 1e6);
+    }
+    server.set_workers(0).await?;
+    Ok(latencies)
+}
+
+/// `total` Enqueue RPCs from `clients` clients at once, each on its own connection; jobs/s.
+async fn enqueue_singles(server: &mut Server, clients: u64, total: u64) -> anyhow::Result<f64> {
+    let mut connected: Vec<Client> = Vec::new();
+    for _ in 0..clients {
+        connected.push(server.connect().await?);
+    }
+    let each = total / clients;
+    let start = Instant::now();
+    let tasks: Vec<_> = connected
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                for _ in 0..each {
+                    client.enqueue(job("true")).await?;
+                }
+                Ok::<_, tonic::Status>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(rate(each * clients, start.elapsed()))
+}
+
+/// `batches` EnqueueBatch RPCs of 1000 jobs, one after the other; jobs/s.
+async fn enqueue_batches(server: &mut Server, batches: u64) -> anyhow::Result<f64> {
+    let requests: Vec<_> = (0..batches)
+        .map(|_| pb::EnqueueBatchRequest {
+            jobs: (0..1000).map(|_| job("true")).collect(),
+        })
+        .collect();
+    let start = Instant::now();
+    for request in requests {
+        server.client.enqueue_batch(request).await?;
+    }
+    Ok(rate(batches * 1000, start.elapsed()))
+}
+
+/// The median time of `read`.
+async fn read_time(
+    samples: usize,
+    mut read: impl AsyncFnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let start = Instant::now();
+        read().await?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    Ok(Duration::from_secs_f64(percentile(&mut times, 0.5)))
+}
+
+struct Idle {
+    cpu: Duration,
+    rss: u64,
+}
+
+/// The CPU time and memory of the server while `workers` workers wait for `span`.
+async fn idle_cost(server: &mut Server, workers: u32, span: Duration) -> anyhow::Result<Idle> {
+    // The enqueue figures left jobs waiting; idle workers have none to run.
+    server.client.reset(pb::ResetRequest {}).await?;
+    server.set_workers(workers).await?;
+    // Let whatever the last request started settle first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = cpu_time(server.pid)?;
+    tokio::time::sleep(span).await;
+    let cpu = cpu_time(server.pid)? - before;
+    let rss = resident_bytes(server.pid)?;
+    server.set_workers(0).await?;
+    Ok(Idle { cpu, rss })
+}
+
+/// The median wall time of one `queuectl enqueue` process.
+async fn cli_wall(bins: &Bins, home: &Home, runs: usize) -> anyhow::Result<Duration> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let start = Instant::now();
+        let status = tokio::process::Command::new(&bins.cli)
+            .arg("enqueue")
+            .arg(r#"{"command":"true"}"#)
+            .env("QUEUECTL_HOME", &home.path)
+            .env("QUEUECTL_NO_AUTOSTART", "1")
+            .env_remove("QUEUECTL_SERVER")
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        times.push(start.elapsed().as_secs_f64());
+        anyhow::ensure!(status.success(), "queuectl enqueue failed: {status}");
+    }
+    Ok(Duration::from_secs_f64(percentile(&mut times, 0.5)))
+}
+
+/// Writes `jobs` jobs straight into the database of a stopped server: nine in ten completed with one run each,
+/// the rest pending but not due for a year, so that they are stored and indexed yet do not run.
+async fn fill(home: &Home, jobs: u64) -> anyhow::Result<()> {
+    let options = SqliteConnectOptions::new().filename(home.database());
+    let mut conn = SqliteConnection::connect_with(&options).await?;
+    let jobs = i64::try_from(jobs)?;
+    let completed = jobs / 10 * 9;
+    let now = i64::try_from(unix_nanos() / 1000)?;
+    let day = 86_400_000_000_i64;
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < ?1)
+         INSERT INTO jobs (id, command, state, priority, attempts, max_retries, runs, queue_key, created_at,
+                           updated_at, run_after)
+         SELECT 'stored' || x, 'true', 'completed', 5, 1, 3, 1, ?2, ?2, ?2, ?2 FROM n WHERE x <= ?3
+         UNION ALL
+         SELECT 'stored' || x, 'true', 'pending', 5, 0, 3, 0, ?4 + 4 * 60000000, ?2, ?2, ?4 FROM n WHERE x > ?3",
+    )
+    .bind(jobs)
+    .bind(now - day)
+    .bind(completed)
+    .bind(now + 365 * day)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome)
+         SELECT seq, 1, 0, created_at, created_at, 'ok' FROM jobs WHERE state = 'completed'",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    conn.close().await?;
+    Ok(())
+}
