@@ -48,6 +48,15 @@ struct JobLine<'a> {
     timeout: Option<u64>,
 }
 
+/// `", "` before every item but the first, as Python's `json.dumps` separates items.
+fn separate<W: ?Sized + io::Write>(writer: &mut W, first: bool) -> io::Result<()> {
+    if first {
+        Ok(())
+    } else {
+        writer.write_all(b", ")
+    }
+}
+
 /// Writes JSON as Python's `json.dumps` does: `", "` and `": "` separators, non-ASCII escaped.
 struct PythonStyle;
 
@@ -57,11 +66,7 @@ impl Formatter for PythonStyle {
         writer: &mut W,
         first: bool,
     ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        separate(writer, first)
     }
 
     fn begin_object_key<W: ?Sized + io::Write>(
@@ -69,11 +74,7 @@ impl Formatter for PythonStyle {
         writer: &mut W,
         first: bool,
     ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        separate(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {

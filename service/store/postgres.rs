@@ -135,6 +135,15 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
+/// Wakes every server listening on `channel` once the transaction commits.
+async fn announce(conn: &mut PgConnection, channel: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(channel)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 async fn insert_job(
     conn: &mut PgConnection,
     id: &str,
@@ -286,10 +295,7 @@ impl Store for PgStore {
                     *applied && matches!(update.settled.state, JobState::Pending | JobState::Failed)
                 });
                 if waiting || enqueued.iter().any(Result::is_ok) {
-                    sqlx::query("SELECT pg_notify($1, '')")
-                        .bind(JOBS_CHANNEL)
-                        .execute(conn)
-                        .await?;
+                    announce(conn, JOBS_CHANNEL).await?;
                 }
                 Ok((enqueued, applied))
             })
@@ -534,10 +540,7 @@ impl Store for PgStore {
             .bind(job::secs_to_micros(policy.aging_interval_secs))
             .execute(&mut *conn)
             .await?;
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(CONFIG_CHANNEL)
-                .execute(conn)
-                .await?;
+            announce(conn, CONFIG_CHANNEL).await?;
             Ok(())
         })
         .await
@@ -555,10 +558,7 @@ impl Store for PgStore {
             sqlx::query("ALTER SEQUENCE job_number RESTART WITH 1")
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(CONFIG_CHANNEL)
-                .execute(conn)
-                .await?;
+            announce(conn, CONFIG_CHANNEL).await?;
             Ok(deleted)
         })
         .await
