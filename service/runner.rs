@@ -40,8 +40,19 @@ fn noop_executor() -> bool {
     *NOOP.get_or_init(|| std::env::var(BENCH_EXECUTOR_ENV).is_ok_and(|value| value == "noop"))
 }
 
+/// Every process of a run carries `QUEUECTL_JOB=<id>#<run>` in its environment: the job can tell which run it is,
+/// and a restarted server kills a recorded process group only if its processes carry the tag of that run (after a
+/// reboot, the same group id may belong to anything).
+pub const TAG_VARIABLE: &str = "QUEUECTL_JOB";
+
+pub fn run_tag(job_id: &str, run: u32) -> String {
+    format!("{job_id}#{run}")
+}
+
 pub struct RunSpec<'a> {
     pub command: &'a str,
+    /// [`run_tag`] of this run.
+    pub tag: &'a str,
     pub timeout: Option<Duration>,
     pub max_output: usize,
 }
@@ -87,7 +98,7 @@ impl Capture {
 #[cfg(unix)]
 const GATE: &str = r#"read -r _ && exec /bin/sh -c "$1""#;
 
-fn shell(command: &str) -> Command {
+fn shell(command: &str, tag: &str) -> Command {
     #[cfg(unix)]
     let mut shell = {
         let mut shell = Command::new("/bin/sh");
@@ -107,6 +118,7 @@ fn shell(command: &str) -> Command {
     for name in SCRUBBED_ENV {
         shell.env_remove(name);
     }
+    shell.env(TAG_VARIABLE, tag);
     shell
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -140,12 +152,49 @@ pub fn signal_group(pgid: u32, signal: i32) {
     }
 }
 
-/// Kills what is left of a job's process group, e.g. one a crashed server left behind.
-pub fn kill_group(pgid: u32) {
+/// Kills what is left of a run's process group, e.g. one a crashed server left behind, if the group is still that
+/// run's. Returns whether it sent the signal.
+pub fn kill_group(pgid: u32, tag: &str) -> bool {
+    #[cfg(target_os = "linux")]
+    if !group_carries_tag(pgid, tag) {
+        return false;
+    }
     #[cfg(unix)]
-    signal_group(pgid, libc::SIGKILL);
+    {
+        #[cfg(not(target_os = "linux"))]
+        let _ = tag;
+        signal_group(pgid, libc::SIGKILL);
+        true
+    }
     #[cfg(windows)]
-    let _ = pgid;
+    {
+        let _ = (pgid, tag);
+        false
+    }
+}
+
+/// Whether some process of group `pgid` has `QUEUECTL_JOB=<tag>` in its environment.
+#[cfg(target_os = "linux")]
+fn group_carries_tag(pgid: u32, tag: &str) -> bool {
+    let wanted = format!("{TAG_VARIABLE}={tag}");
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    processes.flatten().any(|process| {
+        let path = process.path();
+        let in_group = std::fs::read_to_string(path.join("stat")).is_ok_and(|stat| {
+            // After the command name in parentheses: state, parent pid, process group.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
+                == Some(pgid)
+        });
+        in_group
+            && std::fs::read(path.join("environ")).is_ok_and(|environ| {
+                environ
+                    .split(|byte| *byte == 0)
+                    .any(|entry| entry == wanted.as_bytes())
+            })
+    })
 }
 
 /// Ends a command: SIGTERM to its group, SIGKILL after [`KILL_GRACE`], and reaps it.
@@ -204,7 +253,7 @@ pub async fn run(
             truncated: false,
         };
     }
-    let mut child = match shell(spec.command).spawn() {
+    let mut child = match shell(spec.command, spec.tag).spawn() {
         Ok(child) => child,
         Err(error) => {
             on_spawn(None).await;

@@ -157,7 +157,10 @@ impl Supervisor {
         for stale in &in_flight {
             // Only our own jobs ran on this machine, so only their process groups are ours to kill.
             if let Some(pgid) = stale.pgid.and_then(|pgid| u32::try_from(pgid).ok()) {
-                runner::kill_group(pgid);
+                let tag = runner::run_tag(&stale.job.id, stale.job.runs);
+                if runner::kill_group(pgid, &tag) {
+                    tracing::warn!(job_id = %stale.job.id, pgid, "killed the processes an interrupted run left");
+                }
             }
             self.shared.requeue(stale).await?;
         }
@@ -477,8 +480,10 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
             settings.max_output_bytes(),
         )
     };
+    let tag = runner::run_tag(&job.id, job.runs);
     let spec = RunSpec {
         command: &job.command,
+        tag: &tag,
         timeout: (timeout_secs > 0).then(|| Duration::from_secs(timeout_secs)),
         max_output,
     };

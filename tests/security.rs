@@ -301,3 +301,32 @@ fn jobs_inherit_none_of_the_servers_secrets() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A restart kills a recorded process group only if it still belongs to that run: after a reboot the same group id
+/// can be anything.
+#[cfg(target_os = "linux")]
+#[test]
+fn recovery_kills_only_process_groups_tagged_with_their_run() {
+    use std::os::unix::process::CommandExt;
+    let spawn = |tag: Option<&str>| {
+        let mut command = Command::new("sleep");
+        command.arg("300").process_group(0);
+        if let Some(tag) = tag {
+            command.env(queuectl::runner::TAG_VARIABLE, tag);
+        }
+        command.spawn().unwrap()
+    };
+    let stranger = spawn(None);
+    assert!(!queuectl::runner::kill_group(stranger.id(), "job1#1"));
+    let other_run = spawn(Some("job1#2"));
+    assert!(!queuectl::runner::kill_group(other_run.id(), "job1#1"));
+    assert!(common::alive(stranger.id()) && common::alive(other_run.id()));
+
+    let mut ours = spawn(Some("job1#1"));
+    assert!(queuectl::runner::kill_group(ours.id(), "job1#1"));
+    assert!(!ours.wait().unwrap().success());
+    for mut child in [stranger, other_run] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
