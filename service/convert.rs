@@ -7,7 +7,7 @@ use crate::error::QueueError;
 use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, NewJob, PRIORITY_RANGE};
 use crate::pb;
 use crate::store::{Cursor, RunRecord, ServerRecord, WorkerRecord};
-use crate::supervisor::{Event, WorkerView};
+use crate::supervisor::Event;
 
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 pub const MAX_ID_BYTES: usize = 128;
@@ -188,25 +188,6 @@ impl From<RunRecord> for pb::JobRun {
             outcome: run.outcome.unwrap_or_default(),
             output: run.output,
             truncated: run.truncated,
-        }
-    }
-}
-
-impl From<WorkerView> for pb::Worker {
-    fn from(worker: WorkerView) -> Self {
-        let running = worker.running;
-        pb::Worker {
-            index: worker.index,
-            job_id: running
-                .as_ref()
-                .map(|run| run.job_id.to_string())
-                .unwrap_or_default(),
-            command: running
-                .as_ref()
-                .map(|run| run.command.to_string())
-                .unwrap_or_default(),
-            started_at: running.as_ref().map(|run| timestamp(run.started_at)),
-            stopping: worker.stopping,
         }
     }
 }

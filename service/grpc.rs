@@ -121,8 +121,9 @@ impl QueueService for Grpc {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let [pending, processing, failed, completed, dead] = self.queue.counts().await?;
-        let (worker_count, workers) = self.queue.supervisor.workers();
         let servers = self.queue.servers().await?;
+        let this = &servers[0];
+        let (worker_count, workers) = (this.worker_count, this.workers.clone());
         Ok(Response::new(pb::StatusResponse {
             pending,
             processing,

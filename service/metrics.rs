@@ -148,11 +148,12 @@ impl Metrics {
         let waited = oldest.map_or(0, |since| clock::now().saturating_sub(since).max(0));
         self.oldest_pending
             .set(waited as f64 / MICROS_PER_SEC as f64);
-        let (target, workers) = queue.supervisor.workers();
-        self.workers.set(i64::from(target));
-        let busy = workers
+        let this = queue.supervisor.record();
+        self.workers.set(i64::from(this.worker_count));
+        let busy = this
+            .workers
             .iter()
-            .filter(|worker| worker.running.is_some())
+            .filter(|worker| worker.job_id.is_some())
             .count();
         self.workers_busy
             .set(i64::try_from(busy).unwrap_or(i64::MAX));

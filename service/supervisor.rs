@@ -76,18 +76,10 @@ impl Event {
 
 /// What a busy worker runs.
 #[derive(Clone, Debug)]
-pub struct Running {
-    pub job_id: Arc<str>,
-    pub command: Arc<str>,
-    pub started_at: Micros,
-}
-
-/// A worker slot as `status` shows it.
-#[derive(Clone, Debug)]
-pub struct WorkerView {
-    pub index: u32,
-    pub running: Option<Running>,
-    pub stopping: bool,
+struct Running {
+    job_id: Arc<str>,
+    command: Arc<str>,
+    started_at: Micros,
 }
 
 #[derive(Default)]
@@ -175,7 +167,7 @@ impl Supervisor {
         }
     }
 
-    /// This server as other servers of a shared database see it.
+    /// This server: its worker count and every slot that exists, as `status` and other servers see it.
     pub fn record(&self) -> ServerRecord {
         self.shared.record()
     }
@@ -214,21 +206,6 @@ impl Supervisor {
         }
         drop(slots);
         shared.wake.notify_one();
-    }
-
-    /// The configured worker count and every slot that exists.
-    pub fn workers(&self) -> (u32, Vec<WorkerView>) {
-        let slots = self.shared.slots.lock().expect("slots lock");
-        let views = slots
-            .slots
-            .iter()
-            .map(|(index, slot)| WorkerView {
-                index: *index,
-                running: slot.running.clone(),
-                stopping: slot.stopping,
-            })
-            .collect();
-        (slots.target, views)
     }
 
     pub fn running(&self) -> usize {
