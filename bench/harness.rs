@@ -10,7 +10,7 @@ use queuectl::pb::{self, EnqueueRequest};
 use queuectl::runner::BENCH_EXECUTOR_ENV;
 use queuectl::server::SOCKET_FILE;
 use tokio::process::{Child, Command};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub type Client = QueueServiceClient<Channel>;
 
@@ -155,17 +155,7 @@ impl Server {
 }
 
 async fn connect(socket: &Path) -> anyhow::Result<Client> {
-    let socket = socket.to_owned();
-    // The URI is required but unused: the connector decides where to connect.
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await?;
+    let channel = queuectl::channel::unix(socket.to_owned()).await?;
     Ok(QueueServiceClient::new(channel))
 }
 

@@ -68,19 +68,7 @@ fn parse_target(address: &str) -> anyhow::Result<Target> {
 async fn open(target: &Target) -> Result<Channel, tonic::transport::Error> {
     match target {
         #[cfg(unix)]
-        Target::Socket(path) => {
-            let path = path.clone();
-            // The URI is required but unused: the connector below decides where to connect.
-            Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let path = path.clone();
-                    async move {
-                        let stream = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                    }
-                }))
-                .await
-        }
+        Target::Socket(path) => queuectl::channel::unix(path.clone()).await,
         Target::Tcp(url) => {
             let mut endpoint = Endpoint::from_shared(url.clone())?;
             if url.starts_with("https://") {

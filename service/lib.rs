@@ -3,6 +3,8 @@
 //! [`job`] holds the lifecycle rules as pure code; [`store`] is the seam to the database; [`supervisor`] and
 //! [`runner`] execute jobs; [`queue`] offers the operations; [`grpc`] carries them; [`server`] wires it all.
 
+#[cfg(unix)]
+pub mod channel;
 pub mod clock;
 pub mod config;
 pub mod convert;

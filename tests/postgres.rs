@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{DEADLINE, Home, wait_until};
 use queuectl::pb::{self, queue_service_client::QueueServiceClient};
 use sqlx::Connection;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// A database of its own for one test, dropped at the end.
 struct TestDatabase {
@@ -84,15 +84,7 @@ fn start(home: &mut Home, database: &TestDatabase, workers: u32) {
 }
 
 async fn client(home: &Home) -> QueueServiceClient<Channel> {
-    let socket = home.file("queuectl.sock");
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
+    let channel = queuectl::channel::unix(home.file("queuectl.sock"))
         .await
         .unwrap();
     QueueServiceClient::new(channel)
