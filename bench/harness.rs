@@ -83,8 +83,59 @@ pub struct Server {
     socket: PathBuf,
 }
 
+/// A fresh PostgreSQL database, created beside the one an admin URL names and dropped by [`Database::drop`].
+pub struct Database {
+    admin_url: String,
+    name: String,
+    pub url: String,
+}
+
+impl Database {
+    pub async fn create(admin_url: &str, name: &str) -> anyhow::Result<Database> {
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .context("a database URL ends in /<database>")?;
+        let name = format!("queuectl_bench_{}_{name}", std::process::id());
+        let database = Database {
+            admin_url: admin_url.to_owned(),
+            url: format!("{base}/{name}"),
+            name,
+        };
+        database
+            .admin(&format!("DROP DATABASE IF EXISTS {}", database.name))
+            .await?;
+        database
+            .admin(&format!("CREATE DATABASE {}", database.name))
+            .await?;
+        Ok(database)
+    }
+
+    pub async fn drop(self) -> anyhow::Result<()> {
+        self.admin(&format!("DROP DATABASE {} WITH (FORCE)", self.name))
+            .await
+    }
+
+    async fn admin(&self, statement: &str) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .with_context(|| format!("connecting to {}", self.admin_url))?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        Ok(())
+    }
+}
+
 impl Server {
-    pub async fn start(bins: &Bins, home: &Home, executor: Executor) -> anyhow::Result<Server> {
+    /// Starts `queuectld` on `home`, with its SQLite database there or, given `database`, on PostgreSQL.
+    pub async fn start(
+        bins: &Bins,
+        home: &Home,
+        executor: Executor,
+        database: Option<&Database>,
+    ) -> anyhow::Result<Server> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -101,6 +152,10 @@ impl Server {
         if executor == Executor::Noop {
             command.env(BENCH_EXECUTOR_ENV, "noop");
         }
+        match database {
+            Some(database) => command.env("QUEUECTL_DATABASE_URL", &database.url),
+            None => command.env_remove("QUEUECTL_DATABASE_URL"),
+        };
         let child = command.spawn().context("starting queuectld")?;
         let pid = child.id().context("the server's pid")?;
         let socket = home.path.join(SOCKET_FILE);

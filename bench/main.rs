@@ -15,7 +15,9 @@ use clap::Parser;
 /// Benchmarks queuectld: spawn ceiling, drain, queue core, pickup latency, enqueue, CLI, idle cost and scale.
 #[cfg(unix)]
 #[derive(Parser, Debug)]
-#[command(after_help = "Examples:\n  queuectl-bench\n  queuectl-bench --quick")]
+#[command(
+    after_help = "Examples:\n  queuectl-bench\n  queuectl-bench --quick\n  queuectl-bench --database-url postgres://postgres@127.0.0.1/test"
+)]
 pub struct Args {
     /// Small counts and short waits, to check that the benchmark works (as CI does); the figures mean little.
     #[arg(long)]
@@ -29,6 +31,10 @@ pub struct Args {
     /// Jobs already stored for the scale figures. Default: 1,000,000 (10,000 with --quick).
     #[arg(long)]
     pub stored_jobs: Option<u64>,
+    /// Also measure on PostgreSQL: a database URL whose user may create databases (each server gets a fresh one,
+    /// dropped afterwards), e.g. postgres://postgres@127.0.0.1/test.
+    #[arg(long, env = "QUEUECTL_BENCH_DATABASE_URL")]
+    pub database_url: Option<String>,
 }
 
 #[cfg(unix)]

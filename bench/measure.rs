@@ -14,7 +14,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 
 use crate::Args;
 use crate::harness::{
-    Bins, Client, Executor, Home, Server, cpu_time, job, percentile, resident_bytes,
+    Bins, Client, Database, Executor, Home, Server, cpu_time, job, percentile, resident_bytes,
 };
 
 /// How many of everything one run measures.
@@ -152,7 +152,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("small database");
     let home = Home::new("small")?;
-    let mut server = Server::start(&bins, &home, Executor::Shell).await?;
+    let mut server = Server::start(&bins, &home, Executor::Shell, None).await?;
     let small = Figures::measure(&mut server, &counts).await?;
     small.report(&mut table, "", ceiling, fsync, None);
 
@@ -191,7 +191,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("queue core: no-op executor");
     let home = Home::new("noop")?;
-    let mut server = Server::start(&bins, &home, Executor::Noop).await?;
+    let mut server = Server::start(&bins, &home, Executor::Noop, None).await?;
     let core = drain(&mut server, counts.drain_jobs, counts.noop_workers).await?;
     server.stop().await?;
     drop(home);
@@ -210,14 +210,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     eprintln!("large database: {} jobs stored", counts.stored_jobs);
     let home = Home::new("large")?;
-    Server::start(&bins, &home, Executor::Shell)
+    Server::start(&bins, &home, Executor::Shell, None)
         .await?
         .stop()
         .await?;
     let filled = Instant::now();
     fill(&home, counts.stored_jobs).await?;
     eprintln!("  filled in {:.1}s", filled.elapsed().as_secs_f64());
-    let mut server = Server::start(&bins, &home, Executor::Shell).await?;
+    let mut server = Server::start(&bins, &home, Executor::Shell, None).await?;
     let large = Figures::measure(&mut server, &counts).await?;
     large.report(
         &mut table,
@@ -229,8 +229,83 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     server.stop().await?;
     drop(home);
 
+    if let Some(url) = &args.database_url {
+        postgres(&bins, &counts, url, &mut table, small.drain, core).await?;
+    }
+
     println!();
     table.print();
+    Ok(())
+}
+
+/// Figure 9: drain, queue core and pickup latency on PostgreSQL, beside the same figures on SQLite; and pickup
+/// across two servers of one database, one enqueueing and the other running the jobs.
+async fn postgres(
+    bins: &Bins,
+    counts: &Counts,
+    url: &str,
+    table: &mut Table,
+    sqlite_drain: f64,
+    sqlite_core: f64,
+) -> anyhow::Result<()> {
+    eprintln!("PostgreSQL");
+    let database = Database::create(url, "shell").await?;
+    let home = Home::new("pg-shell")?;
+    let mut server = Server::start(bins, &home, Executor::Shell, Some(&database)).await?;
+    let drained = drain(&mut server, counts.drain_jobs, counts.workers).await?;
+    let enqueuer = server.connect().await?;
+    let mut same =
+        pickup_latency(&mut server, enqueuer, counts.workers, counts.latency_jobs).await?;
+    let other_home = Home::new("pg-other")?;
+    let other = Server::start(bins, &other_home, Executor::Shell, Some(&database)).await?;
+    let enqueuer = other.connect().await?;
+    let mut across =
+        pickup_latency(&mut server, enqueuer, counts.workers, counts.latency_jobs).await?;
+    other.stop().await?;
+    server.stop().await?;
+    database.drop().await?;
+
+    let database = Database::create(url, "noop").await?;
+    let home = Home::new("pg-noop")?;
+    let mut server = Server::start(bins, &home, Executor::Noop, Some(&database)).await?;
+    let core = drain(&mut server, counts.drain_jobs, counts.noop_workers).await?;
+    server.stop().await?;
+    database.drop().await?;
+
+    table.add(
+        format!(
+            "9. PostgreSQL drain: {} `true` jobs, {} workers",
+            counts.drain_jobs, counts.workers
+        ),
+        per_second(drained),
+        format!("{:.2}x figure 2 (SQLite)", drained / sqlite_drain),
+    );
+    table.add(
+        format!(
+            "9. PostgreSQL queue core: {} no-op jobs, {} workers",
+            counts.drain_jobs, counts.noop_workers
+        ),
+        per_second(core),
+        format!("{:.2}x figure 3 (SQLite)", core / sqlite_core),
+    );
+    let (p50, p99) = (percentile(&mut same, 0.5), percentile(&mut same, 0.99));
+    table.add(
+        format!(
+            "9. PostgreSQL pickup latency p50 / p99, one server, {} jobs",
+            counts.latency_jobs
+        ),
+        format!("{p50:.2} / {p99:.2} ms"),
+        "figure 4 on PostgreSQL".into(),
+    );
+    let (p50, p99) = (percentile(&mut across, 0.5), percentile(&mut across, 0.99));
+    table.add(
+        format!(
+            "9. PostgreSQL pickup latency p50 / p99, enqueued on A, run on B, {} jobs",
+            counts.latency_jobs
+        ),
+        format!("{p50:.2} / {p99:.2} ms"),
+        format!("goal p50 < 10 ms: {}", goal(p50 < 10.0)),
+    );
     Ok(())
 }
 
@@ -251,7 +326,8 @@ struct Figures {
 impl Figures {
     async fn measure(server: &mut Server, counts: &Counts) -> anyhow::Result<Figures> {
         let drain = drain(server, counts.drain_jobs, counts.workers).await?;
-        let pickup = pickup_latency(server, counts.workers, counts.latency_jobs).await?;
+        let enqueuer = server.connect().await?;
+        let pickup = pickup_latency(server, enqueuer, counts.workers, counts.latency_jobs).await?;
         let single = enqueue_singles(server, 1, counts.single_rpcs / 4).await?;
         let concurrent = enqueue_singles(server, 32, counts.single_rpcs).await?;
         let batch = enqueue_batches(server, counts.batches).await?;
@@ -451,10 +527,12 @@ fn unix_nanos() -> i128 {
         .map_or(0, |since| since.as_nanos() as i128)
 }
 
-/// With `workers` idle, enqueues one job at a time that prints the time it started, and returns the times from
-/// each Enqueue reply to that start, in milliseconds.
+/// With `workers` idle on `server`, enqueues through `enqueuer` (a client of `server`, or of another server of the
+/// same database) one job at a time that prints the time it started, and returns the times from each Enqueue
+/// reply to that start, in milliseconds.
 async fn pickup_latency(
     server: &mut Server,
+    mut enqueuer: Client,
     workers: u32,
     jobs: usize,
 ) -> anyhow::Result<Vec<f64>> {
@@ -464,7 +542,6 @@ async fn pickup_latency(
         .watch_events(pb::WatchEventsRequest::default())
         .await?
         .into_inner();
-    let mut enqueuer = server.connect().await?;
     let mut latencies = Vec::with_capacity(jobs);
     for _ in 0..jobs {
         // Workers are idle between jobs, as a queue that waits for work is.

@@ -43,7 +43,12 @@ impl Queue {
                 .map(|(key, value)| (key.as_str(), value.as_str())),
         )));
         let wake = Arc::new(Notify::new());
-        let writer = Writer::spawn(store.clone(), settings.clone(), wake.clone());
+        let writer = Writer::spawn(
+            store.clone(),
+            settings.clone(),
+            wake.clone(),
+            server_id.clone(),
+        );
         let supervisor = Supervisor::new(
             store.clone(),
             server_id,

@@ -315,6 +315,39 @@ impl Shared {
         true
     }
 
+    /// Whether `worker` may take another job when its current one ends: not when it is stopping or the server
+    /// drains.
+    fn wants_more(&self, worker: u32) -> bool {
+        if self.draining.load(Ordering::SeqCst) {
+            return false;
+        }
+        let slots = self.slots.lock().expect("slots lock");
+        slots
+            .slots
+            .get(&worker)
+            .is_some_and(|slot| !slot.stopping && worker < slots.target)
+    }
+
+    /// Moves busy `worker` on to `job`; false if it must stop instead.
+    fn move_on(&self, worker: u32, job: &Job) -> bool {
+        if self.draining.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut slots = self.slots.lock().expect("slots lock");
+        let target = slots.target;
+        match slots.slots.get_mut(&worker) {
+            Some(slot) if !slot.stopping && worker < target => {
+                slot.running = Some(Running {
+                    job_id: job.id.as_str().into(),
+                    command: job.command.as_str().into(),
+                    started_at: clock::now(),
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn release(&self, worker: u32) {
         let mut slots = self.slots.lock().expect("slots lock");
         let target = slots.target;
@@ -381,10 +414,7 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 /// Starts a job on each of `idle` it can fill. Returns when to look again if some slot stayed idle.
 async fn claim(shared: &Arc<Shared>, idle: Vec<u32>) -> Result<Option<Instant>, StoreError> {
     let limit = u32::try_from(idle.len()).unwrap_or(u32::MAX);
-    let jobs = shared
-        .store
-        .claim(limit, clock::now(), &shared.server_id)
-        .await?;
+    let jobs = shared.writer.claim(limit).await?;
     let filled = jobs.len();
     let mut workers = idle.into_iter();
     for job in jobs {
@@ -395,7 +425,7 @@ async fn claim(shared: &Arc<Shared>, idle: Vec<u32>) -> Result<Option<Instant>, 
         }
         match workers.by_ref().find(|worker| shared.occupy(*worker, &job)) {
             Some(worker) => {
-                tokio::spawn(run_job(shared.clone(), worker, job));
+                tokio::spawn(work(shared.clone(), worker, job));
             }
             // Its worker was stopped meanwhile: hand the job straight back.
             None => requeue_unstarted(shared, job).await,
@@ -440,8 +470,25 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration) {
     }
 }
 
-/// Runs one claimed job on `worker` and settles it.
-async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
+/// Runs `job` on `worker`, then the jobs the worker claims as each one ends (the finish and the next claim share
+/// a commit), until none is ready or the worker stops.
+async fn work(shared: Arc<Shared>, worker: u32, mut job: Job) {
+    loop {
+        let next = run_job(&shared, worker, job).await;
+        match next {
+            Some(next) if shared.move_on(worker, &next) => job = next,
+            Some(next) => {
+                requeue_unstarted(&shared, next).await;
+                break;
+            }
+            None => break,
+        }
+    }
+    shared.release(worker);
+}
+
+/// Runs one claimed job on `worker` and settles it. Returns the job the worker claimed next, if it did.
+async fn run_job(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     let job_id: Arc<str> = job.id.as_str().into();
     shared.emit(Event::JobPicked {
         worker,
@@ -513,7 +560,21 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
             truncated: report.truncated,
         }),
     };
-    match record_finish(&shared, update).await {
+    let (finished, next) = if shared.wants_more(worker) {
+        let (finished, next) = shared.writer.finish_and_claim(update.clone()).await;
+        let finished = match finished {
+            Err(_) => record_finish(shared, update).await,
+            applied => applied,
+        };
+        let next = next.unwrap_or_else(|error| {
+            tracing::error!(%error, "claiming the next job failed");
+            Vec::new()
+        });
+        (finished, next.into_iter().next())
+    } else {
+        (record_finish(shared, update).await, None)
+    };
+    match finished {
         Ok(true) => {
             tracing::info!(job_id = %job.id, run = job.runs, worker, %state, outcome = %report.outcome, "job finished");
         }
@@ -530,7 +591,7 @@ async fn run_job(shared: Arc<Shared>, worker: u32, job: Job) {
         state,
         error,
     });
-    shared.release(worker);
+    next
 }
 
 /// Writes a finished run's update, retrying with a capped backoff while the database fails (locked, read-only),

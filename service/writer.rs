@@ -29,6 +29,10 @@ enum Op {
         durable: bool,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
+    Claim {
+        limit: u32,
+        reply: oneshot::Sender<Result<Vec<Job>, StoreError>>,
+    },
 }
 
 /// The handle to the write task. Cheap to clone; the task ends when the last handle is dropped.
@@ -38,14 +42,16 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the write task. `enqueued` is notified after each commit that stored or revived jobs.
+    /// Starts the write task for the server `owner`. `enqueued` is notified after each commit that stored or
+    /// revived jobs.
     pub fn spawn(
         store: Arc<dyn Store>,
         settings: Arc<RwLock<Settings>>,
         enqueued: Arc<Notify>,
+        owner: String,
     ) -> Writer {
         let (ops, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(store, settings, enqueued, receiver));
+        tokio::spawn(write_loop(store, settings, enqueued, owner, receiver));
         Writer { ops }
     }
 
@@ -74,6 +80,36 @@ impl Writer {
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
+    /// Claims up to `limit` ready jobs for this server, in the next commit.
+    pub async fn claim(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Claim { limit, reply });
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+
+    /// Applies a worker's finished run and claims its next job, in one commit when the write task is not busy
+    /// (both are queued before either is awaited).
+    pub async fn finish_and_claim(
+        &self,
+        update: GuardedUpdate,
+    ) -> (Result<bool, StoreError>, Result<Vec<Job>, StoreError>) {
+        let (update_reply, applied) = oneshot::channel();
+        let (claim_reply, claimed) = oneshot::channel();
+        self.send(Op::Update {
+            update,
+            durable: false,
+            reply: update_reply,
+        });
+        self.send(Op::Claim {
+            limit: 1,
+            reply: claim_reply,
+        });
+        (
+            applied.await.unwrap_or_else(|_| Err(closed())),
+            claimed.await.unwrap_or_else(|_| Err(closed())),
+        )
+    }
+
     fn send(&self, op: Op) {
         // A send fails only once the write task is gone; the dropped reply then reports it.
         let _ = self.ops.send(op);
@@ -88,14 +124,19 @@ async fn write_loop(
     store: Arc<dyn Store>,
     settings: Arc<RwLock<Settings>>,
     enqueued: Arc<Notify>,
+    owner: String,
     mut receiver: mpsc::UnboundedReceiver<Op>,
 ) {
     let mut ops = Vec::new();
     while receiver.recv_many(&mut ops, MAX_BATCH).await > 0 {
-        let mut batch = WriteBatch::default();
+        let mut batch = WriteBatch {
+            owner: owner.clone(),
+            ..WriteBatch::default()
+        };
         let mut enqueue_replies = Vec::new();
         let mut start_replies = Vec::new();
         let mut update_replies = Vec::new();
+        let mut claim_replies = Vec::new();
         for op in ops.drain(..) {
             match op {
                 Op::Enqueue { jobs, reply } => {
@@ -115,6 +156,10 @@ async fn write_loop(
                     batch.updates.push(update);
                     update_replies.push(reply);
                     batch.durable |= durable;
+                }
+                Op::Claim { limit, reply } => {
+                    batch.claims.push(limit);
+                    claim_replies.push(reply);
                 }
             }
         }
@@ -138,6 +183,9 @@ async fn write_loop(
                 for (reply, applied) in update_replies.into_iter().zip(outcome.applied) {
                     let _ = reply.send(Ok(applied));
                 }
+                for (reply, claimed) in claim_replies.into_iter().zip(outcome.claimed) {
+                    let _ = reply.send(Ok(claimed));
+                }
                 if woke_jobs {
                     enqueued.notify_one();
                 }
@@ -151,6 +199,9 @@ async fn write_loop(
                     let _ = reply.send(Err(error.clone()));
                 }
                 for reply in update_replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                for reply in claim_replies {
                     let _ = reply.send(Err(error.clone()));
                 }
             }

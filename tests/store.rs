@@ -100,6 +100,22 @@ fn finish(job: &job::Job, outcome: Outcome, now: Micros) -> GuardedUpdate {
     }
 }
 
+/// Claims up to `limit` ready jobs at `now` for `owner`, in a batch of its own.
+async fn claim(
+    store: &dyn Store,
+    limit: u32,
+    now: Micros,
+    owner: &str,
+) -> Result<Vec<job::Job>, queuectl::store::StoreError> {
+    let batch = WriteBatch {
+        claims: vec![limit],
+        owner: owner.to_owned(),
+        ..WriteBatch::default()
+    };
+    let mut outcome = store.write(&batch, now, POLICY).await?;
+    Ok(outcome.claimed.pop().unwrap_or_default())
+}
+
 async fn update(store: &dyn Store, update: GuardedUpdate, now: Micros) -> bool {
     let batch = WriteBatch {
         updates: vec![update],
@@ -114,8 +130,7 @@ async fn update(store: &dyn Store, update: GuardedUpdate, now: Micros) -> bool {
 async fn a_stale_report_is_rejected(store: Arc<dyn Store>) {
     let store = store.as_ref();
     enqueue_at(store, vec![vec![new_job("a", 5)]], clock::now()).await;
-    let first = store
-        .claim(1, clock::now(), OWNER)
+    let first = claim(store, 1, clock::now(), OWNER)
         .await
         .unwrap()
         .pop()
@@ -128,8 +143,7 @@ async fn a_stale_report_is_rejected(store: Arc<dyn Store>) {
         ..finish(&first, Outcome::Interrupted, clock::now())
     };
     assert!(update(store, recovered, clock::now()).await);
-    let second = store
-        .claim(1, clock::now(), OWNER)
+    let second = claim(store, 1, clock::now(), OWNER)
         .await
         .unwrap()
         .pop()
@@ -161,6 +175,91 @@ async fn a_stale_report_is_rejected(store: Arc<dyn Store>) {
     let runs = store.runs("a").await.unwrap();
     assert_eq!(runs.len(), 1);
     assert_eq!((runs[0].run, runs[0].outcome.as_deref()), (2, Some("ok")));
+}
+
+/// One batch can enqueue, record starts, settle runs and claim: claims come last, so they see what the batch
+/// enqueued; two reports of the same run in one batch apply once; generated ids follow request order.
+async fn one_batch_does_everything_in_order(store: Arc<dyn Store>) {
+    let store = store.as_ref();
+    let generated = |priority| NewJob {
+        id: None,
+        ..new_job("unused", priority)
+    };
+    let batch = WriteBatch {
+        enqueues: vec![vec![generated(5), generated(5)], vec![generated(5)]],
+        claims: vec![1],
+        owner: OWNER.to_owned(),
+        durable: true,
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let ids: Vec<Vec<String>> = outcome
+        .enqueued
+        .iter()
+        .map(|request| {
+            request
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|job| job.id.clone())
+                .collect()
+        })
+        .collect();
+    assert_eq!(ids, [vec!["job1", "job2"], vec!["job3"]]);
+    assert_eq!(outcome.claimed.len(), 1);
+    let first = &outcome.claimed[0][0];
+    assert_eq!((first.id.as_str(), first.runs), ("job1", 1));
+
+    let now = clock::now();
+    let mut report = finish(first, Outcome::Succeeded, now);
+    report.ended.as_mut().unwrap().output = b"\xff\x00binary".to_vec();
+    let batch = WriteBatch {
+        starts: vec![queuectl::store::RunStarted {
+            job_id: first.id.clone(),
+            run: 1,
+            worker: 3,
+            pgid: Some(4242),
+            started_at: now,
+        }],
+        updates: vec![report.clone(), report],
+        claims: vec![1, 1, 5],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    assert_eq!(
+        outcome.applied,
+        [true, false],
+        "the second report of run 1 is stale"
+    );
+    let sizes: Vec<usize> = outcome.claimed.iter().map(Vec::len).collect();
+    assert_eq!(
+        sizes,
+        [1, 1, 0],
+        "each claim gets at most its limit, in order"
+    );
+    let mut claimed: Vec<&str> = outcome
+        .claimed
+        .iter()
+        .flatten()
+        .map(|job| job.id.as_str())
+        .collect();
+    claimed.sort_unstable();
+    assert_eq!(claimed, ["job2", "job3"]);
+    assert_eq!(
+        store.get("job1").await.unwrap().unwrap().state,
+        JobState::Completed
+    );
+    let runs = store.runs("job1").await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].worker, 3);
+    assert_eq!(runs[0].outcome.as_deref(), Some("ok"));
+    assert_eq!(runs[0].output, b"\xff\x00binary");
+    let mut counts = store.counts().await.unwrap();
+    assert_eq!(counts[JobState::Processing as usize], 2);
+    counts[JobState::Processing as usize] = 0;
+    counts[JobState::Completed as usize] -= 1;
+    assert_eq!(counts, [0; 5]);
 }
 
 /// A duplicate id refuses its own request whole and leaves the other requests of the batch stored.
@@ -207,21 +306,19 @@ async fn claims_follow_priority_and_fifo(store: Arc<dyn Store>) {
         enqueue_at(store, vec![vec![new_job(id, priority)]], clock::now()).await;
     }
     let mut order = Vec::new();
-    while let Some(job) = store.claim(1, clock::now(), OWNER).await.unwrap().pop() {
+    while let Some(job) = claim(store, 1, clock::now(), OWNER).await.unwrap().pop() {
         order.push(job.id);
     }
     assert_eq!(order, ["high", "mid-a", "mid-b", "low"]);
     assert!(
-        store
-            .claim(5, clock::now(), OWNER)
+        claim(store, 5, clock::now(), OWNER)
             .await
             .unwrap()
             .is_empty()
     );
 
     enqueue_at(store, vec![vec![new_job("retry", 5)]], clock::now()).await;
-    let claimed = store
-        .claim(1, clock::now(), OWNER)
+    let claimed = claim(store, 1, clock::now(), OWNER)
         .await
         .unwrap()
         .pop()
@@ -239,8 +336,7 @@ async fn claims_follow_priority_and_fifo(store: Arc<dyn Store>) {
         "{due:?}"
     );
     assert!(
-        store
-            .claim(1, clock::now(), OWNER)
+        claim(store, 1, clock::now(), OWNER)
             .await
             .unwrap()
             .is_empty(),
@@ -267,13 +363,13 @@ async fn aging_lets_old_jobs_overtake_on_sqlite() {
 
     let now = 601 * second;
     let mut order = Vec::new();
-    while let Some(job) = store.claim(1, now, OWNER).await.unwrap().pop() {
+    while let Some(job) = claim(store, 1, now, OWNER).await.unwrap().pop() {
         order.push(job.id);
     }
     assert_eq!(order, ["high", "mid-a", "mid-b", "old-low", "late-high"]);
 
     enqueue_at(store, vec![vec![new_job("retry", 5)]], now).await;
-    let claimed = store.claim(1, now, OWNER).await.unwrap().pop().unwrap();
+    let claimed = claim(store, 1, now, OWNER).await.unwrap().pop().unwrap();
     let failed = finish(&claimed, Outcome::Failed(job::Failure::Exit(1)), now);
     let run_after = failed.settled.run_after;
     assert!(update(store, failed, now).await);
@@ -282,14 +378,13 @@ async fn aging_lets_old_jobs_overtake_on_sqlite() {
         Some(Duration::from_micros((run_after - now) as u64))
     );
     assert!(
-        store
-            .claim(1, run_after - 1, OWNER)
+        claim(store, 1, run_after - 1, OWNER)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(
-        store.claim(1, run_after, OWNER).await.unwrap()[0].id,
+        claim(store, 1, run_after, OWNER).await.unwrap()[0].id,
         "retry"
     );
 }
@@ -301,7 +396,7 @@ async fn listing_pages_through_every_job_once(store: Arc<dyn Store>) {
         .map(|n| new_job(&format!("j{n:02}"), 1 + (n % 3) as u8))
         .collect();
     enqueue_at(store, vec![jobs], clock::now()).await;
-    store.claim(4, clock::now(), OWNER).await.unwrap();
+    claim(store, 4, clock::now(), OWNER).await.unwrap();
 
     let mut expected: Vec<(u8, String)> = (0..25)
         .map(|n| (1 + (n % 3) as u8, format!("j{n:02}")))
@@ -351,6 +446,11 @@ async fn stale_reports_are_rejected() {
 #[tokio::test]
 async fn duplicate_ids_roll_back_only_their_request() {
     for_each_backend(a_duplicate_id_rolls_back_only_its_request).await;
+}
+
+#[tokio::test]
+async fn one_batch_enqueues_starts_settles_and_claims() {
+    for_each_backend(one_batch_does_everything_in_order).await;
 }
 
 #[tokio::test]

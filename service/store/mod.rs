@@ -70,6 +70,12 @@ pub struct WriteBatch {
     pub enqueues: Vec<Vec<NewJob>>,
     pub starts: Vec<RunStarted>,
     pub updates: Vec<GuardedUpdate>,
+    /// Claims for `owner`'s idle workers, each for up to that many ready jobs. Claims come after the rest of the
+    /// batch, so a worker's finish and its next claim share one commit, and a job enqueued in the batch can be
+    /// claimed in it.
+    pub claims: Vec<u32>,
+    /// The server writing: the owner of the jobs it claims.
+    pub owner: String,
     /// The commit must reach the disk before anyone is told (fsync). Losing a claim or a finish to a power cut
     /// only reruns a job; losing an acknowledged enqueue would lose it.
     pub durable: bool,
@@ -81,6 +87,26 @@ pub struct WriteOutcome {
     pub enqueued: Vec<Result<Vec<Job>, EnqueueRejected>>,
     /// One entry per `WriteBatch::updates` entry: whether its guard matched.
     pub applied: Vec<bool>,
+    /// One entry per `WriteBatch::claims` entry: the jobs it claimed, now processing.
+    pub claimed: Vec<Vec<Job>>,
+}
+
+impl WriteBatch {
+    /// How many jobs the batch's claims ask for in all.
+    pub fn claim_limit(&self) -> u32 {
+        self.claims
+            .iter()
+            .fold(0, |sum, limit| sum.saturating_add(*limit))
+    }
+}
+
+/// Hands the jobs claimed for a whole batch to its claims in order, each up to its limit.
+pub fn deal_claims(claims: &[u32], jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut jobs = jobs.into_iter();
+    claims
+        .iter()
+        .map(|limit| jobs.by_ref().take(*limit as usize).collect())
+        .collect()
 }
 
 /// A job some worker was running, with the process group it ran in.
@@ -167,7 +193,8 @@ pub struct RunRecord {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies `batch` in one transaction. `now` stamps new jobs; `policy` orders them.
+    /// Applies `batch` in one transaction. `now` stamps new jobs; `policy` orders them. A claim moves ready jobs
+    /// (pending, or failed with `run_after <= now`) to processing, best first, and starts a new run of each.
     async fn write(
         &self,
         batch: &WriteBatch,
@@ -178,10 +205,6 @@ pub trait Store: Send + Sync + 'static {
     /// How long a claim holds without renewal, when several servers share the database; `None` when one server
     /// owns it and recovers everything at its start.
     fn lease(&self) -> Option<Duration>;
-
-    /// Moves up to `limit` ready jobs (pending, or failed with `run_after <= now`) to processing for `owner`, best
-    /// first, and starts a new run of each.
-    async fn claim(&self, limit: u32, now: Micros, owner: &str) -> Result<Vec<Job>, StoreError>;
 
     /// How long until the earliest waiting job is due (zero if one is due already); `None` if none waits.
     async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError>;

@@ -270,6 +270,35 @@ async fn apply_update(
     Ok(true)
 }
 
+async fn claim_jobs(
+    conn: &mut PgConnection,
+    limit: u32,
+    owner: &str,
+    lease: i64,
+) -> Result<Vec<JobRow>, sqlx::Error> {
+    const SQL: &str = concat!(
+        "WITH picked AS (
+             SELECT seq FROM jobs
+             WHERE state IN ('pending', 'failed') AND run_after <= queuectl_now()
+             ORDER BY queue_key, seq LIMIT $1
+             FOR UPDATE SKIP LOCKED)
+         UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
+                         owner = $2, lease_expires_at = queuectl_now() + $3
+         FROM picked WHERE jobs.seq = picked.seq
+         RETURNING ",
+        job_columns!()
+    );
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    sqlx::query_as(SQL)
+        .bind(i64::from(limit))
+        .bind(owner)
+        .bind(lease)
+        .fetch_all(conn)
+        .await
+}
+
 #[async_trait]
 impl Store for PgStore {
     async fn write(
@@ -278,7 +307,8 @@ impl Store for PgStore {
         now: Micros,
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
-        let (enqueued, applied) = self
+        let lease = self.lease_micros();
+        let (enqueued, applied, claimed) = self
             .transaction(batch.durable, async |conn| {
                 let mut enqueued = Vec::with_capacity(batch.enqueues.len());
                 for jobs in &batch.enqueues {
@@ -297,7 +327,8 @@ impl Store for PgStore {
                 if waiting || enqueued.iter().any(Result::is_ok) {
                     announce(conn, JOBS_CHANNEL).await?;
                 }
-                Ok((enqueued, applied))
+                let claimed = claim_jobs(conn, batch.claim_limit(), &batch.owner, lease).await?;
+                Ok((enqueued, applied, claimed))
             })
             .await?;
         let enqueued = enqueued
@@ -307,38 +338,15 @@ impl Store for PgStore {
                 Err(rejected) => Ok(Err(rejected)),
             })
             .collect::<Result<_, _>>()?;
-        Ok(WriteOutcome { enqueued, applied })
+        Ok(WriteOutcome {
+            enqueued,
+            applied,
+            claimed: super::deal_claims(&batch.claims, row::jobs(claimed)?),
+        })
     }
 
     fn lease(&self) -> Option<Duration> {
         Some(self.lease)
-    }
-
-    async fn claim(&self, limit: u32, _now: Micros, owner: &str) -> Result<Vec<Job>, StoreError> {
-        const SQL: &str = concat!(
-            "WITH picked AS (
-                 SELECT seq FROM jobs
-                 WHERE state IN ('pending', 'failed') AND run_after <= queuectl_now()
-                 ORDER BY queue_key, seq LIMIT $1
-                 FOR UPDATE SKIP LOCKED)
-             UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
-                             owner = $2, lease_expires_at = queuectl_now() + $3
-             FROM picked WHERE jobs.seq = picked.seq
-             RETURNING ",
-            job_columns!()
-        );
-        let lease = self.lease_micros();
-        let rows: Vec<JobRow> = self
-            .transaction(false, async |conn| {
-                sqlx::query_as(SQL)
-                    .bind(i64::from(limit))
-                    .bind(owner)
-                    .bind(lease)
-                    .fetch_all(conn)
-                    .await
-            })
-            .await?;
-        row::jobs(rows)
     }
 
     async fn next_due(&self, _now: Micros) -> Result<Option<Duration>, StoreError> {

@@ -16,7 +16,7 @@ macro_rules! job_columns {
 }
 pub(crate) use job_columns;
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, serde::Deserialize)]
 pub struct JobRow {
     pub id: String,
     pub command: String,

@@ -1,6 +1,7 @@
 //! The embedded SQLite store: one writer connection (SQLite takes one writer at a time, and waiting on our own
 //! pool is cheaper than its busy loop) and a small pool of readers beside it, in WAL mode.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -19,7 +20,7 @@ use super::{
     Cursor, EnqueueRejected, GuardedUpdate, InFlight, ListFilter, Page, RunRecord, RunStarted,
     ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
 };
-use crate::job::{self, Job, Micros, NewJob, Policy};
+use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -143,36 +144,130 @@ async fn next_job_numbers(conn: &mut SqliteConnection, count: i64) -> Result<i64
     .await
 }
 
-/// Inserts one job; `None` when its id is taken.
-async fn insert_job(
+// sqlx hands every statement to its SQLite thread, and every row a statement returns back one message at a time;
+// each hand-off costs more than the SQL itself. So each kind of write in a batch is one statement over a JSON array
+// of rows (`json_each`), whatever the number of jobs, and what a write must report back comes as one row (a JSON
+// aggregate) or not at all.
+
+fn to_json(rows: &(impl serde::Serialize + ?Sized)) -> Result<String, sqlx::Error> {
+    serde_json::to_string(rows).map_err(|error| sqlx::Error::Encode(Box::new(error)))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Error> {
+    serde_json::from_str(text).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+}
+
+/// A job to insert, as the enqueue statement reads it.
+#[derive(serde::Serialize)]
+struct NewRow<'a> {
+    id: String,
+    command: &'a str,
+    priority: u8,
+    max_retries: u32,
+    timeout_secs: Option<i64>,
+    queue_key: i64,
+}
+
+impl<'a> NewRow<'a> {
+    fn of(id: String, job: &'a NewJob, now: Micros, policy: Policy) -> Self {
+        NewRow {
+            id,
+            command: &job.command,
+            priority: job.priority,
+            max_retries: job.max_retries,
+            timeout_secs: job.timeout_secs.map(saturating_i64),
+            queue_key: job::queue_key(now, job.priority, policy.aging_interval_secs),
+        }
+    }
+
+    /// The job as the insert stored it.
+    fn stored(self, job: &NewJob, now: Micros) -> Job {
+        Job {
+            id: self.id,
+            command: job.command.clone(),
+            state: JobState::Pending,
+            attempts: 0,
+            max_retries: job.max_retries,
+            priority: job.priority,
+            timeout_secs: job.timeout_secs,
+            runs: 0,
+            created_at: now,
+            updated_at: now,
+            run_after: now,
+            last_error: None,
+        }
+    }
+}
+
+/// Inserts `rows`, skipping those whose id is taken; returns how many it inserted.
+async fn insert_jobs(
     conn: &mut SqliteConnection,
-    id: &str,
-    job: &NewJob,
+    rows: &[NewRow<'_>],
     now: Micros,
-    policy: Policy,
-) -> Result<Option<JobRow>, sqlx::Error> {
-    const SQL: &str = concat!(
+) -> Result<u64, sqlx::Error> {
+    // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT, not to a join.
+    let inserted = sqlx::query(
         "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
                            updated_at, run_after)
-         VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, ?7, ?7, ?7)
-         ON CONFLICT (id) DO NOTHING
-         RETURNING ",
-        job_columns!()
-    );
-    sqlx::query_as(SQL)
-        .bind(id)
-        .bind(&job.command)
-        .bind(i64::from(job.priority))
-        .bind(i64::from(job.max_retries))
-        .bind(job.timeout_secs.map(saturating_i64))
-        .bind(job::queue_key(
-            now,
-            job.priority,
-            policy.aging_interval_secs,
-        ))
-        .bind(now)
-        .fetch_optional(conn)
-        .await
+         SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
+                r.value ->> 'max_retries', r.value ->> 'timeout_secs', r.value ->> 'queue_key', ?2, ?2, ?2
+         FROM json_each(?1) AS r WHERE true
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(to_json(rows)?)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(inserted.rows_affected())
+}
+
+/// Stores every request of a batch with one statement. `None` (and nothing stored) if some id was taken: then
+/// each request must be stored on its own, to reject just the requests that hold a taken id.
+async fn enqueue_together(
+    conn: &mut SqliteConnection,
+    requests: &[Vec<NewJob>],
+    now: Micros,
+    policy: Policy,
+) -> Result<Option<Vec<Vec<Job>>>, sqlx::Error> {
+    let mut savepoint = conn.begin().await?;
+    let generated = requests
+        .iter()
+        .flatten()
+        .filter(|job| job.id.is_none())
+        .count();
+    let mut number = match generated {
+        0 => 0,
+        count => next_job_numbers(&mut savepoint, i64::try_from(count).unwrap_or(i64::MAX)).await?,
+    };
+    let rows: Vec<NewRow> = requests
+        .iter()
+        .flatten()
+        .map(|job| {
+            let id = job.id.clone().unwrap_or_else(|| {
+                number += 1;
+                format!("job{}", number - 1)
+            });
+            NewRow::of(id, job, now, policy)
+        })
+        .collect();
+    if insert_jobs(&mut savepoint, &rows, now).await? != rows.len() as u64 {
+        savepoint.rollback().await?;
+        return Ok(None);
+    }
+    savepoint.commit().await?;
+    let mut rows = rows.into_iter();
+    Ok(Some(
+        requests
+            .iter()
+            .map(|request| {
+                request
+                    .iter()
+                    .zip(rows.by_ref())
+                    .map(|(job, row)| row.stored(job, now))
+                    .collect()
+            })
+            .collect(),
+    ))
 }
 
 /// Stores one request's jobs, or none of them if an id is taken.
@@ -181,36 +276,27 @@ async fn enqueue_request(
     jobs: &[NewJob],
     now: Micros,
     policy: Policy,
-) -> Result<Result<Vec<JobRow>, EnqueueRejected>, sqlx::Error> {
+) -> Result<Result<Vec<Job>, EnqueueRejected>, sqlx::Error> {
     let mut savepoint = conn.begin().await?;
     let mut stored = Vec::with_capacity(jobs.len());
-    // One statement reserves a number for every job without an id, instead of one statement per job.
-    let generated =
-        i64::try_from(jobs.iter().filter(|job| job.id.is_none()).count()).unwrap_or(i64::MAX);
-    let mut reserved = match generated {
-        0 => 0..0,
-        count => {
-            let first = next_job_numbers(&mut savepoint, count).await?;
-            first..first + count
-        }
-    };
     for new_job in jobs {
-        let inserted = match &new_job.id {
-            Some(id) => insert_job(&mut savepoint, id, new_job, now, policy).await?,
+        let id = match &new_job.id {
+            Some(id) => {
+                let row = NewRow::of(id.clone(), new_job, now, policy);
+                (insert_jobs(&mut savepoint, std::slice::from_ref(&row), now).await? == 1)
+                    .then_some(row)
+            }
             // A generated id can collide with one a person chose; then take the next number.
             None => loop {
-                let number = match reserved.next() {
-                    Some(number) => number,
-                    None => next_job_numbers(&mut savepoint, 1).await?,
-                };
-                let id = format!("job{number}");
-                if let Some(job) = insert_job(&mut savepoint, &id, new_job, now, policy).await? {
-                    break Some(job);
+                let number = next_job_numbers(&mut savepoint, 1).await?;
+                let row = NewRow::of(format!("job{number}"), new_job, now, policy);
+                if insert_jobs(&mut savepoint, std::slice::from_ref(&row), now).await? == 1 {
+                    break Some(row);
                 }
             },
         };
-        match inserted {
-            Some(job) => stored.push(job),
+        match id {
+            Some(row) => stored.push(row.stored(new_job, now)),
             None => {
                 savepoint.rollback().await?;
                 let id = new_job.id.clone().unwrap_or_default();
@@ -222,76 +308,297 @@ async fn enqueue_request(
     Ok(Ok(stored))
 }
 
-async fn record_start(conn: &mut SqliteConnection, start: &RunStarted) -> Result<(), sqlx::Error> {
-    let seq: Option<i64> = sqlx::query_scalar(
-        "UPDATE jobs SET pgid = ?1 WHERE id = ?2 AND state = 'processing' AND runs = ?3 RETURNING seq",
+async fn enqueue_all(
+    conn: &mut SqliteConnection,
+    requests: &[Vec<NewJob>],
+    now: Micros,
+    policy: Policy,
+) -> Result<Vec<Result<Vec<Job>, EnqueueRejected>>, sqlx::Error> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Some(stored) = enqueue_together(conn, requests, now, policy).await? {
+        return Ok(stored.into_iter().map(Ok).collect());
+    }
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for jobs in requests {
+        outcomes.push(enqueue_request(conn, jobs, now, policy).await?);
+    }
+    Ok(outcomes)
+}
+
+/// Splits `items` into rounds in which no job appears twice, keeping their order: each round is checked and
+/// written by set-based statements, in which a job listed twice would be matched twice.
+fn rounds<T>(items: &[T], job_id: impl Fn(&T) -> &str) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut round_of: HashMap<&str, usize> = HashMap::new();
+    for (index, item) in items.iter().enumerate() {
+        let round = round_of
+            .entry(job_id(item))
+            .and_modify(|round| *round += 1)
+            .or_insert(0);
+        if *round == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(index);
+    }
+    rounds
+}
+
+/// The guard of each row of `rows` (a JSON array of `{id, state, runs}`) that matches its job: `(position in
+/// rows, the job's seq)`. The writer holds the database's write lock, so the match holds until it commits.
+async fn matching_guards(
+    conn: &mut SqliteConnection,
+    rows: String,
+) -> Result<Vec<(usize, i64)>, sqlx::Error> {
+    let matched: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(g.key, jobs.seq))
+         FROM json_each(?1) AS g
+         JOIN jobs ON jobs.id = g.value ->> 'id' AND jobs.state = g.value ->> 'state'
+                  AND jobs.runs = g.value ->> 'runs'",
     )
-    .bind(start.pgid)
-    .bind(&start.job_id)
-    .bind(i64::from(start.run))
-    .fetch_optional(&mut *conn)
+    .bind(rows)
+    .fetch_one(conn)
     .await?;
-    let Some(seq) = seq else {
+    from_json(&matched)
+}
+
+/// A guard as [`matching_guards`] reads it.
+#[derive(serde::Serialize)]
+struct Guard<'a> {
+    id: &'a str,
+    state: &'a str,
+    runs: u32,
+}
+
+/// A run row to insert or complete, as [`upsert_runs`] reads it.
+#[derive(serde::Serialize)]
+struct RunRowJson<'a> {
+    seq: i64,
+    run: u32,
+    worker: u32,
+    started_at: Micros,
+    finished_at: Option<Micros>,
+    outcome: Option<&'a str>,
+    /// Hex, since JSON has no bytes; `unhex` turns it back.
+    output: String,
+    truncated: bool,
+}
+
+/// Inserts run rows, or completes those that exist.
+async fn upsert_runs(
+    conn: &mut SqliteConnection,
+    runs: &[RunRowJson<'_>],
+) -> Result<(), sqlx::Error> {
+    if runs.is_empty() {
         return Ok(());
-    };
+    }
     sqlx::query(
-        "INSERT INTO job_runs (job_seq, run, worker, started_at) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (job_seq, run) DO NOTHING",
+        "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
+         SELECT r.value ->> 'seq', r.value ->> 'run', r.value ->> 'worker', r.value ->> 'started_at',
+                r.value ->> 'finished_at', r.value ->> 'outcome', coalesce(unhex(r.value ->> 'output'), x''),
+                r.value ->> 'truncated'
+         FROM json_each(?1) AS r WHERE true
+         ON CONFLICT (job_seq, run) DO UPDATE SET
+             finished_at = excluded.finished_at, outcome = excluded.outcome,
+             output = excluded.output, truncated = excluded.truncated
+         WHERE excluded.finished_at IS NOT NULL",
     )
-    .bind(seq)
-    .bind(i64::from(start.run))
-    .bind(i64::from(start.worker))
-    .bind(start.started_at)
+    .bind(to_json(runs)?)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-async fn apply_update(
+async fn record_starts(
     conn: &mut SqliteConnection,
-    update: &GuardedUpdate,
-    now: Micros,
-) -> Result<bool, sqlx::Error> {
-    let settled = &update.settled;
-    let seq: Option<i64> = sqlx::query_scalar(
-        "UPDATE jobs SET state = ?1, attempts = ?2, run_after = ?3, queue_key = ?4, last_error = ?5,
-                         updated_at = ?6, pgid = NULL
-         WHERE id = ?7 AND state = ?8 AND runs = ?9
-         RETURNING seq",
-    )
-    .bind(settled.state.as_str())
-    .bind(i64::from(settled.attempts))
-    .bind(settled.run_after)
-    .bind(settled.queue_key)
-    .bind(&settled.last_error)
-    .bind(now)
-    .bind(&update.job_id)
-    .bind(update.expect_state.as_str())
-    .bind(i64::from(update.expect_runs))
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(seq) = seq else {
-        return Ok(false);
-    };
-    if let Some(ended) = &update.ended {
+    starts: &[RunStarted],
+) -> Result<(), sqlx::Error> {
+    for round in rounds(starts, |start| &start.job_id) {
+        let guards: Vec<Guard> = round
+            .iter()
+            .map(|index| Guard {
+                id: &starts[*index].job_id,
+                state: JobState::Processing.as_str(),
+                runs: starts[*index].run,
+            })
+            .collect();
+        let started: Vec<(&RunStarted, i64)> = matching_guards(conn, to_json(&guards)?)
+            .await?
+            .into_iter()
+            .map(|(position, seq)| (&starts[round[position]], seq))
+            .collect();
+        if started.is_empty() {
+            continue;
+        }
+        let pgids: Vec<(i64, Option<i64>)> = started
+            .iter()
+            .map(|(start, seq)| (*seq, start.pgid))
+            .collect();
         sqlx::query(
-            "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
-             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7)
-             ON CONFLICT (job_seq, run) DO UPDATE SET
-                 finished_at = excluded.finished_at, outcome = excluded.outcome,
-                 output = excluded.output, truncated = excluded.truncated",
+            "UPDATE jobs SET pgid = s.value ->> 1 FROM json_each(?1) AS s WHERE jobs.seq = s.value ->> 0",
         )
-        .bind(seq)
-        .bind(i64::from(update.expect_runs))
-        .bind(i64::from(ended.worker))
-        .bind(now)
-        .bind(&ended.outcome)
-        .bind(&ended.output)
-        .bind(ended.truncated)
-        .execute(conn)
+        .bind(to_json(&pgids)?)
+        .execute(&mut *conn)
         .await?;
+        let runs: Vec<RunRowJson> = started
+            .iter()
+            .map(|(start, seq)| RunRowJson {
+                seq: *seq,
+                run: start.run,
+                worker: start.worker,
+                started_at: start.started_at,
+                finished_at: None,
+                outcome: None,
+                output: String::new(),
+                truncated: false,
+            })
+            .collect();
+        upsert_runs(conn, &runs).await?;
     }
-    Ok(true)
+    Ok(())
+}
+
+/// Applies guarded updates; one flag per update, whether its guard matched.
+async fn apply_updates(
+    conn: &mut SqliteConnection,
+    updates: &[GuardedUpdate],
+    now: Micros,
+) -> Result<Vec<bool>, sqlx::Error> {
+    #[derive(serde::Serialize)]
+    struct Change<'a> {
+        seq: i64,
+        state: &'a str,
+        attempts: u32,
+        run_after: Micros,
+        queue_key: i64,
+        last_error: Option<&'a str>,
+    }
+    let mut applied = vec![false; updates.len()];
+    for round in rounds(updates, |update| &update.job_id) {
+        let guards: Vec<Guard> = round
+            .iter()
+            .map(|index| Guard {
+                id: &updates[*index].job_id,
+                state: updates[*index].expect_state.as_str(),
+                runs: updates[*index].expect_runs,
+            })
+            .collect();
+        let matched = matching_guards(conn, to_json(&guards)?).await?;
+        if matched.is_empty() {
+            continue;
+        }
+        let mut changes = Vec::with_capacity(matched.len());
+        let mut ended = Vec::new();
+        for (position, seq) in matched {
+            let index = round[position];
+            applied[index] = true;
+            let update = &updates[index];
+            let settled = &update.settled;
+            changes.push(Change {
+                seq,
+                state: settled.state.as_str(),
+                attempts: settled.attempts,
+                run_after: settled.run_after,
+                queue_key: settled.queue_key,
+                last_error: settled.last_error.as_deref(),
+            });
+            if let Some(end) = &update.ended {
+                ended.push(RunRowJson {
+                    seq,
+                    run: update.expect_runs,
+                    worker: end.worker,
+                    started_at: now,
+                    finished_at: Some(now),
+                    outcome: Some(&end.outcome),
+                    output: hex(&end.output),
+                    truncated: end.truncated,
+                });
+            }
+        }
+        sqlx::query(
+            "UPDATE jobs SET state = c.value ->> 'state', attempts = c.value ->> 'attempts',
+                             run_after = c.value ->> 'run_after', queue_key = c.value ->> 'queue_key',
+                             last_error = c.value ->> 'last_error', updated_at = ?2, pgid = NULL
+             FROM json_each(?1) AS c
+             WHERE jobs.seq = c.value ->> 'seq'",
+        )
+        .bind(to_json(&changes)?)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        upsert_runs(conn, &ended).await?;
+    }
+    Ok(applied)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+    text
+}
+
+/// Moves up to `limit` ready jobs to processing, best first, and returns them as they are now.
+async fn claim_jobs(
+    conn: &mut SqliteConnection,
+    limit: u32,
+    now: Micros,
+) -> Result<Vec<Job>, sqlx::Error> {
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    // Without the index named, SQLite may pick jobs_by_state and sort every waiting job on each claim: with
+    // many jobs waiting (retries, jobs not due yet) that made claiming cost milliseconds.
+    let picked: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_object(
+                    'seq', seq, 'id', id, 'command', command, 'state', state, 'priority', priority,
+                    'attempts', attempts, 'max_retries', max_retries, 'timeout_secs', timeout_secs, 'runs', runs,
+                    'created_at', created_at, 'updated_at', updated_at, 'run_after', run_after,
+                    'last_error', last_error))
+         FROM (SELECT * FROM jobs INDEXED BY jobs_ready
+               WHERE state IN ('pending', 'failed') AND run_after <= ?1
+               ORDER BY queue_key, seq LIMIT ?2)",
+    )
+    .bind(now)
+    .bind(i64::from(limit))
+    .fetch_one(&mut *conn)
+    .await?;
+    let picked: Vec<PickedRow> = from_json(&picked)?;
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let seqs: Vec<i64> = picked.iter().map(|picked| picked.seq).collect();
+    sqlx::query(
+        "UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = ?1, pgid = NULL
+         WHERE seq IN (SELECT value FROM json_each(?2))",
+    )
+    .bind(now)
+    .bind(to_json(&seqs)?)
+    .execute(conn)
+    .await?;
+    picked
+        .into_iter()
+        .map(|picked| {
+            let mut job = Job::try_from(picked.row)?;
+            job.state = JobState::Processing;
+            job.runs += 1;
+            job.updated_at = now;
+            Ok(job)
+        })
+        .collect::<Result<_, StoreError>>()
+        .map_err(|error| sqlx::Error::Decode(Box::new(error)))
+}
+
+/// A job row as [`claim_jobs`] reads it, with its `seq`.
+#[derive(serde::Deserialize)]
+struct PickedRow {
+    seq: i64,
+    #[serde(flatten)]
+    row: JobRow,
 }
 
 fn saturating_i64(value: u64) -> i64 {
@@ -306,57 +613,24 @@ impl Store for SqliteStore {
         now: Micros,
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
-        let (enqueued, applied) = self
+        let (enqueued, applied, claimed) = self
             .transaction(batch.durable, async |conn| {
-                let mut enqueued = Vec::with_capacity(batch.enqueues.len());
-                for jobs in &batch.enqueues {
-                    enqueued.push(enqueue_request(conn, jobs, now, policy).await?);
-                }
-                for start in &batch.starts {
-                    record_start(conn, start).await?;
-                }
-                let mut applied = Vec::with_capacity(batch.updates.len());
-                for update in &batch.updates {
-                    applied.push(apply_update(conn, update, now).await?);
-                }
-                Ok((enqueued, applied))
+                let enqueued = enqueue_all(conn, &batch.enqueues, now, policy).await?;
+                record_starts(conn, &batch.starts).await?;
+                let applied = apply_updates(conn, &batch.updates, now).await?;
+                let claimed = claim_jobs(conn, batch.claim_limit(), now).await?;
+                Ok((enqueued, applied, claimed))
             })
             .await?;
-        let enqueued = enqueued
-            .into_iter()
-            .map(|request| match request {
-                Ok(rows) => row::jobs(rows).map(Ok),
-                Err(rejected) => Ok(Err(rejected)),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(WriteOutcome { enqueued, applied })
+        Ok(WriteOutcome {
+            enqueued,
+            applied,
+            claimed: super::deal_claims(&batch.claims, claimed),
+        })
     }
 
     fn lease(&self) -> Option<Duration> {
         None
-    }
-
-    async fn claim(&self, limit: u32, now: Micros, _owner: &str) -> Result<Vec<Job>, StoreError> {
-        // Without the index named, SQLite may pick jobs_by_state and sort every waiting job on each claim: with
-        // many jobs waiting (retries, jobs not due yet) that made claiming cost milliseconds.
-        const SQL: &str = concat!(
-            "UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = ?1, pgid = NULL
-             WHERE seq IN (SELECT seq FROM jobs INDEXED BY jobs_ready
-                           WHERE state IN ('pending', 'failed') AND run_after <= ?1
-                           ORDER BY queue_key, seq LIMIT ?2)
-             RETURNING ",
-            job_columns!()
-        );
-        let rows: Vec<JobRow> = self
-            .transaction(false, async |conn| {
-                sqlx::query_as(SQL)
-                    .bind(now)
-                    .bind(i64::from(limit))
-                    .fetch_all(conn)
-                    .await
-            })
-            .await?;
-        row::jobs(rows)
     }
 
     async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError> {
