@@ -271,6 +271,12 @@ pub fn queue_key(ready_at: Micros, priority: u8, aging_interval_secs: u64) -> i6
     ready_at.saturating_add(offset)
 }
 
+/// No job that is ready at `now` has a key above this (a job of the lowest priority that became ready just now),
+/// so a claim can stop its index scan here instead of walking every job that is not due yet.
+pub fn last_ready_key(now: Micros, aging_interval_secs: u64) -> i64 {
+    queue_key(now, *PRIORITY_RANGE.end(), aging_interval_secs)
+}
+
 pub fn secs_to_micros(secs: u64) -> i64 {
     i64::try_from(secs)
         .unwrap_or(i64::MAX)

@@ -275,11 +275,14 @@ async fn claim_jobs(
     limit: u32,
     owner: &str,
     lease: i64,
+    policy: Policy,
 ) -> Result<Vec<JobRow>, sqlx::Error> {
+    // The bound on queue_key ends the index scan before the jobs that are not due yet (see job::last_ready_key).
     const SQL: &str = concat!(
         "WITH picked AS (
              SELECT seq FROM jobs
              WHERE state IN ('pending', 'failed') AND run_after <= queuectl_now()
+               AND queue_key <= queuectl_now() + $4
              ORDER BY queue_key, seq LIMIT $1
              FOR UPDATE SKIP LOCKED)
          UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
@@ -295,6 +298,7 @@ async fn claim_jobs(
         .bind(i64::from(limit))
         .bind(owner)
         .bind(lease)
+        .bind(job::last_ready_key(0, policy.aging_interval_secs))
         .fetch_all(conn)
         .await
 }
@@ -327,7 +331,8 @@ impl Store for PgStore {
                 if waiting || enqueued.iter().any(Result::is_ok) {
                     announce(conn, JOBS_CHANNEL).await?;
                 }
-                let claimed = claim_jobs(conn, batch.claim_limit(), &batch.owner, lease).await?;
+                let claimed =
+                    claim_jobs(conn, batch.claim_limit(), &batch.owner, lease, policy).await?;
                 Ok((enqueued, applied, claimed))
             })
             .await?;

@@ -17,8 +17,8 @@ use super::row::{self, JobRow, RunRow, job_columns};
 use tokio::sync::mpsc;
 
 use super::{
-    Cursor, EnqueueRejected, GuardedUpdate, InFlight, ListFilter, Page, RunRecord, RunStarted,
-    ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+    Cursor, EnqueueRejected, GuardedUpdate, InFlight, ListFilter, Page, RunRecord, ServerRecord,
+    Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
 };
 use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
 
@@ -40,8 +40,11 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
         // No idle timeout or lifetime: a pool reaper waking up would make an idle server use CPU.
+        // No test before each acquire either: for a local file it is one more round trip per transaction, and a
+        // broken connection shows in the transaction's own first statement.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options.clone())
@@ -53,6 +56,7 @@ impl SqliteStore {
             .map_err(|error| StoreError::Internal(format!("migrating the database: {error}")))?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options.read_only(true))
@@ -144,10 +148,10 @@ async fn next_job_numbers(conn: &mut SqliteConnection, count: i64) -> Result<i64
     .await
 }
 
-// sqlx hands every statement to its SQLite thread, and every row a statement returns back one message at a time;
-// each hand-off costs more than the SQL itself. So each kind of write in a batch is one statement over a JSON array
-// of rows (`json_each`), whatever the number of jobs, and what a write must report back comes as one row (a JSON
-// aggregate) or not at all.
+// sqlx hands every statement to its SQLite thread and waits for the answer, and each hand-off costs more than a
+// small statement itself. So a batch is few round trips whatever its size: each kind of write is one statement
+// over a JSON array of rows (`json_each`), the statements of a batch travel together as one script, and what the
+// batch must report back comes as one row of JSON aggregates.
 
 fn to_json(rows: &(impl serde::Serialize + ?Sized)) -> Result<String, sqlx::Error> {
     serde_json::to_string(rows).map_err(|error| sqlx::Error::Encode(Box::new(error)))
@@ -221,23 +225,23 @@ async fn insert_jobs(
     Ok(inserted.rows_affected())
 }
 
-/// Stores every request of a batch with one statement. `None` (and nothing stored) if some id was taken: then
-/// each request must be stored on its own, to reject just the requests that hold a taken id.
+/// Stores every request of a batch with one statement, all or nothing. `None` (and nothing stored) if some id is
+/// taken: then each request is stored on its own, to reject just the requests that hold a taken id.
 async fn enqueue_together(
     conn: &mut SqliteConnection,
     requests: &[Vec<NewJob>],
     now: Micros,
     policy: Policy,
 ) -> Result<Option<Vec<Vec<Job>>>, sqlx::Error> {
-    let mut savepoint = conn.begin().await?;
     let generated = requests
         .iter()
         .flatten()
         .filter(|job| job.id.is_none())
         .count();
+    let generated = i64::try_from(generated).unwrap_or(i64::MAX);
     let mut number = match generated {
         0 => 0,
-        count => next_job_numbers(&mut savepoint, i64::try_from(count).unwrap_or(i64::MAX)).await?,
+        count => next_job_numbers(conn, count).await?,
     };
     let rows: Vec<NewRow> = requests
         .iter()
@@ -250,11 +254,36 @@ async fn enqueue_together(
             NewRow::of(id, job, now, policy)
         })
         .collect();
-    if insert_jobs(&mut savepoint, &rows, now).await? != rows.len() as u64 {
-        savepoint.rollback().await?;
+    let mut ids = std::collections::HashSet::with_capacity(rows.len());
+    let unique = rows.iter().all(|row| ids.insert(row.id.as_str()));
+    // The insert stores every row or, if one id is taken already, none (the condition is evaluated once).
+    let inserted = if unique {
+        sqlx::query(
+            "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
+                               updated_at, run_after)
+             SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
+                    r.value ->> 'max_retries', r.value ->> 'timeout_secs', r.value ->> 'queue_key', ?2, ?2, ?2
+             FROM json_each(?1) AS r
+             WHERE NOT EXISTS (SELECT 1 FROM json_each(?1) AS t JOIN jobs ON jobs.id = t.value ->> 'id')",
+        )
+        .bind(to_json(&rows)?)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+    } else {
+        0
+    };
+    if inserted != rows.len() as u64 {
+        // Give the reserved numbers back (this transaction holds the write lock, so they are still the last).
+        if generated > 0 {
+            sqlx::query("UPDATE counters SET value = value - ?1 WHERE name = 'next_job_number'")
+                .bind(generated)
+                .execute(conn)
+                .await?;
+        }
         return Ok(None);
     }
-    savepoint.commit().await?;
     let mut rows = rows.into_iter();
     Ok(Some(
         requests
@@ -345,191 +374,223 @@ fn rounds<T>(items: &[T], job_id: impl Fn(&T) -> &str) -> Vec<Vec<usize>> {
     rounds
 }
 
-/// The guard of each row of `rows` (a JSON array of `{id, state, runs}`) that matches its job: `(position in
-/// rows, the job's seq)`. The writer holds the database's write lock, so the match holds until it commits.
-async fn matching_guards(
-    conn: &mut SqliteConnection,
-    rows: String,
-) -> Result<Vec<(usize, i64)>, sqlx::Error> {
-    let matched: String = sqlx::query_scalar(
-        "SELECT json_group_array(json_array(g.key, jobs.seq))
-         FROM json_each(?1) AS g
-         JOIN jobs ON jobs.id = g.value ->> 'id' AND jobs.state = g.value ->> 'state'
-                  AND jobs.runs = g.value ->> 'runs'",
-    )
-    .bind(rows)
-    .fetch_one(conn)
-    .await?;
-    from_json(&matched)
-}
-
-/// A guard as [`matching_guards`] reads it.
+/// A recorded start, as the worker script reads it.
 #[derive(serde::Serialize)]
-struct Guard<'a> {
+struct StartRow<'a> {
     id: &'a str,
-    state: &'a str,
-    runs: u32,
-}
-
-/// A run row to insert or complete, as [`upsert_runs`] reads it.
-#[derive(serde::Serialize)]
-struct RunRowJson<'a> {
-    seq: i64,
     run: u32,
     worker: u32,
+    pgid: Option<i64>,
     started_at: Micros,
-    finished_at: Option<Micros>,
+}
+
+/// A guarded update, as the worker script reads it.
+#[derive(serde::Serialize)]
+struct UpdateRow<'a> {
+    id: &'a str,
+    expect_state: &'a str,
+    expect_runs: u32,
+    state: &'a str,
+    attempts: u32,
+    run_after: Micros,
+    queue_key: i64,
+    last_error: Option<&'a str>,
+    /// Set when the update ends its run.
+    worker: Option<u32>,
     outcome: Option<&'a str>,
     /// Hex, since JSON has no bytes; `unhex` turns it back.
-    output: String,
+    output: Option<String>,
     truncated: bool,
 }
 
-/// Inserts run rows, or completes those that exist.
-async fn upsert_runs(
-    conn: &mut SqliteConnection,
-    runs: &[RunRowJson<'_>],
-) -> Result<(), sqlx::Error> {
-    if runs.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
-         SELECT r.value ->> 'seq', r.value ->> 'run', r.value ->> 'worker', r.value ->> 'started_at',
-                r.value ->> 'finished_at', r.value ->> 'outcome', coalesce(unhex(r.value ->> 'output'), x''),
-                r.value ->> 'truncated'
-         FROM json_each(?1) AS r WHERE true
-         ON CONFLICT (job_seq, run) DO UPDATE SET
-             finished_at = excluded.finished_at, outcome = excluded.outcome,
-             output = excluded.output, truncated = excluded.truncated
-         WHERE excluded.finished_at IS NOT NULL",
-    )
-    .bind(to_json(runs)?)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
-async fn record_starts(
-    conn: &mut SqliteConnection,
-    starts: &[RunStarted],
-) -> Result<(), sqlx::Error> {
-    for round in rounds(starts, |start| &start.job_id) {
-        let guards: Vec<Guard> = round
-            .iter()
-            .map(|index| Guard {
-                id: &starts[*index].job_id,
-                state: JobState::Processing.as_str(),
-                runs: starts[*index].run,
-            })
-            .collect();
-        let started: Vec<(&RunStarted, i64)> = matching_guards(conn, to_json(&guards)?)
-            .await?
-            .into_iter()
-            .map(|(position, seq)| (&starts[round[position]], seq))
-            .collect();
-        if started.is_empty() {
-            continue;
+impl<'a> UpdateRow<'a> {
+    fn of(update: &'a GuardedUpdate) -> Self {
+        let settled = &update.settled;
+        let ended = update.ended.as_ref();
+        UpdateRow {
+            id: &update.job_id,
+            expect_state: update.expect_state.as_str(),
+            expect_runs: update.expect_runs,
+            state: settled.state.as_str(),
+            attempts: settled.attempts,
+            run_after: settled.run_after,
+            queue_key: settled.queue_key,
+            last_error: settled.last_error.as_deref(),
+            worker: ended.map(|ended| ended.worker),
+            outcome: ended.map(|ended| ended.outcome.as_str()),
+            output: ended.map(|ended| hex(&ended.output)),
+            truncated: ended.is_some_and(|ended| ended.truncated),
         }
-        let pgids: Vec<(i64, Option<i64>)> = started
-            .iter()
-            .map(|(start, seq)| (*seq, start.pgid))
-            .collect();
-        sqlx::query(
-            "UPDATE jobs SET pgid = s.value ->> 1 FROM json_each(?1) AS s WHERE jobs.seq = s.value ->> 0",
-        )
-        .bind(to_json(&pgids)?)
-        .execute(&mut *conn)
-        .await?;
-        let runs: Vec<RunRowJson> = started
-            .iter()
-            .map(|(start, seq)| RunRowJson {
-                seq: *seq,
-                run: start.run,
-                worker: start.worker,
-                started_at: start.started_at,
-                finished_at: None,
-                outcome: None,
-                output: String::new(),
-                truncated: false,
-            })
-            .collect();
-        upsert_runs(conn, &runs).await?;
     }
-    Ok(())
 }
 
-/// Applies guarded updates; one flag per update, whether its guard matched.
-async fn apply_updates(
-    conn: &mut SqliteConnection,
-    updates: &[GuardedUpdate],
+/// The jobs a claim takes: ready at `now`, best first, at most `limit`. Without the index named, SQLite may pick
+/// jobs_by_state and sort every waiting job on each claim; the bound `last_key` on queue_key ends the scan before
+/// the jobs that are not due yet, which sort after every ready one (see `job::last_ready_key`).
+macro_rules! claim_candidates {
+    () => {
+        "SELECT * FROM jobs INDEXED BY jobs_ready
+         WHERE state IN ('pending', 'failed') AND run_after <= (?1 ->> 'now')
+           AND queue_key <= (?1 ->> 'last_key')
+         ORDER BY queue_key, seq LIMIT (?1 ->> 'limit')"
+    };
+}
+
+/// What the worker script reads: its one parameter, so that every statement of the script names the same one
+/// (sqlx binds the parameters of a script's statements by position, and a statement that skips a number shifts
+/// the rest).
+#[derive(serde::Serialize)]
+struct WorkerInput<'a> {
+    starts: &'a [StartRow<'a>],
+    updates: &'a [UpdateRow<'a>],
     now: Micros,
-) -> Result<Vec<bool>, sqlx::Error> {
-    #[derive(serde::Serialize)]
-    struct Change<'a> {
-        seq: i64,
-        state: &'a str,
-        attempts: u32,
-        run_after: Micros,
-        queue_key: i64,
-        last_error: Option<&'a str>,
-    }
+    limit: u32,
+    last_key: i64,
+}
+
+/// The worker side of a batch, in one round trip: record `starts`, apply the guarded `updates` and claim up to
+/// `limit` ready jobs. Its one row holds the positions in `updates` of those whose guard matched, and the claimed
+/// jobs as they were before the claim. The claim's candidates are selected twice, once to report and once to
+/// update; the writer holds the database's write lock, so both find the same jobs. Each job is found by its id,
+/// from the JSON rows (CROSS JOIN fixes that order; `+jobs.state` keeps SQLite from walking every processing job
+/// through jobs_by_state instead).
+const WORKER_SCRIPT: &str = concat!(
+    "CREATE TEMP TABLE IF NOT EXISTS settling (
+         position INTEGER PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
+         run_after INTEGER NOT NULL, queue_key INTEGER NOT NULL, last_error TEXT, run INTEGER NOT NULL,
+         worker INTEGER, outcome TEXT, output BLOB, truncated INTEGER NOT NULL);
+     DELETE FROM temp.settling;
+
+     UPDATE jobs SET pgid = s.value ->> 'pgid'
+     FROM json_each(?1, '$.starts') AS s
+     WHERE jobs.id = s.value ->> 'id' AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run';
+     INSERT INTO job_runs (job_seq, run, worker, started_at)
+     SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
+     FROM json_each(?1, '$.starts') AS s
+     CROSS JOIN jobs ON jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
+                    AND jobs.runs = s.value ->> 'run'
+     WHERE true
+     ON CONFLICT (job_seq, run) DO NOTHING;
+
+     INSERT INTO temp.settling
+     SELECT u.key, jobs.seq, u.value ->> 'state', u.value ->> 'attempts', u.value ->> 'run_after',
+            u.value ->> 'queue_key', u.value ->> 'last_error', jobs.runs, u.value ->> 'worker',
+            u.value ->> 'outcome', unhex(u.value ->> 'output'), u.value ->> 'truncated'
+     FROM json_each(?1, '$.updates') AS u
+     CROSS JOIN jobs ON jobs.id = u.value ->> 'id' AND jobs.state = u.value ->> 'expect_state'
+                    AND jobs.runs = u.value ->> 'expect_runs';
+     UPDATE jobs SET state = s.state, attempts = s.attempts, run_after = s.run_after, queue_key = s.queue_key,
+                     last_error = s.last_error, updated_at = (?1 ->> 'now'), pgid = NULL
+     FROM temp.settling AS s WHERE jobs.seq = s.seq;
+     INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
+     SELECT s.seq, s.run, s.worker, ?1 ->> 'now', ?1 ->> 'now', s.outcome, coalesce(s.output, x''), s.truncated
+     FROM temp.settling AS s WHERE s.outcome IS NOT NULL
+     ON CONFLICT (job_seq, run) DO UPDATE SET
+         finished_at = excluded.finished_at, outcome = excluded.outcome,
+         output = excluded.output, truncated = excluded.truncated;
+
+     SELECT (SELECT json_group_array(position) FROM temp.settling),
+            (SELECT json_group_array(json_object(
+                        'id', id, 'command', command, 'state', state, 'priority', priority, 'attempts', attempts,
+                        'max_retries', max_retries, 'timeout_secs', timeout_secs, 'runs', runs,
+                        'created_at', created_at, 'updated_at', updated_at, 'run_after', run_after,
+                        'last_error', last_error))
+             FROM (", claim_candidates!(), "));
+     UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = (?1 ->> 'now'), pgid = NULL
+     WHERE seq IN (SELECT seq FROM (", claim_candidates!(), "));"
+);
+
+/// Records `starts`, applies `updates` and claims up to `limit` jobs, in one round trip. Returns, for each
+/// update, whether its guard matched, and the claimed jobs.
+async fn run_worker_script(
+    conn: &mut SqliteConnection,
+    starts: &[StartRow<'_>],
+    updates: &[UpdateRow<'_>],
+    limit: u32,
+    now: Micros,
+    policy: Policy,
+) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
+    // fetch_all, not fetch_one: fetch_one would stop the script at its first row, before the claim's UPDATE.
+    let input = WorkerInput {
+        starts,
+        updates,
+        now,
+        limit,
+        last_key: job::last_ready_key(now, policy.aging_interval_secs),
+    };
+    let answer: Vec<(String, String)> = sqlx::query_as(WORKER_SCRIPT)
+        .bind(to_json(&input)?)
+        .fetch_all(conn)
+        .await?;
+    let Some((settled, picked)) = answer.into_iter().next() else {
+        return Err(sqlx::Error::RowNotFound);
+    };
     let mut applied = vec![false; updates.len()];
-    for round in rounds(updates, |update| &update.job_id) {
-        let guards: Vec<Guard> = round
-            .iter()
-            .map(|index| Guard {
-                id: &updates[*index].job_id,
-                state: updates[*index].expect_state.as_str(),
-                runs: updates[*index].expect_runs,
+    for position in from_json::<Vec<usize>>(&settled)? {
+        applied[position] = true;
+    }
+    let claimed = from_json::<Vec<JobRow>>(&picked)?
+        .into_iter()
+        .map(|row| {
+            let mut job = Job::try_from(row)?;
+            job.state = JobState::Processing;
+            job.runs += 1;
+            job.updated_at = now;
+            Ok(job)
+        })
+        .collect::<Result<_, StoreError>>()
+        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+    Ok((applied, claimed))
+}
+
+/// Records a batch's starts, applies its updates and makes its claims: one script run, or one per round when a
+/// job appears twice among the starts or the updates.
+async fn work_batch(
+    conn: &mut SqliteConnection,
+    batch: &WriteBatch,
+    now: Micros,
+    policy: Policy,
+) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
+    let limit = batch.claim_limit();
+    if batch.starts.is_empty() && batch.updates.is_empty() && limit == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let start_rounds = rounds(&batch.starts, |start| &start.job_id);
+    let update_rounds = rounds(&batch.updates, |update| &update.job_id);
+    let passes = start_rounds.len().max(update_rounds.len()).max(1);
+    let mut applied = vec![false; batch.updates.len()];
+    let mut claimed = Vec::new();
+    for pass in 0..passes {
+        let starts: Vec<StartRow> = start_rounds
+            .get(pass)
+            .into_iter()
+            .flatten()
+            .map(|index| {
+                let start = &batch.starts[*index];
+                StartRow {
+                    id: &start.job_id,
+                    run: start.run,
+                    worker: start.worker,
+                    pgid: start.pgid,
+                    started_at: start.started_at,
+                }
             })
             .collect();
-        let matched = matching_guards(conn, to_json(&guards)?).await?;
-        if matched.is_empty() {
-            continue;
+        let round: &[usize] = update_rounds.get(pass).map_or(&[], Vec::as_slice);
+        let updates: Vec<UpdateRow> = round
+            .iter()
+            .map(|index| UpdateRow::of(&batch.updates[*index]))
+            .collect();
+        // Claims come last, after every round.
+        let pass_limit = if pass + 1 == passes { limit } else { 0 };
+        let (matched, jobs) =
+            run_worker_script(conn, &starts, &updates, pass_limit, now, policy).await?;
+        for (position, matched) in matched.into_iter().enumerate() {
+            applied[round[position]] = matched;
         }
-        let mut changes = Vec::with_capacity(matched.len());
-        let mut ended = Vec::new();
-        for (position, seq) in matched {
-            let index = round[position];
-            applied[index] = true;
-            let update = &updates[index];
-            let settled = &update.settled;
-            changes.push(Change {
-                seq,
-                state: settled.state.as_str(),
-                attempts: settled.attempts,
-                run_after: settled.run_after,
-                queue_key: settled.queue_key,
-                last_error: settled.last_error.as_deref(),
-            });
-            if let Some(end) = &update.ended {
-                ended.push(RunRowJson {
-                    seq,
-                    run: update.expect_runs,
-                    worker: end.worker,
-                    started_at: now,
-                    finished_at: Some(now),
-                    outcome: Some(&end.outcome),
-                    output: hex(&end.output),
-                    truncated: end.truncated,
-                });
-            }
-        }
-        sqlx::query(
-            "UPDATE jobs SET state = c.value ->> 'state', attempts = c.value ->> 'attempts',
-                             run_after = c.value ->> 'run_after', queue_key = c.value ->> 'queue_key',
-                             last_error = c.value ->> 'last_error', updated_at = ?2, pgid = NULL
-             FROM json_each(?1) AS c
-             WHERE jobs.seq = c.value ->> 'seq'",
-        )
-        .bind(to_json(&changes)?)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        upsert_runs(conn, &ended).await?;
+        claimed = jobs;
     }
-    Ok(applied)
+    Ok((applied, claimed))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -540,65 +601,6 @@ fn hex(bytes: &[u8]) -> String {
         text.push(char::from(DIGITS[usize::from(byte & 0xf)]));
     }
     text
-}
-
-/// Moves up to `limit` ready jobs to processing, best first, and returns them as they are now.
-async fn claim_jobs(
-    conn: &mut SqliteConnection,
-    limit: u32,
-    now: Micros,
-) -> Result<Vec<Job>, sqlx::Error> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    // Without the index named, SQLite may pick jobs_by_state and sort every waiting job on each claim: with
-    // many jobs waiting (retries, jobs not due yet) that made claiming cost milliseconds.
-    let picked: String = sqlx::query_scalar(
-        "SELECT json_group_array(json_object(
-                    'seq', seq, 'id', id, 'command', command, 'state', state, 'priority', priority,
-                    'attempts', attempts, 'max_retries', max_retries, 'timeout_secs', timeout_secs, 'runs', runs,
-                    'created_at', created_at, 'updated_at', updated_at, 'run_after', run_after,
-                    'last_error', last_error))
-         FROM (SELECT * FROM jobs INDEXED BY jobs_ready
-               WHERE state IN ('pending', 'failed') AND run_after <= ?1
-               ORDER BY queue_key, seq LIMIT ?2)",
-    )
-    .bind(now)
-    .bind(i64::from(limit))
-    .fetch_one(&mut *conn)
-    .await?;
-    let picked: Vec<PickedRow> = from_json(&picked)?;
-    if picked.is_empty() {
-        return Ok(Vec::new());
-    }
-    let seqs: Vec<i64> = picked.iter().map(|picked| picked.seq).collect();
-    sqlx::query(
-        "UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = ?1, pgid = NULL
-         WHERE seq IN (SELECT value FROM json_each(?2))",
-    )
-    .bind(now)
-    .bind(to_json(&seqs)?)
-    .execute(conn)
-    .await?;
-    picked
-        .into_iter()
-        .map(|picked| {
-            let mut job = Job::try_from(picked.row)?;
-            job.state = JobState::Processing;
-            job.runs += 1;
-            job.updated_at = now;
-            Ok(job)
-        })
-        .collect::<Result<_, StoreError>>()
-        .map_err(|error| sqlx::Error::Decode(Box::new(error)))
-}
-
-/// A job row as [`claim_jobs`] reads it, with its `seq`.
-#[derive(serde::Deserialize)]
-struct PickedRow {
-    seq: i64,
-    #[serde(flatten)]
-    row: JobRow,
 }
 
 fn saturating_i64(value: u64) -> i64 {
@@ -613,13 +615,10 @@ impl Store for SqliteStore {
         now: Micros,
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
-        let (enqueued, applied, claimed) = self
+        let (enqueued, (applied, claimed)) = self
             .transaction(batch.durable, async |conn| {
                 let enqueued = enqueue_all(conn, &batch.enqueues, now, policy).await?;
-                record_starts(conn, &batch.starts).await?;
-                let applied = apply_updates(conn, &batch.updates, now).await?;
-                let claimed = claim_jobs(conn, batch.claim_limit(), now).await?;
-                Ok((enqueued, applied, claimed))
+                Ok((enqueued, work_batch(conn, batch, now, policy).await?))
             })
             .await?;
         Ok(WriteOutcome {
