@@ -193,6 +193,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let home = Home::new("noop")?;
     let mut server = Server::start(&bins, &home, Executor::Noop, None).await?;
     let core = drain(&mut server, counts.drain_jobs, counts.noop_workers).await?;
+    // The same at the drain's parallelism: what the queue alone costs each job of figure 2.
+    let narrow = drain(&mut server, counts.drain_jobs, workers).await?;
     server.stop().await?;
     drop(home);
     table.add(
@@ -205,6 +207,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "{:.1}x figure 2; goal >= 20000 jobs/s: {}",
             core / small.drain,
             goal(core >= 20_000.0)
+        ),
+    );
+    let per_job = |rate: f64| f64::from(workers) * 1000.0 / rate;
+    table.add(
+        format!(
+            "3. queue core: {} no-op jobs, {workers} workers",
+            counts.drain_jobs
+        ),
+        per_second(narrow),
+        format!(
+            "{:.2} ms of queue per job and worker, of {:.2} ms in figure 2 (spawn alone: {:.2} ms)",
+            per_job(narrow),
+            per_job(small.drain),
+            per_job(ceiling)
         ),
     );
 
