@@ -93,16 +93,19 @@ impl Capture {
     }
 }
 
-/// Holds the command until its process group is on record, then runs it as `/bin/sh -c` would. Without the
-/// hold, a server killed right after the spawn would leave processes behind that its successor cannot find.
+/// Holds the command until its process group is on record, then runs it as `/bin/sh -c` would: `$0` is `/bin/sh`,
+/// there are no positional parameters (`shift` drops the command itself). Without the hold, a server killed right
+/// after the spawn would leave processes behind that its successor cannot find. `eval` in the same shell, rather
+/// than `exec /bin/sh -c`, spares every job the start of a second shell (about 1 ms here); the one visible
+/// difference is that the shell's own error messages say `eval:` (`/bin/sh: 1: eval: foo: not found`).
 #[cfg(unix)]
-const GATE: &str = r#"read -r _ && exec /bin/sh -c "$1""#;
+const GATE: &str = r#"read -r _ && eval "shift; $1""#;
 
 fn shell(command: &str, tag: &str) -> Command {
     #[cfg(unix)]
     let mut shell = {
         let mut shell = Command::new("/bin/sh");
-        shell.arg("-c").arg(GATE).arg("queuectl-job").arg(command);
+        shell.arg("-c").arg(GATE).arg("/bin/sh").arg(command);
         // Its own process group, so that a timeout or abort reaches everything the command started.
         shell.process_group(0);
         shell.stdin(Stdio::piped());

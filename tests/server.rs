@@ -425,3 +425,25 @@ fn a_second_server_on_the_same_home_is_refused() {
         "the first one still serves"
     );
 }
+
+/// A job runs as `/bin/sh -c <command>` would run it: no positional parameters, `$0` is `/bin/sh`, its exit status
+/// is the command's, and QUEUECTL_JOB names its run.
+#[cfg(unix)]
+#[test]
+fn a_job_runs_as_sh_dash_c_would_run_it() {
+    let home = Home::with_server(1);
+    home.enqueue(
+        r#"{"id":"shell","command":"echo \"args=$# zero=$0 run=$QUEUECTL_JOB\"\nexit 3","max_retries":0}"#,
+    );
+    home.wait_for_state("shell", "dead");
+    let printed = home.ok(&["logs", "shell"]);
+    assert!(
+        printed.contains("args=0 zero=/bin/sh run=shell#1"),
+        "{printed}"
+    );
+    let job = home.ok(&["get", "shell"]);
+    assert!(
+        job.contains("exit:3"),
+        "the exit status is the command's: {job}"
+    );
+}
