@@ -269,7 +269,13 @@ async fn a_duplicate_id_rolls_back_only_its_request(store: Arc<dyn Store>) {
     let outcome = enqueue_at(
         store,
         vec![
-            vec![new_job("first", 5)],
+            vec![
+                new_job("first", 5),
+                NewJob {
+                    id: None,
+                    ..new_job("unused", 5)
+                },
+            ],
             vec![new_job("half", 5), new_job("taken", 5)],
             vec![new_job("twice", 5), new_job("twice", 5)],
             vec![new_job("last", 5)],
@@ -278,7 +284,13 @@ async fn a_duplicate_id_rolls_back_only_its_request(store: Arc<dyn Store>) {
     )
     .await;
     assert_eq!(outcome.enqueued.len(), 4);
-    assert!(outcome.enqueued[0].is_ok());
+    let first: Vec<&str> = outcome.enqueued[0]
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|job| job.id.as_str())
+        .collect();
+    assert_eq!(first, ["first", "job1"], "no generated number is lost");
     assert_eq!(
         outcome.enqueued[1],
         Err(EnqueueRejected::DuplicateId("taken".into()))
@@ -295,8 +307,11 @@ async fn a_duplicate_id_rolls_back_only_its_request(store: Arc<dyn Store>) {
     assert_eq!(taken.command, "echo taken");
     assert_eq!(taken.runs, 0, "the first job of that id is untouched");
     let mut counts = store.counts().await.unwrap();
-    counts[JobState::Pending as usize] -= 3;
-    assert_eq!(counts, [0; 5], "exactly taken, first and last are stored");
+    counts[JobState::Pending as usize] -= 4;
+    assert_eq!(
+        counts, [0; 5],
+        "exactly taken, first, job1 and last are stored"
+    );
 }
 
 /// Claims take the best priority first, FIFO within a priority; a failed job waits for its backoff.

@@ -239,10 +239,14 @@ async fn enqueue_together(
         .filter(|job| job.id.is_none())
         .count();
     let generated = i64::try_from(generated).unwrap_or(i64::MAX);
-    let mut number = match generated {
-        0 => 0,
-        count => next_job_numbers(conn, count).await?,
-    };
+    // Reserves the generated numbers and notes where the table ends, in case the insert must be undone.
+    let (mut number, last_seq): (i64, i64) = sqlx::query_as(
+        "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number'
+         RETURNING value - ?1, (SELECT coalesce(max(seq), 0) FROM jobs)",
+    )
+    .bind(generated)
+    .fetch_one(&mut *conn)
+    .await?;
     let rows: Vec<NewRow> = requests
         .iter()
         .flatten()
@@ -254,34 +258,17 @@ async fn enqueue_together(
             NewRow::of(id, job, now, policy)
         })
         .collect();
-    let mut ids = std::collections::HashSet::with_capacity(rows.len());
-    let unique = rows.iter().all(|row| ids.insert(row.id.as_str()));
-    // The insert stores every row or, if one id is taken already, none (the condition is evaluated once).
-    let inserted = if unique {
-        sqlx::query(
-            "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
-                               updated_at, run_after)
-             SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
-                    r.value ->> 'max_retries', r.value ->> 'timeout_secs', r.value ->> 'queue_key', ?2, ?2, ?2
-             FROM json_each(?1) AS r
-             WHERE NOT EXISTS (SELECT 1 FROM json_each(?1) AS t JOIN jobs ON jobs.id = t.value ->> 'id')",
-        )
-        .bind(to_json(&rows)?)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected()
-    } else {
-        0
-    };
-    if inserted != rows.len() as u64 {
-        // Give the reserved numbers back (this transaction holds the write lock, so they are still the last).
-        if generated > 0 {
-            sqlx::query("UPDATE counters SET value = value - ?1 WHERE name = 'next_job_number'")
-                .bind(generated)
-                .execute(conn)
-                .await?;
-        }
+    if insert_jobs(conn, &rows, now).await? != rows.len() as u64 {
+        // This transaction holds the write lock: the rows after `last_seq` and the reserved numbers are this
+        // insert's alone.
+        sqlx::query("DELETE FROM jobs WHERE seq > ?1")
+            .bind(last_seq)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("UPDATE counters SET value = value - ?1 WHERE name = 'next_job_number'")
+            .bind(generated)
+            .execute(conn)
+            .await?;
         return Ok(None);
     }
     let mut rows = rows.into_iter();
