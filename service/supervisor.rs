@@ -318,34 +318,31 @@ impl Shared {
     /// Whether `worker` may take another job when its current one ends: not when it is stopping or the server
     /// drains.
     fn wants_more(&self, worker: u32) -> bool {
-        if self.draining.load(Ordering::SeqCst) {
-            return false;
-        }
         let slots = self.slots.lock().expect("slots lock");
-        slots
-            .slots
-            .get(&worker)
-            .is_some_and(|slot| !slot.stopping && worker < slots.target)
+        self.keeps_working(&slots, worker)
+    }
+
+    fn keeps_working(&self, slots: &Slots, worker: u32) -> bool {
+        !self.draining.load(Ordering::SeqCst)
+            && worker < slots.target
+            && slots.slots.get(&worker).is_some_and(|slot| !slot.stopping)
     }
 
     /// Moves busy `worker` on to `job`; false if it must stop instead.
     fn move_on(&self, worker: u32, job: &Job) -> bool {
-        if self.draining.load(Ordering::SeqCst) {
+        let mut slots = self.slots.lock().expect("slots lock");
+        if !self.keeps_working(&slots, worker) {
             return false;
         }
-        let mut slots = self.slots.lock().expect("slots lock");
-        let target = slots.target;
-        match slots.slots.get_mut(&worker) {
-            Some(slot) if !slot.stopping && worker < target => {
-                slot.running = Some(Running {
-                    job_id: job.id.as_str().into(),
-                    command: job.command.as_str().into(),
-                    started_at: clock::now(),
-                });
-                true
-            }
-            _ => false,
-        }
+        let Some(slot) = slots.slots.get_mut(&worker) else {
+            return false;
+        };
+        slot.running = Some(Running {
+            job_id: job.id.as_str().into(),
+            command: job.command.as_str().into(),
+            started_at: clock::now(),
+        });
+        true
     }
 
     fn release(&self, worker: u32) {
