@@ -138,10 +138,15 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// Reserves `count` generated job numbers in one statement and returns the first.
-async fn next_job_numbers(conn: &mut SqliteConnection, count: i64) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number' RETURNING value - ?1",
+/// Reserves `count` generated job numbers in one statement. Returns the first, and the last `seq` in the table
+/// (where an insert that must be undone began).
+async fn next_job_numbers(
+    conn: &mut SqliteConnection,
+    count: i64,
+) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number'
+         RETURNING value - ?1, (SELECT coalesce(max(seq), 0) FROM jobs)",
     )
     .bind(count)
     .fetch_one(conn)
@@ -239,14 +244,7 @@ async fn enqueue_together(
         .filter(|job| job.id.is_none())
         .count();
     let generated = i64::try_from(generated).unwrap_or(i64::MAX);
-    // Reserves the generated numbers and notes where the table ends, in case the insert must be undone.
-    let (mut number, last_seq): (i64, i64) = sqlx::query_as(
-        "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number'
-         RETURNING value - ?1, (SELECT coalesce(max(seq), 0) FROM jobs)",
-    )
-    .bind(generated)
-    .fetch_one(&mut *conn)
-    .await?;
+    let (mut number, last_seq) = next_job_numbers(conn, generated).await?;
     let rows: Vec<NewRow> = requests
         .iter()
         .flatten()
@@ -304,7 +302,7 @@ async fn enqueue_request(
             }
             // A generated id can collide with one a person chose; then take the next number.
             None => loop {
-                let number = next_job_numbers(&mut savepoint, 1).await?;
+                let (number, _) = next_job_numbers(&mut savepoint, 1).await?;
                 let row = NewRow::of(format!("job{number}"), new_job, now, policy);
                 if insert_jobs(&mut savepoint, std::slice::from_ref(&row), now).await? == 1 {
                     break Some(row);
