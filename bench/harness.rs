@@ -5,10 +5,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use queuectl::home::{LOG_FILE, SOCKET_FILE, open_private};
 use queuectl::pb::queue_service_client::QueueServiceClient;
 use queuectl::pb::{self, EnqueueRequest};
 use queuectl::runner::BENCH_EXECUTOR_ENV;
-use queuectl::server::SOCKET_FILE;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
@@ -136,10 +136,7 @@ impl Server {
         executor: Executor,
         database: Option<&Database>,
     ) -> anyhow::Result<Server> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(home.path.join("server.log"))?;
+        let log = open_private(&home.path.join(LOG_FILE))?;
         let mut command = Command::new(&bins.server);
         command
             .arg("--workers=0")

@@ -4,8 +4,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
+use queuectl::home::{self, ADDRESS_FILE, LOCK_FILE, LOG_FILE, SOCKET_FILE, TOKEN_FILE};
 use queuectl::pb::queue_service_client::QueueServiceClient;
-use queuectl::server::{self, TOKEN_FILE};
+use tonic::codegen::http::Uri;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -86,26 +87,75 @@ async fn open(target: &Target) -> Result<Channel, tonic::transport::Error> {
     }
 }
 
-fn token(home: &Path) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
+/// The token to present: `QUEUECTL_TOKEN` when it is set; else the home's own token, but only to the home's own
+/// server (no `--server`, or the very address the server recorded), so that a server named by mistake or by
+/// someone else never receives it.
+fn token(home: &Path, server: Option<&str>) -> anyhow::Result<Option<MetadataValue<Ascii>>> {
     let token = match std::env::var("QUEUECTL_TOKEN") {
         Ok(token) => token,
-        Err(_) => match std::fs::read_to_string(home.join(TOKEN_FILE)) {
-            Ok(token) => token,
-            Err(_) => return Ok(None),
-        },
+        Err(_) if !serves_home(home, server) => return Ok(None),
+        Err(_) => {
+            home::check(home)?;
+            match std::fs::read_to_string(home.join(TOKEN_FILE)) {
+                Ok(token) => token,
+                Err(_) => return Ok(None),
+            }
+        }
     };
     Ok(Some(format!("Bearer {}", token.trim()).parse()?))
+}
+
+/// Whether `server` is the home's own server: none named, or the address its running server recorded in
+/// `server.addr` (`localhost`, a loopback address and `0.0.0.0` are one host). A recorded address whose server is
+/// gone (the home's lock is free) is stale: whoever listens there now is not the home's server.
+fn serves_home(home: &Path, server: Option<&str>) -> bool {
+    let Some(address) = server else {
+        return true;
+    };
+    let Ok(recorded) = std::fs::read_to_string(home.join(ADDRESS_FILE)) else {
+        return false;
+    };
+    same_server(recorded.trim(), address) && home_server_running(home)
+}
+
+fn same_server(recorded: &str, named: &str) -> bool {
+    let (Ok(recorded), Ok(named)) = (recorded.parse::<Uri>(), named.parse::<Uri>()) else {
+        return false;
+    };
+    let local = |host: &str| {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+    };
+    let same_host = match (recorded.host(), named.host()) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b) || (local(a) && local(b)),
+        _ => false,
+    };
+    recorded.scheme() == named.scheme() && recorded.port_u16() == named.port_u16() && same_host
+}
+
+/// Whether a server holds the home's lock right now.
+fn home_server_running(home: &Path) -> bool {
+    let Ok(lock) = std::fs::File::open(home.join(LOCK_FILE)) else {
+        return false;
+    };
+    matches!(
+        lock.try_lock_shared(),
+        Err(std::fs::TryLockError::WouldBlock)
+    )
 }
 
 /// The address of the home's own server.
 fn home_target(home: &Path) -> Target {
     #[cfg(unix)]
     {
-        Target::Socket(home.join(server::SOCKET_FILE))
+        Target::Socket(home.join(SOCKET_FILE))
     }
     #[cfg(windows)]
     {
-        let url = std::fs::read_to_string(home.join(server::ADDRESS_FILE)).unwrap_or_default();
+        let url = std::fs::read_to_string(home.join(ADDRESS_FILE)).unwrap_or_default();
         Target::Tcp(url.trim().to_owned())
     }
 }
@@ -117,19 +167,11 @@ fn autostart_disabled() -> bool {
 /// Starts `queuectld` for `home`, detached, with no workers and its log in the home folder.
 fn spawn_server(home: &Path) -> anyhow::Result<()> {
     if !home.exists() {
-        // Owner-only from the start; the server refuses a home that others can write to.
-        let mut builder = std::fs::DirBuilder::new();
-        builder.recursive(true);
-        #[cfg(unix)]
-        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-        builder.create(home)?;
+        home::create_dir_private(home)?;
     }
     let binary = std::env::current_exe()?
         .with_file_name(format!("queuectld{}", std::env::consts::EXE_SUFFIX));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(home.join("server.log"))?;
+    let log = home::open_private(&home.join(LOG_FILE))?;
     let mut command = std::process::Command::new(&binary);
     command
         .arg("--workers")
@@ -151,13 +193,13 @@ fn spawn_server(home: &Path) -> anyhow::Result<()> {
 pub async fn connect(server: Option<&str>) -> anyhow::Result<Client> {
     let channel = channel(server, true).await?;
     // Read after a start: a server listening on TCP writes its token when it starts.
-    let auth = Auth(token(&server::default_home())?);
+    let auth = Auth(token(&home::default_home(), server)?);
     Ok(QueueServiceClient::with_interceptor(channel, auth))
 }
 
 /// A channel to the server; with `autostart`, the home's own server is started if it is not running.
 pub async fn channel(server: Option<&str>, autostart: bool) -> anyhow::Result<Channel> {
-    let home = server::default_home();
+    let home = home::default_home();
     if let Some(address) = server {
         let target = parse_target(address)?;
         return open(&target).await.map_err(|error| {
@@ -167,6 +209,8 @@ pub async fn channel(server: Option<&str>, autostart: bool) -> anyhow::Result<Ch
             .into()
         });
     }
+    // Refused before anything is sent there or started there: a home another user owns is theirs to control.
+    home::check(&home)?;
     let target = home_target(&home);
     if let Ok(channel) = open(&target).await {
         return Ok(channel);
@@ -193,7 +237,7 @@ pub async fn channel(server: Option<&str>, autostart: bool) -> anyhow::Result<Ch
                     "started queuectld, but it did not answer at {target} within {}s ({error}); \
                      see {}",
                     STARTUP_LIMIT.as_secs(),
-                    home.join("server.log").display()
+                    home.join(LOG_FILE).display()
                 ))
                 .into());
             }

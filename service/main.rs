@@ -103,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
         None => Listen::default(),
     };
     let options = Options {
-        home: args.home.unwrap_or_else(server::default_home),
+        home: args.home.unwrap_or_else(queuectl::home::default_home),
         workers: args.workers,
         listen,
         database_url: args.database_url,

@@ -13,6 +13,10 @@ use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
 use crate::grpc::Grpc;
+use crate::home::{
+    self, ADDRESS_FILE, DATABASE_FILE, HomeError, LOCK_FILE, SERVER_ID_FILE, SOCKET_FILE,
+    TOKEN_FILE, write_private,
+};
 use crate::pb::queue_service_server::QueueServiceServer;
 use crate::queue::Queue;
 use crate::store::{Store, StoreError, postgres::PgStore, sqlite::SqliteStore};
@@ -20,17 +24,10 @@ use crate::store::{Store, StoreError, postgres::PgStore, sqlite::SqliteStore};
 /// Requests larger than this are refused before they are decoded (tonic's default is 4 MiB).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
-pub const SOCKET_FILE: &str = "queuectl.sock";
-pub const TOKEN_FILE: &str = "token";
-pub const ADDRESS_FILE: &str = "server.addr";
-const LOCK_FILE: &str = "server.lock";
-const SERVER_ID_FILE: &str = "server.id";
-const DATABASE_FILE: &str = "jobs.db";
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}")]
-    Home(String),
+    Home(#[from] HomeError),
     #[error("another queuectld already serves {0}; stop it with `queuectl server stop`")]
     AlreadyRunning(PathBuf),
     #[error("{0}")]
@@ -99,70 +96,23 @@ fn server_id(home: &Path) -> Result<String, ServerError> {
         }
     }
     let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes)
-        .map_err(|error| ServerError::Home(format!("no randomness for the server id: {error}")))?;
+    getrandom::fill(&mut bytes).map_err(|error| {
+        ServerError::Listen(format!("no randomness for the server id: {error}"))
+    })?;
     let suffix: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
     let id = format!("{}-{suffix}", host_name());
     write_private(&path, &id)?;
     Ok(id)
 }
 
-/// The default home: `$QUEUECTL_HOME`, else `~/.queuectl`.
-pub fn default_home() -> PathBuf {
-    if let Some(home) = std::env::var_os("QUEUECTL_HOME").filter(|home| !home.is_empty()) {
-        return PathBuf::from(home);
-    }
-    let user_home = std::env::var_os(if cfg!(windows) { "USERPROFILE" } else { "HOME" })
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    user_home.join(".queuectl")
-}
-
-/// Creates the home folder owner-only, or checks that an existing one is not writable by others.
-fn prepare_home(home: &Path) -> Result<(), ServerError> {
-    if !home.exists() {
-        fs::create_dir_all(home).map_err(|error| {
-            ServerError::Home(format!("cannot create {}: {error}", home.display()))
-        })?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(home, fs::Permissions::from_mode(0o700))?;
-        }
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(home)?.permissions().mode() & 0o777;
-        if mode & 0o022 != 0 {
-            return Err(ServerError::Home(format!(
-                "{} is writable by other users (mode {mode:o}), who could then run commands as you; \
-                 run `chmod 700 {}`",
-                home.display(),
-                home.display()
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Holds the home's lock for as long as it lives, so that one server owns one database.
 fn lock_home(home: &Path) -> Result<File, ServerError> {
-    let lock = File::create(home.join(LOCK_FILE))?;
+    let lock = home::open_private(&home.join(LOCK_FILE))?;
     match lock.try_lock() {
         Ok(()) => Ok(lock),
         Err(fs::TryLockError::WouldBlock) => Err(ServerError::AlreadyRunning(home.to_owned())),
         Err(fs::TryLockError::Error(error)) => Err(error.into()),
     }
-}
-
-/// Writes `contents` to a new file that only the owner can read.
-fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    std::io::Write::write_all(&mut options.open(path)?, contents.as_bytes())
 }
 
 /// The bearer token TCP clients must present, created with 32 random bytes on first use.
@@ -233,12 +183,17 @@ async fn termination_signal() {
 /// Runs the server until it is asked to stop, then drains it.
 pub async fn run(options: Options) -> Result<(), ServerError> {
     let home = &options.home;
-    prepare_home(home)?;
+    home::prepare(home)?;
     let _lock = lock_home(home)?;
 
     let store: Arc<dyn Store> = match &options.database_url {
         Some(url) => Arc::new(PgStore::open(url, options.lease).await?),
-        None => Arc::new(SqliteStore::open(&home.join(DATABASE_FILE)).await?),
+        None => {
+            // Created here, owner-only: SQLite gives its -wal and -shm files the mode of the database file.
+            let database = home.join(DATABASE_FILE);
+            home::open_private(&database)?;
+            Arc::new(SqliteStore::open(&database).await?)
+        }
     };
     let queue = Arc::new(Queue::start(store, server_id(home)?, options.workers).await?);
 

@@ -330,3 +330,189 @@ fn recovery_kills_only_process_groups_tagged_with_their_run() {
         child.wait().unwrap();
     }
 }
+
+/// `nobody`: the user the next tests give a home to.
+const STRANGER: &str = "65534:65534";
+
+fn give_to(path: &std::path::Path, owner: &str) {
+    let chown = Command::new("chown")
+        .args(["-R", owner])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+}
+
+/// A user who owns a home could have planted jobs in it or could move its socket: neither the server nor the CLI
+/// uses a home, or a file of one, that another user owns, even as root.
+#[test]
+fn a_home_another_user_owns_is_refused_by_the_server_and_the_cli() {
+    if !common::root_or_skip("a_home_another_user_owns_is_refused_by_the_server_and_the_cli") {
+        return;
+    }
+    let outside = tempfile::tempdir().unwrap();
+    let marker = outside.path().join("planted-job-ran");
+    let mut home = Home::with_server(0);
+    home.enqueue(&format!(
+        r#"{{"id":"planted","command":"touch {}"}}"#,
+        marker.display()
+    ));
+    home.stop_server();
+    give_to(home.path(), STRANGER);
+
+    let server = common::output_within(&mut home.server_command(1), DEADLINE);
+    assert!(!server.status.success());
+    let stderr = String::from_utf8_lossy(&server.stderr);
+    assert!(
+        stderr.contains("belongs to")
+            && stderr.contains("uid 65534")
+            && stderr.contains("QUEUECTL_HOME"),
+        "{stderr}"
+    );
+
+    // The CLI refuses before it connects or starts a server there.
+    for args in [
+        &["worker", "start", "--count", "1", "--daemon"][..],
+        &["status"],
+    ] {
+        let output = common::output_within(
+            home.command(args).env_remove("QUEUECTL_NO_AUTOSTART"),
+            DEADLINE,
+        );
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("belongs to"), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    }
+    assert!(
+        !home.file("queuectl.sock").exists(),
+        "no server was started in the stranger's home"
+    );
+    assert!(!marker.exists(), "the planted job never ran");
+
+    // A home of one's own with one file of someone else's is refused too, naming the file.
+    give_to(home.path(), "0:0");
+    give_to(&home.file("jobs.db"), STRANGER);
+    let server = common::output_within(&mut home.server_command(1), DEADLINE);
+    assert!(!server.status.success());
+    let stderr = String::from_utf8_lossy(&server.stderr);
+    assert!(stderr.contains("jobs.db belongs to"), "{stderr}");
+    give_to(home.path(), "0:0");
+}
+
+/// A home made with a plain `mkdir` under umask 022: the server makes the folder 0700 and every file in it
+/// (database, WAL, shared memory, log, lock, socket) is created owner-only.
+#[test]
+fn every_file_of_the_home_is_private_whatever_the_umask() {
+    use std::os::unix::process::CommandExt;
+    let home = Home::new();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut enqueue = home.command(&["enqueue", r#"{"id":"one","command":"echo hi"}"#]);
+    enqueue.env_remove("QUEUECTL_NO_AUTOSTART");
+    // SAFETY: umask(2) is async-signal-safe and touches no memory.
+    unsafe {
+        enqueue.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    assert!(enqueue.status().unwrap().success());
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    home.wait_for_state("one", "completed");
+
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(home.path()), 0o700, "the home was tightened");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(home.path()).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert_eq!(
+            mode(&entry.path()) & 0o077,
+            0,
+            "{name} is readable by others"
+        );
+        checked.push(name);
+    }
+    for expected in [
+        "jobs.db",
+        "jobs.db-wal",
+        "jobs.db-shm",
+        "server.log",
+        "server.lock",
+        "queuectl.sock",
+    ] {
+        assert!(
+            checked.iter().any(|name| name == expected),
+            "{expected} in {checked:?}"
+        );
+    }
+}
+
+/// A TCP server that records the `authorization` header of every request it gets (and answers none).
+fn recording_server(
+    runtime: &tokio::runtime::Runtime,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>,
+    String,
+) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let address = listener.local_addr().unwrap();
+    let (_, health) = tonic_health::server::health_reporter();
+    let recorder = tonic::service::InterceptorLayer::new(move |request: tonic::Request<()>| {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .map(|value| value.to_str().unwrap().to_owned());
+        record.lock().unwrap().push(authorization);
+        Ok(request)
+    });
+    runtime.spawn(
+        tonic::transport::Server::builder()
+            .layer(recorder)
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (seen, format!("http://{address}"))
+}
+
+/// `--server` naming some other address never receives the home's token; only `QUEUECTL_TOKEN` is sent there.
+#[test]
+fn the_homes_token_goes_only_to_the_homes_own_server() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let home = Home::new();
+    let (mut server, url) = start_tcp(&home);
+    let (seen, other) = recording_server(&runtime);
+
+    let output = home.try_queuectl(&["--server", &other, "status"]);
+    assert!(!output.status.success(), "the recorder answers nothing");
+    let requests = seen.lock().unwrap().clone();
+    assert!(!requests.is_empty(), "the request reached the recorder");
+    assert!(
+        requests.iter().all(Option::is_none),
+        "the home's token went to another server: {requests:?}"
+    );
+
+    let explicit = home
+        .command(&["--server", &other, "status"])
+        .env("QUEUECTL_TOKEN", "given-on-purpose")
+        .output()
+        .unwrap();
+    assert!(!explicit.status.success());
+    assert_eq!(
+        seen.lock().unwrap().last().cloned().flatten().as_deref(),
+        Some("Bearer given-on-purpose"),
+        "a token named explicitly goes where it is sent"
+    );
+
+    assert!(
+        home.ok(&["--server", url.trim(), "status"])
+            .starts_with("Job states:")
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -259,3 +259,39 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Whether the test runs as root, which tests that hand files to another user need; outside CI a test without it
+/// says it skips (CI runs as root, so there it fails instead).
+#[cfg(unix)]
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs root to give files to another user"
+    );
+    eprintln!("skipping {test}: it needs root to give files to another user");
+    false
+}
+
+/// Runs `command` to its end, failing the test (after killing it) if it runs longer than `limit`: for commands
+/// that must exit, where a bug would make them run on.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} still ran after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
