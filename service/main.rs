@@ -51,9 +51,14 @@ struct Args {
     /// network sees the token and can then run commands as you.
     #[arg(long, requires = "listen")]
     insecure_allow_remote: bool,
-    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9464). Off by default.
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9464). Off by default; a
+    /// non-loopback address needs --metrics-allow-remote.
     #[arg(long, value_name = "ADDRESS")]
     metrics_listen: Option<SocketAddr>,
+    /// With --metrics-listen: allow a non-loopback address. Metrics need no token: whoever reaches
+    /// the port sees job counts, durations and worker activity (no commands, ids or output).
+    #[arg(long, requires = "metrics_listen")]
+    metrics_allow_remote: bool,
     /// `text` for people (without timestamps when journald adds its own), `json` for log collectors.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -109,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: args.database_url,
         lease: std::time::Duration::from_secs(args.lease_timeout),
         metrics: args.metrics_listen,
+        metrics_allow_remote: args.metrics_allow_remote,
         tls: args.tls_cert.zip(args.tls_key),
         insecure_allow_remote: args.insecure_allow_remote,
     };

@@ -129,6 +129,40 @@ fn shell(command: &str, tag: &str) -> Command {
     shell
 }
 
+/// Marks every descriptor the server inherited, beyond stdin, stdout and stderr, close-on-exec, so that jobs get
+/// none of them: whoever started the server may have left files, sockets or pipes open. Call once, at start;
+/// everything the server opens itself is close-on-exec already.
+#[cfg(unix)]
+pub fn stop_inheriting_descriptors() {
+    let listing = if cfg!(target_os = "linux") {
+        "/proc/self/fd"
+    } else {
+        "/dev/fd"
+    };
+    let Ok(entries) = std::fs::read_dir(listing) else {
+        tracing::warn!(
+            listing,
+            "cannot list open descriptors; jobs may inherit some"
+        );
+        return;
+    };
+    let inherited: Vec<libc::c_int> = entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in inherited {
+        // SAFETY: fcntl(2) on a descriptor number only reads and sets its flags; one that is closed meanwhile (the
+        // listing's own) makes it fail harmlessly.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 /// The outcome of a command that ended by itself.
 pub fn outcome_of(status: ExitStatus) -> Outcome {
     if status.success() {

@@ -75,6 +75,8 @@ pub struct Options {
     pub lease: std::time::Duration,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<SocketAddr>,
+    /// Serve metrics on a non-loopback address: they need no token.
+    pub metrics_allow_remote: bool,
     /// A certificate and key (PEM) to serve TCP with TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Serve a non-loopback TCP address without TLS: only on a network where nobody can listen in.
@@ -182,6 +184,8 @@ async fn termination_signal() {
 
 /// Runs the server until it is asked to stop, then drains it.
 pub async fn run(options: Options) -> Result<(), ServerError> {
+    #[cfg(unix)]
+    crate::runner::stop_inheriting_descriptors();
     let home = &options.home;
     home::prepare(home)?;
     let _lock = lock_home(home)?;
@@ -198,6 +202,12 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     let queue = Arc::new(Queue::start(store, server_id(home)?, options.workers).await?);
 
     if let Some(address) = options.metrics {
+        if !address.ip().is_loopback() && !options.metrics_allow_remote {
+            return Err(ServerError::Listen(format!(
+                "{address} is not a loopback address, and the metrics tell whoever reaches it how busy the queue \
+                 is (job counts, durations, workers); serve them on 127.0.0.1, or pass --metrics-allow-remote"
+            )));
+        }
         let queue = queue.clone();
         tokio::spawn(async move {
             if let Err(error) = crate::metrics::serve(address, queue).await {

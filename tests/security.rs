@@ -416,7 +416,7 @@ fn every_file_of_the_home_is_private_whatever_the_umask() {
             Ok(())
         });
     }
-    assert!(enqueue.status().unwrap().success());
+    assert!(enqueue.output().unwrap().status.success());
     home.ok(&["worker", "start", "--count", "1", "--daemon"]);
     home.wait_for_state("one", "completed");
 
@@ -515,4 +515,80 @@ fn the_homes_token_goes_only_to_the_homes_own_server() {
     );
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// A job gets stdin, stdout and stderr only, whatever descriptors whoever started the server left open.
+#[cfg(target_os = "linux")]
+#[test]
+fn jobs_inherit_no_descriptors_the_server_was_started_with() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut home = Home::new();
+    let left_open = std::fs::File::open("/dev/null").unwrap();
+    let source = left_open.as_raw_fd();
+    let mut server = home.server_command(1);
+    // SAFETY: dup2(2) is async-signal-safe; the copies at 10 and 251 lose the close-on-exec flag, as a careless
+    // parent's descriptors would have it.
+    unsafe {
+        server.pre_exec(move || {
+            for target in [10, 251] {
+                if libc::dup2(source, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    home.start_server_with(server);
+    let pid = home.server().id();
+    let server_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    let server_fds: Vec<String> = server_fds
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        server_fds.iter().any(|fd| fd == "251"),
+        "the server holds the descriptor: {server_fds:?}"
+    );
+
+    home.enqueue(r#"{"id":"fds","command":"ls /proc/$$/fd"}"#);
+    home.wait_for_state("fds", "completed");
+    let logs = home.ok(&["logs", "fds"]);
+    let listed: Vec<&str> = logs
+        .lines()
+        .filter(|line| line.trim().parse::<u32>().is_ok())
+        .map(str::trim)
+        .collect();
+    assert_eq!(listed, ["0", "1", "2"], "{logs}");
+}
+
+/// Metrics need no token, so they are served on loopback unless the deployer says otherwise.
+#[test]
+fn metrics_on_a_non_loopback_address_need_an_explicit_flag() {
+    let home = Home::new();
+    let mut refused = home.server_command(0);
+    refused.args(["--metrics-listen", "0.0.0.0:0"]);
+    let output = common::output_within(&mut refused, DEADLINE);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("--metrics-allow-remote"),
+        "{stderr}"
+    );
+
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut home = Home::new();
+    let mut allowed = home.server_command(0);
+    allowed.args([
+        "--metrics-listen",
+        &format!("0.0.0.0:{port}"),
+        "--metrics-allow-remote",
+    ]);
+    home.start_server_with(allowed);
+    wait_until("the metrics endpoint to answer", DEADLINE, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 }
