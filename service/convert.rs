@@ -4,7 +4,7 @@ use prost_types::Timestamp;
 
 use crate::config::Settings;
 use crate::error::QueueError;
-use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, NewJob, PRIORITY_RANGE};
+use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, NewJob, Outcome, PRIORITY_RANGE};
 use crate::pb;
 use crate::store::{Cursor, RunRecord, ServerRecord, WorkerRecord};
 use crate::supervisor::Event;
@@ -248,12 +248,15 @@ impl From<Event> for pb::WatchEventsResponse {
                 worker,
                 job_id,
                 state,
-                error,
+                outcome,
             } => Wire::JobFinished(pb::JobFinished {
                 worker,
                 job_id: job_id.to_string(),
                 state: job_state(state).into(),
-                error: error.unwrap_or_default(),
+                error: match outcome {
+                    Outcome::Succeeded => String::new(),
+                    failed => failed.to_string(),
+                },
             }),
         };
         pb::WatchEventsResponse { event: Some(wire) }

@@ -17,6 +17,10 @@ pub const DEFAULT_PRIORITY: u8 = 5;
 /// No backoff waits longer than a day, whatever `backoff_base ^ attempts` says.
 pub const MAX_BACKOFF_SECS: u64 = 86_400;
 
+/// How long a job whose attempt the server could not start (for want of descriptors, processes or memory) waits
+/// before it is tried again.
+pub const NOT_STARTED_RETRY_SECS: u64 = 1;
+
 /// Where a job is in its lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobState {
@@ -135,6 +139,9 @@ pub enum Outcome {
     Failed(Failure),
     /// The server stopped or died while the attempt ran. The attempt is not the job's fault, so it is not counted.
     Interrupted,
+    /// The server could not start the attempt for want of resources (descriptors, processes, memory). That is the
+    /// server's fault, not the job's: the attempt is not counted and the job runs again shortly.
+    NotStarted(String),
 }
 
 impl fmt::Display for Outcome {
@@ -143,6 +150,9 @@ impl fmt::Display for Outcome {
             Outcome::Succeeded => f.write_str("ok"),
             Outcome::Failed(failure) => failure.fmt(f),
             Outcome::Interrupted => f.write_str("interrupted"),
+            Outcome::NotStarted(reason) => {
+                write!(f, "not started: {reason}; the server retries it")
+            }
         }
     }
 }
@@ -192,7 +202,9 @@ pub fn next_state(
     let to = match (from, event) {
         (JobState::Pending | JobState::Failed, Event::Claim) => JobState::Processing,
         (JobState::Processing, Event::Finish(Outcome::Succeeded)) => JobState::Completed,
-        (JobState::Processing, Event::Finish(Outcome::Interrupted)) => JobState::Pending,
+        (JobState::Processing, Event::Finish(Outcome::Interrupted | Outcome::NotStarted(_))) => {
+            JobState::Pending
+        }
         (JobState::Processing, Event::Finish(Outcome::Failed(_)))
             if attempts_after > max_retries =>
         {
@@ -214,22 +226,23 @@ pub fn next_state(
 pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Settled {
     let attempts = match outcome {
         Outcome::Failed(_) => job.attempts.saturating_add(1),
-        Outcome::Succeeded | Outcome::Interrupted => job.attempts,
+        Outcome::Succeeded | Outcome::Interrupted | Outcome::NotStarted(_) => job.attempts,
     };
     let event = Event::Finish(outcome.clone());
     // A finish always follows a claim, so `processing` is the only state a caller can hand in.
     let state = next_state(JobState::Processing, &event, attempts, job.max_retries)
         .expect("every outcome settles a processing job");
-    let run_after = match state {
-        JobState::Failed => {
+    let run_after = match (state, outcome) {
+        (JobState::Failed, _) => {
             now.saturating_add(secs_to_micros(backoff_secs(policy.backoff_base, attempts)))
         }
+        (_, Outcome::NotStarted(_)) => now.saturating_add(secs_to_micros(NOT_STARTED_RETRY_SECS)),
         _ => now,
     };
     let last_error = match outcome {
         Outcome::Succeeded => job.last_error.clone(),
         Outcome::Failed(failure) => Some(failure.to_string()),
-        Outcome::Interrupted => Some(Outcome::Interrupted.to_string()),
+        Outcome::Interrupted | Outcome::NotStarted(_) => Some(outcome.to_string()),
     };
     Settled {
         state,

@@ -7,6 +7,7 @@
 pub mod channel;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod convert;
 pub mod error;
 pub mod grpc;

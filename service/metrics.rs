@@ -15,7 +15,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 
 use crate::clock;
-use crate::job::{JobState, MICROS_PER_SEC};
+use crate::job::{JobState, MICROS_PER_SEC, Outcome};
 use crate::queue::Queue;
 use crate::supervisor::Event;
 
@@ -31,6 +31,7 @@ pub struct Metrics {
     completed: Counter,
     failed_attempts: Counter,
     dead: Counter,
+    not_started: Counter,
     duration: Histogram,
     oldest_pending: Gauge<f64, AtomicU64>,
     workers: Gauge,
@@ -46,6 +47,7 @@ impl Default for Metrics {
             completed: Counter::default(),
             failed_attempts: Counter::default(),
             dead: Counter::default(),
+            not_started: Counter::default(),
             duration: Histogram::new(exponential_buckets(0.005, 4.0, 10)),
             oldest_pending: Gauge::default(),
             workers: Gauge::default(),
@@ -72,6 +74,12 @@ impl Default for Metrics {
             "jobs_dead",
             "Jobs this server moved to the dead letter queue",
             metrics.dead.clone(),
+        );
+        registry.register(
+            "job_starts_failed",
+            "Attempts this server could not start for want of descriptors, processes or memory (not counted \
+             against the job, which runs again)",
+            metrics.not_started.clone(),
         );
         registry.register(
             "job_duration_seconds",
@@ -110,7 +118,15 @@ impl Metrics {
                 Ok(Event::JobPicked { worker, .. }) => {
                     started.insert(worker, std::time::Instant::now());
                 }
-                Ok(Event::JobFinished { worker, state, .. }) => {
+                Ok(Event::JobFinished {
+                    worker,
+                    state,
+                    outcome,
+                    ..
+                }) => {
+                    if let Outcome::NotStarted(_) = outcome {
+                        self.not_started.inc();
+                    }
                     if let Some(at) = started.remove(&worker) {
                         self.duration.observe(at.elapsed().as_secs_f64());
                     }

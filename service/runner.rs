@@ -163,6 +163,15 @@ pub fn stop_inheriting_descriptors() {
     }
 }
 
+/// Whether a failed spawn is the server's fault, not the command's: no descriptors, processes or memory left.
+fn out_of_resources(error: &std::io::Error) -> bool {
+    #[cfg(unix)]
+    if let Some(code) = error.raw_os_error() {
+        return [libc::EMFILE, libc::ENFILE, libc::EAGAIN, libc::ENOMEM].contains(&code);
+    }
+    error.kind() == std::io::ErrorKind::OutOfMemory
+}
+
 /// The outcome of a command that ended by itself.
 pub fn outcome_of(status: ExitStatus) -> Outcome {
     if status.success() {
@@ -294,8 +303,13 @@ pub async fn run(
         Ok(child) => child,
         Err(error) => {
             on_spawn(None).await;
+            let outcome = if out_of_resources(&error) {
+                Outcome::NotStarted(error.to_string())
+            } else {
+                Outcome::Failed(Failure::Spawn(error.to_string()))
+            };
             return Report {
-                outcome: Outcome::Failed(Failure::Spawn(error.to_string())),
+                outcome,
                 output: Vec::new(),
                 truncated: false,
             };

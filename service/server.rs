@@ -186,6 +186,9 @@ async fn termination_signal() {
 pub async fn run(options: Options) -> Result<(), ServerError> {
     #[cfg(unix)]
     crate::runner::stop_inheriting_descriptors();
+    let descriptors = crate::connections::raise_descriptor_limit();
+    let connection_limit = crate::connections::connection_limit(descriptors);
+    tracing::debug!(?descriptors, connection_limit, "descriptor limit");
     let home = &options.home;
     home::prepare(home)?;
     let _lock = lock_home(home)?;
@@ -272,7 +275,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 .add_service(reflection_alpha)
                 .add_service(queue_service)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    crate::connections::limited(listener, connection_limit),
                     drained,
                 )
                 .await?;
@@ -321,7 +324,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 .add_service(InterceptedService::new(reflection_alpha, check.clone()))
                 .add_service(InterceptedService::new(queue_service, check))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    crate::connections::limited(listener, connection_limit),
                     drained,
                 )
                 .await?;

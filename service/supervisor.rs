@@ -56,7 +56,7 @@ pub enum Event {
         worker: u32,
         job_id: Arc<str>,
         state: JobState,
-        error: Option<String>,
+        outcome: Outcome,
     },
 }
 
@@ -541,10 +541,10 @@ async fn run_job(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     let policy = shared.settings.read().expect("settings lock").policy();
     let settled = job::settle(&job, &report.outcome, policy, clock::now());
     let state = settled.state;
-    let error = match &report.outcome {
-        Outcome::Succeeded => None,
-        failed => Some(failed.to_string()),
-    };
+    if let Outcome::NotStarted(reason) = &report.outcome {
+        tracing::warn!(job_id = %job.id, run = job.runs, %reason,
+            "could not start a job: the server is out of resources; the job waits and runs again");
+    }
     let update = GuardedUpdate {
         job_id: job.id.clone(),
         expect_state: JobState::Processing,
@@ -586,7 +586,7 @@ async fn run_job(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
         worker,
         job_id,
         state,
-        error,
+        outcome: report.outcome,
     });
     next
 }

@@ -21,6 +21,7 @@ fn any_outcome() -> impl Strategy<Value = Outcome> {
         any::<i32>().prop_map(|code| Outcome::Failed(Failure::Exit(code))),
         any::<i32>().prop_map(|signal| Outcome::Failed(Failure::Signal(signal))),
         ".*".prop_map(|reason| Outcome::Failed(Failure::Spawn(reason))),
+        ".*".prop_map(Outcome::NotStarted),
     ]
 }
 
@@ -140,7 +141,9 @@ proptest! {
         let allowed: &[JobState] = match (&from, &event) {
             (JobState::Pending | JobState::Failed, Event::Claim) => &[JobState::Processing],
             (JobState::Processing, Event::Finish(Outcome::Succeeded)) => &[JobState::Completed],
-            (JobState::Processing, Event::Finish(Outcome::Interrupted)) => &[JobState::Pending],
+            (JobState::Processing, Event::Finish(Outcome::Interrupted | Outcome::NotStarted(_))) => {
+                &[JobState::Pending]
+            }
             (JobState::Processing, Event::Finish(Outcome::Failed(_))) => &[JobState::Failed, JobState::Dead],
             (JobState::Dead, Event::DlqRetry) => &[JobState::Pending],
             _ => &[],
@@ -164,7 +167,7 @@ proptest! {
         let settled = job::settle(&job, &outcome, policy, now);
         let expected = match &outcome {
             Outcome::Succeeded => JobState::Completed,
-            Outcome::Interrupted => JobState::Pending,
+            Outcome::Interrupted | Outcome::NotStarted(_) => JobState::Pending,
             Outcome::Failed(_) if job.attempts.saturating_add(1) > job.max_retries => JobState::Dead,
             Outcome::Failed(_) => JobState::Failed,
         };
