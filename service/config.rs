@@ -15,7 +15,7 @@ pub struct Key {
 }
 
 /// Every setting, in name order.
-pub const KEYS: [Key; 6] = [
+pub const KEYS: [Key; 7] = [
     Key {
         name: "aging_interval",
         seconds: true,
@@ -43,6 +43,13 @@ pub const KEYS: [Key; 6] = [
         default: 0,
         range: 0..=604_800,
         help: "seconds an attempt may run before it is killed, for jobs that give no timeout (0: no limit)",
+    },
+    Key {
+        name: "max_interruptions",
+        seconds: false,
+        default: 3,
+        range: 1..=1000,
+        help: "times a job's server may die while it runs (a crash, a kill -9) before the job goes dead",
     },
     Key {
         name: "max_output_bytes",
@@ -163,6 +170,7 @@ impl Settings {
         Policy {
             backoff_base: u32::try_from(self.value("backoff_base")).unwrap_or(u32::MAX),
             aging_interval_secs: self.value("aging_interval"),
+            max_interruptions: u32::try_from(self.value("max_interruptions")).unwrap_or(u32::MAX),
         }
     }
 
@@ -236,7 +244,7 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "unknown config key 'max_retries': expected one of aging_interval, backoff_base, \
-             default_max_retries, job_timeout, max_output_bytes, shutdown_grace"
+             default_max_retries, job_timeout, max_interruptions, max_output_bytes, shutdown_grace"
         );
     }
 

@@ -91,6 +91,8 @@ pub struct Job {
     pub timeout_secs: Option<u64>,
     /// How many times the job was claimed. Each claim starts run `runs`; a report about any other run is stale.
     pub runs: u32,
+    /// Runs its server died under (a crash, a kill -9, a lost lease); counted apart from failed attempts.
+    pub interruptions: u32,
     pub created_at: Micros,
     pub updated_at: Micros,
     pub run_after: Micros,
@@ -137,8 +139,12 @@ impl fmt::Display for Failure {
 pub enum Outcome {
     Succeeded,
     Failed(Failure),
-    /// The server stopped or died while the attempt ran. The attempt is not the job's fault, so it is not counted.
+    /// The server stopped (a drain, a reset) while the attempt ran. Not the job's fault, so not counted.
     Interrupted,
+    /// The server died while the attempt ran (a crash, a kill -9, a lost lease). It may not be the job's fault,
+    /// but it may be (a job that kills its server), so it is counted in `interruptions`, and a job that reaches
+    /// `max_interruptions` goes dead instead of taking its server down for ever.
+    Abandoned,
     /// The server could not start the attempt for want of resources (descriptors, processes, memory). That is the
     /// server's fault, not the job's: the attempt is not counted and the job runs again shortly.
     NotStarted(String),
@@ -149,7 +155,7 @@ impl fmt::Display for Outcome {
         match self {
             Outcome::Succeeded => f.write_str("ok"),
             Outcome::Failed(failure) => failure.fmt(f),
-            Outcome::Interrupted => f.write_str("interrupted"),
+            Outcome::Interrupted | Outcome::Abandoned => f.write_str("interrupted"),
             Outcome::NotStarted(reason) => {
                 write!(f, "not started: {reason}; the server retries it")
             }
@@ -180,6 +186,8 @@ pub struct IllegalTransition {
 pub struct Policy {
     pub backoff_base: u32,
     pub aging_interval_secs: u64,
+    /// Deaths of its server under it that a job survives; the last one sends it to the dead letter queue.
+    pub max_interruptions: u32,
 }
 
 /// A job's state fields after an event: what a store writes back, guarded by what it expected.
@@ -187,17 +195,18 @@ pub struct Policy {
 pub struct Settled {
     pub state: JobState,
     pub attempts: u32,
+    pub interruptions: u32,
     pub run_after: Micros,
     pub queue_key: i64,
     pub last_error: Option<String>,
 }
 
-/// The state a job moves to on `event`, or why it cannot. Every legal move is one arm here.
+/// The state a job moves to on `event`, or why it cannot. Every legal move is one arm here. `exhausted`: the
+/// event used up what the job may spend (its retries on a failure, its interruptions on an abandoned run).
 pub fn next_state(
     from: JobState,
     event: &Event,
-    attempts_after: u32,
-    max_retries: u32,
+    exhausted: bool,
 ) -> Result<JobState, IllegalTransition> {
     let to = match (from, event) {
         (JobState::Pending | JobState::Failed, Event::Claim) => JobState::Processing,
@@ -205,12 +214,13 @@ pub fn next_state(
         (JobState::Processing, Event::Finish(Outcome::Interrupted | Outcome::NotStarted(_))) => {
             JobState::Pending
         }
-        (JobState::Processing, Event::Finish(Outcome::Failed(_)))
-            if attempts_after > max_retries =>
+        (JobState::Processing, Event::Finish(Outcome::Failed(_) | Outcome::Abandoned))
+            if exhausted =>
         {
             JobState::Dead
         }
         (JobState::Processing, Event::Finish(Outcome::Failed(_))) => JobState::Failed,
+        (JobState::Processing, Event::Finish(Outcome::Abandoned)) => JobState::Pending,
         (JobState::Dead, Event::DlqRetry) => JobState::Pending,
         (from, event) => {
             return Err(IllegalTransition {
@@ -224,13 +234,21 @@ pub fn next_state(
 
 /// Settles a finished attempt of a `processing` job: counts a failure, schedules its retry or buries it.
 pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Settled {
-    let attempts = match outcome {
-        Outcome::Failed(_) => job.attempts.saturating_add(1),
-        Outcome::Succeeded | Outcome::Interrupted | Outcome::NotStarted(_) => job.attempts,
+    let (mut attempts, mut interruptions) = (job.attempts, job.interruptions);
+    let exhausted = match outcome {
+        Outcome::Failed(_) => {
+            attempts = attempts.saturating_add(1);
+            attempts > job.max_retries
+        }
+        Outcome::Abandoned => {
+            interruptions = interruptions.saturating_add(1);
+            interruptions >= policy.max_interruptions
+        }
+        Outcome::Succeeded | Outcome::Interrupted | Outcome::NotStarted(_) => false,
     };
     let event = Event::Finish(outcome.clone());
     // A finish always follows a claim, so `processing` is the only state a caller can hand in.
-    let state = next_state(JobState::Processing, &event, attempts, job.max_retries)
+    let state = next_state(JobState::Processing, &event, exhausted)
         .expect("every outcome settles a processing job");
     let run_after = match (state, outcome) {
         (JobState::Failed, _) => {
@@ -242,11 +260,17 @@ pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Sett
     let last_error = match outcome {
         Outcome::Succeeded => job.last_error.clone(),
         Outcome::Failed(failure) => Some(failure.to_string()),
-        Outcome::Interrupted | Outcome::NotStarted(_) => Some(outcome.to_string()),
+        Outcome::Abandoned if state == JobState::Dead => Some(format!(
+            "interrupted: its server died under it {interruptions} times (max_interruptions)"
+        )),
+        Outcome::Interrupted | Outcome::Abandoned | Outcome::NotStarted(_) => {
+            Some(outcome.to_string())
+        }
     };
     Settled {
         state,
         attempts,
+        interruptions,
         run_after,
         queue_key: queue_key(run_after, job.priority, policy.aging_interval_secs),
         last_error,
@@ -255,10 +279,11 @@ pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Sett
 
 /// The state fields of a dead job sent back to the queue: pending, attempts 0, ready now.
 pub fn revive(job: &Job, policy: Policy, now: Micros) -> Result<Settled, IllegalTransition> {
-    let state = next_state(job.state, &Event::DlqRetry, 0, job.max_retries)?;
+    let state = next_state(job.state, &Event::DlqRetry, false)?;
     Ok(Settled {
         state,
         attempts: 0,
+        interruptions: 0,
         run_after: now,
         queue_key: queue_key(now, job.priority, policy.aging_interval_secs),
         last_error: job.last_error.clone(),
@@ -303,6 +328,7 @@ mod tests {
     const POLICY: Policy = Policy {
         backoff_base: 2,
         aging_interval_secs: 60,
+        max_interruptions: 3,
     };
 
     fn processing_job(attempts: u32, max_retries: u32) -> Job {
@@ -315,6 +341,7 @@ mod tests {
             priority: 5,
             timeout_secs: None,
             runs: attempts + 1,
+            interruptions: 0,
             created_at: 0,
             updated_at: 0,
             run_after: 0,
@@ -372,6 +399,51 @@ mod tests {
     }
 
     #[test]
+    fn a_job_whose_server_dies_under_it_three_times_is_dead_but_a_drain_costs_nothing() {
+        let mut job = processing_job(0, 5);
+        for _ in 0..10 {
+            let drained = settle(&job, &Outcome::Interrupted, POLICY, 0);
+            assert_eq!(
+                (drained.state, drained.interruptions),
+                (JobState::Pending, 0)
+            );
+        }
+        let mut states = Vec::new();
+        for _ in 0..3 {
+            let settled = settle(&job, &Outcome::Abandoned, POLICY, 0);
+            states.push(settled.state);
+            job.interruptions = settled.interruptions;
+            assert_eq!(
+                settled.attempts, 0,
+                "an interruption is not a failed attempt"
+            );
+            if settled.state == JobState::Dead {
+                assert_eq!(
+                    settled.last_error.as_deref(),
+                    Some("interrupted: its server died under it 3 times (max_interruptions)")
+                );
+            }
+        }
+        assert_eq!(
+            states,
+            [JobState::Pending, JobState::Pending, JobState::Dead]
+        );
+        let revived = revive(
+            &Job {
+                state: JobState::Dead,
+                ..job
+            },
+            POLICY,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            revived.interruptions, 0,
+            "a retry from the DLQ starts afresh"
+        );
+    }
+
+    #[test]
     fn backoff_is_a_power_of_the_base_and_capped() {
         assert_eq!(backoff_secs(2, 0), 1);
         assert_eq!(backoff_secs(2, 3), 8);
@@ -400,7 +472,7 @@ mod tests {
     #[test]
     fn claiming_is_legal_only_for_waiting_jobs() {
         for state in JobState::ALL {
-            let claimed = next_state(state, &Event::Claim, 0, 0);
+            let claimed = next_state(state, &Event::Claim, false);
             let waiting = matches!(state, JobState::Pending | JobState::Failed);
             assert_eq!(claimed.is_ok(), waiting, "{state}");
         }
@@ -409,7 +481,7 @@ mod tests {
     #[test]
     fn finishing_is_legal_only_while_processing() {
         for state in JobState::ALL {
-            let finished = next_state(state, &Event::Finish(Outcome::Succeeded), 0, 0);
+            let finished = next_state(state, &Event::Finish(Outcome::Succeeded), false);
             assert_eq!(finished.is_ok(), state == JobState::Processing, "{state}");
         }
     }

@@ -154,7 +154,7 @@ impl Supervisor {
                     tracing::warn!(job_id = %stale.job.id, pgid, "killed the processes an interrupted run left");
                 }
             }
-            self.shared.requeue(stale).await?;
+            self.shared.requeue(stale, Outcome::Abandoned).await?;
         }
         Ok(in_flight.len())
     }
@@ -242,19 +242,26 @@ impl Supervisor {
 }
 
 impl Shared {
-    /// Returns a job whose run was cut short (its server stopped or vanished) to the queue, unless it moved on.
-    async fn requeue(&self, stale: &InFlight) -> Result<(), StoreError> {
+    /// Settles a run that was cut short, unless the job moved on: `Interrupted` when its server stopped it or it
+    /// never started, `Abandoned` (counted) when its server died under it.
+    async fn requeue(&self, stale: &InFlight, outcome: Outcome) -> Result<(), StoreError> {
         let job = &stale.job;
         let policy = self.settings.read().expect("settings lock").policy();
         let update = GuardedUpdate {
             job_id: job.id.clone(),
             expect_state: JobState::Processing,
             expect_runs: job.runs,
-            settled: job::settle(job, &Outcome::Interrupted, policy, clock::now()),
+            settled: job::settle(job, &outcome, policy, clock::now()),
             ended: None,
         };
+        let (state, interruptions) = (update.settled.state, update.settled.interruptions);
         if self.writer.update(update, true).await? {
-            tracing::warn!(job_id = %job.id, run = job.runs, "returned an interrupted job to the queue");
+            if state == JobState::Dead {
+                tracing::error!(job_id = %job.id, run = job.runs, interruptions,
+                    "a job's server died under it too often: it is dead");
+            } else {
+                tracing::warn!(job_id = %job.id, run = job.runs, "returned an interrupted job to the queue");
+            }
         }
         Ok(())
     }
@@ -437,7 +444,8 @@ async fn claim(shared: &Arc<Shared>, idle: Vec<u32>) -> Result<Option<Instant>, 
 
 async fn requeue_unstarted(shared: &Arc<Shared>, job: Job) {
     let id = job.id.clone();
-    if let Err(error) = shared.requeue(&InFlight { job, pgid: None }).await {
+    let unstarted = InFlight { job, pgid: None };
+    if let Err(error) = shared.requeue(&unstarted, Outcome::Interrupted).await {
         tracing::error!(job_id = %id, %error, "returning an unstarted job failed; a restart recovers it");
     }
 }
@@ -460,7 +468,7 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration) {
         };
         for stale in &expired {
             tracing::warn!(job_id = %stale.job.id, "rescuing a job whose server stopped renewing its claim");
-            if let Err(error) = shared.requeue(stale).await {
+            if let Err(error) = shared.requeue(stale, Outcome::Abandoned).await {
                 tracing::error!(job_id = %stale.job.id, %error, "rescuing a job failed");
             }
         }

@@ -345,3 +345,58 @@ fn a_read_only_database_gives_unavailable_and_the_server_recovers() {
     assert!(home.stop_server().success());
     assert_eq!(integrity(&home.file("jobs.db")), "ok");
 }
+
+/// A poison pill: a job that kill -9s its own server whenever it runs. Each restart counts the run it abandoned;
+/// after `max_interruptions` (3) the job is dead, and the restarted server runs the other jobs.
+#[test]
+fn a_job_that_kills_its_server_goes_dead_after_three_interruptions() {
+    let mut home = Home::with_server(0);
+    let ran = home.file("ran");
+    home.enqueue(r#"{"id":"pill","priority":1,"command":"kill -9 $PPID; sleep 5"}"#);
+    for n in 0..20 {
+        home.enqueue(&format!(
+            r#"{{"id":"j{n}","command":"echo j{n} >> {}"}}"#,
+            ran.display()
+        ));
+    }
+    assert!(home.stop_server().success());
+
+    let mut deaths = 0;
+    loop {
+        let mut server = home.server_command(1).spawn().unwrap();
+        let start = Instant::now();
+        let died = loop {
+            if server.try_wait().unwrap().is_some() {
+                break true;
+            }
+            if std::fs::read_to_string(&ran).is_ok_and(|ran| ran.lines().count() == 20) {
+                break false;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "the server neither died nor ran the jobs"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if !died {
+            let _ = server.kill();
+            let _ = server.wait();
+            break;
+        }
+        deaths += 1;
+        assert!(deaths <= 3, "the pill took its server down {deaths} times");
+    }
+    assert_eq!(deaths, 3);
+    home.start_server(0);
+    let pill = home.job("pill");
+    assert_eq!(pill["state"], "dead", "{pill}");
+    assert_eq!(pill["attempts"], 0, "{pill}");
+    assert!(
+        pill["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("its server died under it 3 times"),
+        "{pill}"
+    );
+    assert_eq!(home.count("completed"), 20);
+}

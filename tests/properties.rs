@@ -17,6 +17,7 @@ fn any_outcome() -> impl Strategy<Value = Outcome> {
     prop_oneof![
         Just(Outcome::Succeeded),
         Just(Outcome::Interrupted),
+        Just(Outcome::Abandoned),
         Just(Outcome::Failed(Failure::Timeout)),
         any::<i32>().prop_map(|code| Outcome::Failed(Failure::Exit(code))),
         any::<i32>().prop_map(|signal| Outcome::Failed(Failure::Signal(signal))),
@@ -34,10 +35,13 @@ fn any_event() -> impl Strategy<Value = Event> {
 }
 
 fn any_policy() -> impl Strategy<Value = Policy> {
-    (any::<u32>(), any::<u64>()).prop_map(|(backoff_base, aging_interval_secs)| Policy {
-        backoff_base,
-        aging_interval_secs,
-    })
+    (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(
+        |(backoff_base, aging_interval_secs, max_interruptions)| Policy {
+            backoff_base,
+            aging_interval_secs,
+            max_interruptions,
+        },
+    )
 }
 
 fn any_job(state: JobState) -> impl Strategy<Value = Job> {
@@ -57,6 +61,7 @@ fn any_job(state: JobState) -> impl Strategy<Value = Job> {
             priority,
             timeout_secs: None,
             runs,
+            interruptions: 0,
             created_at: at,
             updated_at: at,
             run_after: at,
@@ -135,8 +140,7 @@ proptest! {
     fn every_transition_is_one_the_lifecycle_allows(
         from in any_state(),
         event in any_event(),
-        attempts in any::<u32>(),
-        max_retries in any::<u32>(),
+        exhausted in any::<bool>(),
     ) {
         let allowed: &[JobState] = match (&from, &event) {
             (JobState::Pending | JobState::Failed, Event::Claim) => &[JobState::Processing],
@@ -145,10 +149,11 @@ proptest! {
                 &[JobState::Pending]
             }
             (JobState::Processing, Event::Finish(Outcome::Failed(_))) => &[JobState::Failed, JobState::Dead],
+            (JobState::Processing, Event::Finish(Outcome::Abandoned)) => &[JobState::Pending, JobState::Dead],
             (JobState::Dead, Event::DlqRetry) => &[JobState::Pending],
             _ => &[],
         };
-        match job::next_state(from, &event, attempts, max_retries) {
+        match job::next_state(from, &event, exhausted) {
             Ok(to) => prop_assert!(allowed.contains(&to), "{from} -> {to} on {event:?}"),
             Err(illegal) => {
                 prop_assert!(allowed.is_empty(), "{from} refused {event:?}");
@@ -170,9 +175,12 @@ proptest! {
             Outcome::Interrupted | Outcome::NotStarted(_) => JobState::Pending,
             Outcome::Failed(_) if job.attempts.saturating_add(1) > job.max_retries => JobState::Dead,
             Outcome::Failed(_) => JobState::Failed,
+            Outcome::Abandoned if job.interruptions.saturating_add(1) >= policy.max_interruptions => JobState::Dead,
+            Outcome::Abandoned => JobState::Pending,
         };
         prop_assert_eq!(settled.state, expected);
         prop_assert!(settled.attempts >= job.attempts);
+        prop_assert!(settled.interruptions >= job.interruptions);
         prop_assert!(settled.run_after >= now, "a retry is never scheduled in the past");
         prop_assert!(settled.queue_key >= settled.run_after, "aging only delays lower priorities");
     }

@@ -23,6 +23,7 @@ const OWNER: &str = "test-server";
 const POLICY: Policy = Policy {
     backoff_base: 2,
     aging_interval_secs: 60,
+    max_interruptions: 3,
 };
 
 /// Runs `check` once per backend, each time on a new, empty store that lives only for that check.
@@ -476,4 +477,43 @@ async fn claim_order_follows_priority_and_fifo() {
 #[tokio::test]
 async fn listing_pages() {
     for_each_backend(listing_pages_through_every_job_once).await;
+}
+
+/// Runs a job's server died under are counted and stored; the last one allowed buries the job, and a claim after
+/// an abandoned run hands out the stored count.
+async fn abandoned_runs_are_counted_until_the_job_is_dead(store: Arc<dyn Store>) {
+    let store = store.as_ref();
+    enqueue_at(store, vec![vec![new_job("pill", 1)]], clock::now()).await;
+    for expected in 1..=POLICY.max_interruptions {
+        let running = claim(store, 1, clock::now(), OWNER)
+            .await
+            .unwrap()
+            .pop()
+            .expect("claimed");
+        assert_eq!(running.interruptions, expected - 1);
+        let abandoned = GuardedUpdate {
+            ended: None,
+            ..finish(&running, Outcome::Abandoned, clock::now())
+        };
+        assert!(update(store, abandoned, clock::now()).await);
+        let stored = store.get("pill").await.unwrap().unwrap();
+        assert_eq!((stored.interruptions, stored.attempts), (expected, 0));
+    }
+    let dead = store.get("pill").await.unwrap().unwrap();
+    assert_eq!(dead.state, JobState::Dead);
+    assert!(
+        dead.last_error.unwrap().starts_with("interrupted"),
+        "last_error says why"
+    );
+    assert!(
+        claim(store, 1, clock::now(), OWNER)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn abandoned_runs_are_counted() {
+    for_each_backend(abandoned_runs_are_counted_until_the_job_is_dead).await;
 }

@@ -233,7 +233,7 @@ async fn apply_update(
     let seq: Option<i64> = sqlx::query_scalar(
         "UPDATE jobs SET state = $1, attempts = $2, run_after = queuectl_now() + $3, queue_key = queuectl_now() + $4,
                          last_error = $5, updated_at = queuectl_now(), pgid = NULL, owner = NULL,
-                         lease_expires_at = NULL
+                         lease_expires_at = NULL, interruptions = $9
          WHERE id = $6 AND state = $7 AND runs = $8
          RETURNING seq",
     )
@@ -245,6 +245,7 @@ async fn apply_update(
     .bind(&update.job_id)
     .bind(update.expect_state.as_str())
     .bind(i64::from(update.expect_runs))
+    .bind(i64::from(settled.interruptions))
     .fetch_optional(&mut *conn)
     .await?;
     let Some(seq) = seq else {

@@ -11,7 +11,7 @@ use super::{Cursor, InFlight, Page, RunRecord, StateCounts, StoreError};
 macro_rules! job_columns {
     () => {
         "id, command, state, priority, attempts, max_retries, timeout_secs, runs, created_at, updated_at, \
-         run_after, last_error"
+         run_after, last_error, interruptions"
     };
 }
 pub(crate) use job_columns;
@@ -30,6 +30,7 @@ pub struct JobRow {
     pub updated_at: i64,
     pub run_after: i64,
     pub last_error: Option<String>,
+    pub interruptions: i64,
 }
 
 fn column<T: TryFrom<i64>>(name: &str, value: i64) -> Result<T, StoreError> {
@@ -54,6 +55,7 @@ impl TryFrom<JobRow> for Job {
                 .map(|secs| column("timeout_secs", secs))
                 .transpose()?,
             runs: column("runs", row.runs)?,
+            interruptions: column("interruptions", row.interruptions)?,
             id: row.id,
             command: row.command,
             created_at: row.created_at,

@@ -200,6 +200,7 @@ impl<'a> NewRow<'a> {
             priority: job.priority,
             timeout_secs: job.timeout_secs,
             runs: 0,
+            interruptions: 0,
             created_at: now,
             updated_at: now,
             run_after: now,
@@ -380,6 +381,7 @@ struct UpdateRow<'a> {
     run_after: Micros,
     queue_key: i64,
     last_error: Option<&'a str>,
+    interruptions: u32,
     /// Set when the update ends its run.
     worker: Option<u32>,
     outcome: Option<&'a str>,
@@ -401,6 +403,7 @@ impl<'a> UpdateRow<'a> {
             run_after: settled.run_after,
             queue_key: settled.queue_key,
             last_error: settled.last_error.as_deref(),
+            interruptions: settled.interruptions,
             worker: ended.map(|ended| ended.worker),
             outcome: ended.map(|ended| ended.outcome.as_str()),
             output: ended.map(|ended| hex(&ended.output)),
@@ -442,7 +445,8 @@ struct WorkerInput<'a> {
 const WORKER_SCRIPT: &str = concat!(
     "CREATE TEMP TABLE IF NOT EXISTS settling (
          position INTEGER PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
-         run_after INTEGER NOT NULL, queue_key INTEGER NOT NULL, last_error TEXT, run INTEGER NOT NULL,
+         run_after INTEGER NOT NULL, queue_key INTEGER NOT NULL, last_error TEXT, interruptions INTEGER NOT NULL,
+         run INTEGER NOT NULL,
          worker INTEGER, outcome TEXT, output BLOB, truncated INTEGER NOT NULL);
      DELETE FROM temp.settling;
 
@@ -459,13 +463,15 @@ const WORKER_SCRIPT: &str = concat!(
 
      INSERT INTO temp.settling
      SELECT u.key, jobs.seq, u.value ->> 'state', u.value ->> 'attempts', u.value ->> 'run_after',
-            u.value ->> 'queue_key', u.value ->> 'last_error', jobs.runs, u.value ->> 'worker',
+            u.value ->> 'queue_key', u.value ->> 'last_error', u.value ->> 'interruptions', jobs.runs,
+            u.value ->> 'worker',
             u.value ->> 'outcome', unhex(u.value ->> 'output'), u.value ->> 'truncated'
      FROM json_each(?1, '$.updates') AS u
      CROSS JOIN jobs ON jobs.id = u.value ->> 'id' AND jobs.state = u.value ->> 'expect_state'
                     AND jobs.runs = u.value ->> 'expect_runs';
      UPDATE jobs SET state = s.state, attempts = s.attempts, run_after = s.run_after, queue_key = s.queue_key,
-                     last_error = s.last_error, updated_at = (?1 ->> 'now'), pgid = NULL
+                     last_error = s.last_error, interruptions = s.interruptions, updated_at = (?1 ->> 'now'),
+                     pgid = NULL
      FROM temp.settling AS s WHERE jobs.seq = s.seq;
      INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
      SELECT s.seq, s.run, s.worker, ?1 ->> 'now', ?1 ->> 'now', s.outcome, coalesce(s.output, x''), s.truncated
@@ -479,7 +485,7 @@ const WORKER_SCRIPT: &str = concat!(
                         'id', id, 'command', command, 'state', state, 'priority', priority, 'attempts', attempts,
                         'max_retries', max_retries, 'timeout_secs', timeout_secs, 'runs', runs,
                         'created_at', created_at, 'updated_at', updated_at, 'run_after', run_after,
-                        'last_error', last_error))
+                        'last_error', last_error, 'interruptions', interruptions))
              FROM (", claim_candidates!(), "));
      UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = (?1 ->> 'now'), pgid = NULL
      WHERE seq IN (SELECT seq FROM (", claim_candidates!(), "));"
