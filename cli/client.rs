@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use queuectl::home::{self, ADDRESS_FILE, LOCK_FILE, LOG_FILE, SOCKET_FILE, TOKEN_FILE};
+use queuectl::home::{self, ADDRESS_FILE, LOCK_FILE, LOG_FILE, TOKEN_FILE};
 use queuectl::pb::queue_service_client::QueueServiceClient;
 use tonic::codegen::http::Uri;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -151,7 +151,7 @@ fn home_server_running(home: &Path) -> bool {
 fn home_target(home: &Path) -> Target {
     #[cfg(unix)]
     {
-        Target::Socket(home.join(SOCKET_FILE))
+        Target::Socket(home.join(home::SOCKET_FILE))
     }
     #[cfg(windows)]
     {

@@ -14,6 +14,7 @@ pub const SERVER_ID_FILE: &str = "server.id";
 pub const DATABASE_FILE: &str = "jobs.db";
 
 /// Every file a home may hold: what the server and the CLI check before they trust it.
+#[cfg(unix)]
 const FILES: [&str; 10] = [
     SOCKET_FILE,
     TOKEN_FILE,

@@ -14,8 +14,8 @@ use tonic_health::ServingStatus;
 
 use crate::grpc::Grpc;
 use crate::home::{
-    self, ADDRESS_FILE, DATABASE_FILE, HomeError, LOCK_FILE, SERVER_ID_FILE, SOCKET_FILE,
-    TOKEN_FILE, write_private,
+    self, ADDRESS_FILE, DATABASE_FILE, HomeError, LOCK_FILE, SERVER_ID_FILE, TOKEN_FILE,
+    write_private,
 };
 use crate::pb::queue_service_server::QueueServiceServer;
 use crate::queue::Queue;
@@ -260,7 +260,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         #[cfg(unix)]
         Listen::Socket => {
             use std::os::unix::fs::PermissionsExt;
-            let path = home.join(SOCKET_FILE);
+            let path = home.join(home::SOCKET_FILE);
             // We hold the lock, so a socket file left here belongs to a server that died.
             let _ = fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path).map_err(|error| {
