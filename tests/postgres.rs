@@ -234,3 +234,66 @@ fn a_restarted_server_recovers_its_own_jobs_without_waiting_for_the_lease() {
     home.ok(&["config", "set", "shutdown_grace", "0"]);
     assert!(home.stop_server().success());
 }
+
+/// How many connections to `database` use TLS right now, as PostgreSQL itself reports them.
+fn tls_connections(database: &TestDatabase) -> i64 {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&database.admin_url)
+            .await
+            .unwrap();
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid)
+             WHERE ssl AND datname = $1",
+        )
+        .bind(&database.name)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap()
+    })
+}
+
+/// `sslmode=require` in the URL: the server talks to PostgreSQL over TLS (the local server's certificate is
+/// self-signed, which `require` accepts without verifying it).
+#[test]
+fn the_database_url_can_ask_for_tls() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let mut home = Home::new();
+    let mut command = home.server_command(1);
+    command.env(
+        "QUEUECTL_DATABASE_URL",
+        format!("{}?sslmode=require", database.url),
+    );
+    home.start_server_with(command);
+    home.enqueue(r#"{"id":"over-tls","command":"true"}"#);
+    home.wait_for_state("over-tls", "completed");
+    assert!(
+        tls_connections(&database) > 0,
+        "the server's connections use TLS"
+    );
+}
+
+/// A database that cannot be reached, or a URL for another kind of database, is refused at once, saying why.
+#[test]
+fn a_database_that_cannot_be_reached_is_refused_at_once_saying_why() {
+    let home = Home::new();
+    for (url, expected) in [
+        ("postgres://postgres@127.0.0.1:1/test", "Connection refused"),
+        ("mysql://root@127.0.0.1/test", "must start with postgres://"),
+    ] {
+        let start = std::time::Instant::now();
+        let mut command = home.server_command(0);
+        command.env("QUEUECTL_DATABASE_URL", url);
+        let output = common::output_within(&mut command, DEADLINE);
+        assert!(!output.status.success(), "{url}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{url}: {stderr}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{url} took {:?}",
+            start.elapsed()
+        );
+    }
+}

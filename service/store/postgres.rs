@@ -22,6 +22,9 @@ const JOBS_CHANNEL: &str = "queuectl_jobs";
 const CONFIG_CHANNEL: &str = "queuectl_config";
 const WORKERS_CHANNEL: &str = "queuectl_workers";
 
+/// How long connecting to the database, or waiting for a free connection, may take before it is an error.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
 pub struct PgStore {
     pool: PgPool,
     lease: Duration,
@@ -31,11 +34,29 @@ pub struct PgStore {
 impl PgStore {
     /// Connects, brings the schema up to date and starts listening for other servers' announcements.
     pub async fn open(url: &str, lease: Duration) -> Result<Self, StoreError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(StoreError::Unavailable(
+                "the database URL must start with postgres:// or postgresql://".into(),
+            ));
+        }
         let options: PgConnectOptions = url
             .parse()
             .map_err(|error| StoreError::Unavailable(format!("bad database URL: {error}")))?;
+        // One connection first, so that a refused port, a wrong password or a TLS failure is reported at once as
+        // what it is, instead of as a pool that timed out after retrying it.
+        let first = tokio::time::timeout(CONNECT_LIMIT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "the database did not answer within {}s",
+                    CONNECT_LIMIT.as_secs()
+                ))
+            })?
+            .map_err(classify)?;
+        first.close().await.map_err(classify)?;
         let pool = PgPoolOptions::new()
             .max_connections(8)
+            .acquire_timeout(CONNECT_LIMIT)
             .idle_timeout(None)
             .max_lifetime(None)
             .connect_with(options)
