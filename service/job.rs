@@ -255,10 +255,12 @@ pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Sett
             now.saturating_add(secs_to_micros(backoff_secs(policy.backoff_base, attempts)))
         }
         (_, Outcome::NotStarted(_)) => now.saturating_add(secs_to_micros(NOT_STARTED_RETRY_SECS)),
+        // A run cut short by its server keeps the job's place in the queue: it was ready since `run_after`.
+        (JobState::Pending, Outcome::Interrupted | Outcome::Abandoned) => job.run_after.min(now),
         _ => now,
     };
     let last_error = match outcome {
-        Outcome::Succeeded => job.last_error.clone(),
+        Outcome::Succeeded => None,
         Outcome::Failed(failure) => Some(failure.to_string()),
         Outcome::Abandoned if state == JobState::Dead => Some(format!(
             "interrupted: its server died under it {interruptions} times (max_interruptions)"
@@ -382,7 +384,7 @@ mod tests {
         let settled = settle(&processing_job(1, 1), &Outcome::Interrupted, POLICY, 7);
         assert_eq!(settled.state, JobState::Pending);
         assert_eq!(settled.attempts, 1);
-        assert_eq!(settled.run_after, 7);
+        assert_eq!(settled.run_after, 0, "it keeps its place: ready since 0");
         assert_eq!(settled.last_error.as_deref(), Some("interrupted"));
     }
 
@@ -440,6 +442,24 @@ mod tests {
         assert_eq!(
             revived.interruptions, 0,
             "a retry from the DLQ starts afresh"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_job_keeps_its_place_and_a_success_clears_the_last_error() {
+        let job = Job {
+            run_after: 1_000,
+            last_error: Some("interrupted".into()),
+            ..processing_job(0, 3)
+        };
+        for outcome in [Outcome::Interrupted, Outcome::Abandoned] {
+            let settled = settle(&job, &outcome, POLICY, 9_000_000);
+            assert_eq!(settled.run_after, 1_000, "{outcome:?}");
+            assert_eq!(settled.queue_key, queue_key(1_000, job.priority, 60));
+        }
+        assert_eq!(
+            settle(&job, &Outcome::Succeeded, POLICY, 2_000).last_error,
+            None
         );
     }
 
