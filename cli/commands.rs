@@ -423,7 +423,7 @@ pub async fn worker_start(
         client
             .start_workers(pb::StartWorkersRequest { count, all })
             .await?;
-        println!("Started {count} workers in the server; `queuectl worker stop` stops them");
+        println!("{}", started_message(count, all));
         return Ok(());
     }
     // Subscribe first, so that the workers' first events are seen.
@@ -469,6 +469,17 @@ pub async fn worker_start(
             }
         }
     }
+}
+
+/// What `worker start --daemon` did, in words that fit the count and the scope.
+fn started_message(count: u32, all: bool) -> String {
+    let workers = if count == 1 { "worker" } else { "workers" };
+    let (scope, stop) = if all {
+        ("on every server", "`queuectl worker stop --all`")
+    } else {
+        ("in the server", "`queuectl worker stop`")
+    };
+    format!("Started {count} {workers} {scope}; {stop} stops them")
 }
 
 pub async fn worker_stop(client: &mut Client, all: bool) -> anyhow::Result<()> {
@@ -556,6 +567,18 @@ mod tests {
         assert!(
             error(r#"{"command":"x","timeout":"soon"}"#)
                 .starts_with("timeout \"soon\" is not a duration")
+        );
+    }
+
+    #[test]
+    fn the_started_message_fits_the_count_and_the_scope() {
+        assert_eq!(
+            started_message(1, false),
+            "Started 1 worker in the server; `queuectl worker stop` stops them"
+        );
+        assert_eq!(
+            started_message(3, true),
+            "Started 3 workers on every server; `queuectl worker stop --all` stops them"
         );
     }
 
