@@ -216,7 +216,7 @@ pub trait Store: Send + Sync + 'static {
     /// ran out, for the caller to return to the queue. Only called when [`Store::lease`] is set.
     async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError>;
 
-    /// The servers that sent a heartbeat within two leases.
+    /// The servers that sent a heartbeat within a lease: those whose jobs are not yet up for rescue.
     async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError>;
 
     /// Asks every server of the database to run `count` workers.

@@ -446,7 +446,7 @@ impl Store for PgStore {
     async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
         let rows: Vec<(String, String, i64, i64, String, i64)> = sqlx::query_as(
             "SELECT id, host, pid, worker_count, workers, seen_at FROM servers
-             WHERE seen_at > queuectl_now() - 2 * $1 ORDER BY host, id",
+             WHERE seen_at > queuectl_now() - $1 ORDER BY host, id",
         )
         .bind(self.lease_micros())
         .fetch_all(&self.pool)
