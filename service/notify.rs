@@ -22,10 +22,13 @@ pub fn stopping() {
     ]);
 }
 
-/// How often to tell the watchdog the scheduler is alive: half its timeout, if it has one.
+/// How often to tell the watchdog the scheduler is alive: half its timeout, if it has one. `WATCHDOG_USEC=0`
+/// means no watchdog, not one to ping without pause.
 pub fn watchdog_interval() -> Option<Duration> {
     #[cfg(unix)]
-    return sd_notify::watchdog_enabled().map(|timeout| timeout / 2);
+    return sd_notify::watchdog_enabled()
+        .filter(|timeout| !timeout.is_zero())
+        .map(|timeout| timeout / 2);
     #[cfg(windows)]
     None
 }

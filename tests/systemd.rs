@@ -96,3 +96,52 @@ fn the_unit_files_pass_systemd_analyze_verify() {
         );
     }
 }
+
+/// `WATCHDOG_USEC=0` is no watchdog: the server never pings, where it used to ping without pause.
+#[test]
+fn a_zero_watchdog_timeout_means_no_watchdog() {
+    let mut home = Home::new();
+    let path = home.file("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+        .unwrap();
+    // Read everything the server sends as it comes, so that a flood of pings cannot block it.
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let received = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(read) => {
+                        let message = String::from_utf8_lossy(&buf[..read]).into_owned();
+                        let stopping = message.contains("STOPPING=1");
+                        received.lock().unwrap().push(message);
+                        if stopping {
+                            return;
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(error) => panic!("{error}"),
+                }
+            }
+        })
+    };
+    let mut server = home.server_command(0);
+    server
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "0")
+        .env_remove("WATCHDOG_PID");
+    home.start_server_with(server);
+    home.ok(&["status"]);
+    home.ok(&["server", "stop"]);
+    assert!(common::wait_for_exit(home.server(), DEADLINE).success());
+    reader.join().unwrap();
+    let received = received.lock().unwrap();
+    let pings = received
+        .iter()
+        .filter(|message| message.contains("WATCHDOG=1"))
+        .count();
+    assert_eq!(pings, 0, "{} messages", received.len());
+}
