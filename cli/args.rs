@@ -145,6 +145,17 @@ pub enum Command {
         #[arg(long, short)]
         yes: bool,
     },
+    /// Write a consistent copy of the database (SQLite) to a new file while the server runs.
+    #[command(
+        after_help = "The server writes the file, on its machine; a relative path is taken from the current\n\
+                      directory. The file must not exist and is created readable by you only. On PostgreSQL,\n\
+                      use pg_dump.\n\nExamples:\n  queuectl backup jobs-backup.db\n  \
+                      queuectl backup /var/backups/queuectl-$(date +%F).db"
+    )]
+    Backup {
+        /// Where to write the copy.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -523,6 +523,22 @@ pub async fn reset(client: &mut Client, yes: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn backup(client: &mut Client, file: &std::path::Path) -> anyhow::Result<()> {
+    // The server resolves nothing: it gets the path this shell means.
+    let path = std::path::absolute(file)?;
+    let written = client
+        .backup(pb::BackupRequest {
+            path: path.to_string_lossy().into_owned(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "Backed up the database to {} ({} bytes)",
+        written.path, written.bytes
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

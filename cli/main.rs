@@ -64,6 +64,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(WorkerCommand::Stop { all }) => commands::worker_stop(client, all).await,
         Command::Server(ServerCommand::Stop) => commands::server_stop(client).await,
         Command::Reset { yes } => commands::reset(client, yes).await,
+        Command::Backup { file } => commands::backup(client, &file).await,
     }
 }
 

@@ -30,6 +30,10 @@ impl From<QueueError> for Status {
                 tracing::error!(%cause, "database full");
                 Status::resource_exhausted("the server's disk is full; free space and try again")
             }
+            QueueError::Store(StoreError::Broken(reason)) => {
+                tracing::error!(%reason, "database broken");
+                Status::unavailable(format!("the server cannot use its database: {reason}"))
+            }
             QueueError::Store(StoreError::Internal(cause)) => {
                 tracing::error!(%cause, "database error");
                 Status::internal("internal error; the server log has the details")
@@ -223,6 +227,15 @@ impl QueueService for Grpc {
     ) -> Result<Response<pb::ResetResponse>, Status> {
         let jobs_deleted = self.queue.reset().await?;
         Ok(Response::new(pb::ResetResponse { jobs_deleted }))
+    }
+
+    async fn backup(
+        &self,
+        request: Request<pb::BackupRequest>,
+    ) -> Result<Response<pb::BackupResponse>, Status> {
+        let path = request.into_inner().path;
+        let bytes = self.queue.backup(std::path::Path::new(&path)).await?;
+        Ok(Response::new(pb::BackupResponse { path, bytes }))
     }
 
     async fn shutdown(

@@ -191,6 +191,15 @@ pub fn open_private(path: &Path) -> std::io::Result<File> {
     options.open(path)
 }
 
+/// Creates `path`, which must not exist, empty and `0600`.
+pub fn create_new_private(path: &Path) -> std::io::Result<File> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)
+}
+
 /// Writes `contents` to a file that only the owner can read.
 pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     let mut options = fs::OpenOptions::new();

@@ -91,6 +91,10 @@ impl Queue {
 
     /// Stores the jobs of one request together: all of them, or none if one id is taken.
     pub async fn enqueue(&self, specs: Vec<JobSpec>) -> Result<Vec<Job>, QueueError> {
+        if let Some(failing) = self.writer.faults().borrow().claims.clone() {
+            // Acknowledging a job that no worker can claim would only bury it.
+            return Err(failing.into());
+        }
         let settings = self.settings();
         let jobs = specs
             .into_iter()
@@ -233,6 +237,39 @@ impl Queue {
 
     pub fn closing(&self) -> watch::Receiver<bool> {
         self.closing.subscribe()
+    }
+
+    /// Why the store cannot serve right now, whenever that changes: for the health service.
+    pub fn store_faults(&self) -> tokio::sync::watch::Receiver<crate::writer::Faults> {
+        self.writer.faults()
+    }
+
+    /// Writes a consistent copy of the database to `path`, a new file made owner-only. Returns its size.
+    pub async fn backup(&self, path: &std::path::Path) -> Result<u64, QueueError> {
+        if !path.is_absolute() {
+            return Err(QueueError::InvalidArgument(format!(
+                "path must be absolute (the server writes it), got '{}'",
+                path.display()
+            )));
+        }
+        if !self.store.can_backup() {
+            return Err(QueueError::FailedPrecondition(
+                "this server keeps its jobs in PostgreSQL: back it up with pg_dump".into(),
+            ));
+        }
+        crate::home::create_new_private(path).map_err(|error| {
+            QueueError::FailedPrecondition(format!("cannot create {}: {error}", path.display()))
+        })?;
+        let written = self.store.backup(path).await;
+        if written.is_err() {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(written?)
+    }
+
+    /// Leaves the store complete at a clean stop, once nothing runs any more.
+    pub async fn close(&self) -> Result<(), QueueError> {
+        Ok(self.store.close().await?)
     }
 
     pub fn shutdown_grace(&self) -> std::time::Duration {

@@ -221,6 +221,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<QueueServiceServer<Grpc>>().await;
+    let store_health = tokio::spawn(report_store_health(queue.store_faults(), health.clone()));
     let described = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
@@ -246,6 +247,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 "stopping: draining workers"
             );
             crate::notify::stopping();
+            store_health.abort();
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
@@ -331,6 +333,36 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             let _ = fs::remove_file(home.join(ADDRESS_FILE));
         }
     }
+    if let Err(error) = queue.close().await {
+        tracing::warn!(%error, "could not checkpoint the database at the stop; the next start does it");
+    }
     tracing::info!("queuectld stopped");
     Ok(())
+}
+
+/// NOT_SERVING, with the reason in the log, while the database fails writes or claims; SERVING once it works.
+async fn report_store_health(
+    mut faults: tokio::sync::watch::Receiver<crate::writer::Faults>,
+    health: tonic_health::server::HealthReporter,
+) {
+    while faults.changed().await.is_ok() {
+        let reason = faults.borrow_and_update().reason().map(ToString::to_string);
+        let status = match reason {
+            Some(reason) => {
+                tracing::error!(%reason, "not serving: the database fails");
+                ServingStatus::NotServing
+            }
+            None => {
+                tracing::info!("serving again: the database works");
+                ServingStatus::Serving
+            }
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status(
+                <QueueServiceServer<Grpc> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+    }
 }

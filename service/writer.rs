@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::clock;
 use crate::config::Settings;
@@ -39,6 +39,23 @@ enum Op {
 #[derive(Clone)]
 pub struct Writer {
     ops: mpsc::UnboundedSender<Op>,
+    faults: watch::Receiver<Faults>,
+}
+
+/// Whether the store takes writes and claims right now: the error of the last batch of each kind, if it failed.
+/// A server whose claims fail cannot run what it would acknowledge, so it reports NOT_SERVING and refuses
+/// enqueues until a claim works again.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    pub writes: Option<StoreError>,
+    pub claims: Option<StoreError>,
+}
+
+impl Faults {
+    /// Why the store cannot serve, if it cannot.
+    pub fn reason(&self) -> Option<&StoreError> {
+        self.claims.as_ref().or(self.writes.as_ref())
+    }
 }
 
 impl Writer {
@@ -51,8 +68,19 @@ impl Writer {
         owner: String,
     ) -> Writer {
         let (ops, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(store, settings, enqueued, owner, receiver));
-        Writer { ops }
+        let (faults, faults_seen) = watch::channel(Faults::default());
+        tokio::spawn(write_loop(
+            store, settings, enqueued, owner, receiver, faults,
+        ));
+        Writer {
+            ops,
+            faults: faults_seen,
+        }
+    }
+
+    /// The store's faults as the last batches met them; changes whenever one appears or clears.
+    pub fn faults(&self) -> watch::Receiver<Faults> {
+        self.faults.clone()
     }
 
     /// Stores one request's jobs, durably, together with whatever else is waiting to be written.
@@ -126,6 +154,7 @@ async fn write_loop(
     enqueued: Arc<Notify>,
     owner: String,
     mut receiver: mpsc::UnboundedReceiver<Op>,
+    faults: watch::Sender<Faults>,
 ) {
     let mut ops = Vec::new();
     while receiver.recv_many(&mut ops, MAX_BATCH).await > 0 {
@@ -164,7 +193,19 @@ async fn write_loop(
             }
         }
         let policy = settings.read().expect("settings lock").policy();
-        match store.write(&batch, clock::now(), policy).await {
+        let result = store.write(&batch, clock::now(), policy).await;
+        let claimed = !batch.claims.is_empty();
+        faults.send_if_modified(|faults| {
+            let error = result.as_ref().err();
+            let mut changed = faults.writes.is_some() != error.is_some();
+            faults.writes = error.cloned();
+            if claimed {
+                changed |= faults.claims.is_some() != error.is_some();
+                faults.claims = error.cloned();
+            }
+            changed
+        });
+        match result {
             Ok(outcome) => {
                 let woke_jobs = outcome.enqueued.iter().any(Result::is_ok)
                     || batch

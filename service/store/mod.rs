@@ -24,6 +24,9 @@ pub enum StoreError {
     Full(String),
     #[error("database error: {0}")]
     Internal(String),
+    /// The database cannot be used until someone acts: the sentence says what happened and what to do.
+    #[error("{0}")]
+    Broken(String),
 }
 
 /// Why one enqueue of a batch was refused; the other enqueues of the batch are unaffected.
@@ -245,4 +248,23 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes every job and setting and restarts generated ids at job1. Returns how many jobs it deleted.
     async fn reset(&self) -> Result<u64, StoreError>;
+
+    /// Whether [`Store::backup`] can copy this database (PostgreSQL has its own tools for that).
+    fn can_backup(&self) -> bool {
+        false
+    }
+
+    /// Writes a consistent copy of the database into `path`, an empty file, while writes go on. Returns its size.
+    async fn backup(&self, path: &std::path::Path) -> Result<u64, StoreError> {
+        let _ = path;
+        Err(StoreError::Internal(
+            "this database has no backup here".into(),
+        ))
+    }
+
+    /// Leaves the database complete and self-contained at a clean stop (SQLite: its log checkpointed into the
+    /// database file, so that a copy of that one file is whole).
+    async fn close(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

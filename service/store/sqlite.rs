@@ -2,7 +2,7 @@
 //! pool is cheaper than its busy loop) and a small pool of readers beside it, in WAL mode.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -27,6 +27,83 @@ pub struct SqliteStore {
     /// The `synchronous` mode the writer connection is in: `true` for FULL, as it is opened.
     writer_durable: AtomicBool,
     reader: SqlitePool,
+    files: DatabaseFiles,
+}
+
+/// The database file and its write-ahead log as they were when the store opened them. A commit lands in the files
+/// the connections hold open; if someone deletes or replaces them by name, commits go to files nobody will read
+/// again (or that vanish at the next crash), so from then on nothing is acknowledged.
+struct DatabaseFiles {
+    paths: [PathBuf; 2],
+    identities: [Option<FileIdentity>; 2],
+    /// Set once the files were found changed: every later write fails with it.
+    lost: std::sync::OnceLock<String>,
+}
+
+/// What tells one file from another one put in its place.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<FileIdentity> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(path).ok().map(|metadata| FileIdentity {
+                device: metadata.dev(),
+                inode: metadata.ino(),
+            })
+        }
+        #[cfg(windows)]
+        {
+            // Windows does not let a file that is open be deleted or replaced.
+            let _ = path;
+            None
+        }
+    }
+}
+
+impl DatabaseFiles {
+    fn new(database: &Path) -> DatabaseFiles {
+        let mut wal = database.as_os_str().to_owned();
+        wal.push("-wal");
+        let paths = [database.to_owned(), PathBuf::from(wal)];
+        let identities = [FileIdentity::of(&paths[0]), FileIdentity::of(&paths[1])];
+        DatabaseFiles {
+            paths,
+            identities,
+            lost: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Fails if a file the store opened was deleted or replaced since; the first time, says so loudly.
+    fn check(&self) -> Result<(), StoreError> {
+        if let Some(reason) = self.lost.get() {
+            return Err(StoreError::Broken(reason.clone()));
+        }
+        for (path, opened) in self.paths.iter().zip(&self.identities) {
+            let Some(opened) = opened else {
+                continue;
+            };
+            let now = FileIdentity::of(path);
+            if now == Some(*opened) {
+                continue;
+            }
+            let what = if now.is_none() { "deleted" } else { "replaced" };
+            let reason = format!(
+                "{} was {what} while the server ran, so writes no longer reach the database; nothing is \
+                 acknowledged until the server is restarted (after restoring the file from a backup if needed)",
+                path.display()
+            );
+            tracing::error!(path = %path.display(), what, "a database file changed under the server");
+            let reason = self.lost.get_or_init(|| reason).clone();
+            return Err(StoreError::Broken(reason));
+        }
+        Ok(())
+    }
 }
 
 impl SqliteStore {
@@ -38,7 +115,11 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // Keep the log small: checkpoint every 1 MiB (256 pages of 4 KiB), and truncate it back to 4 MiB at
+            // most after a checkpoint, so that it cannot fill a small disk.
+            .pragma("wal_autocheckpoint", "256")
+            .pragma("journal_size_limit", "4194304");
         // No idle timeout or lifetime: a pool reaper waking up would make an idle server use CPU.
         // No test before each acquire either: for a local file it is one more round trip per transaction, and a
         // broken connection shows in the transaction's own first statement.
@@ -66,6 +147,7 @@ impl SqliteStore {
             writer,
             writer_durable: AtomicBool::new(true),
             reader,
+            files: DatabaseFiles::new(path),
         })
     }
 
@@ -89,6 +171,7 @@ impl SqliteStore {
                 return Err(classify(error));
             }
         }
+        self.files.check()?;
         let result = async {
             let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
             let value = work(&mut *tx).await?;
@@ -96,6 +179,8 @@ impl SqliteStore {
             Ok(value)
         }
         .await;
+        // A commit into files that were replaced meanwhile is not acknowledged.
+        self.files.check()?;
         if result.is_err() {
             // A commit the disk refused leaves the connection inside its transaction, and every later begin would
             // fail: a fresh connection (which opens in FULL mode) starts clean once the fault is gone.
@@ -109,6 +194,10 @@ impl SqliteStore {
 /// Maps a driver error to what it means for a client.
 fn classify(error: sqlx::Error) -> StoreError {
     const SQLITE_FULL: i64 = 13;
+    const DAMAGED: [i64; 2] = [
+        11, // SQLITE_CORRUPT
+        26, // SQLITE_NOTADB
+    ];
     const UNAVAILABLE: [i64; 6] = [
         5,  // SQLITE_BUSY
         6,  // SQLITE_LOCKED
@@ -125,6 +214,10 @@ fn classify(error: sqlx::Error) -> StoreError {
                 .map(|code| code & 0xff);
             match primary {
                 Some(SQLITE_FULL) => StoreError::Full(db.message().to_owned()),
+                Some(code) if DAMAGED.contains(&code) => StoreError::Broken(format!(
+                    "the database file is damaged ({}); stop the server and restore it from a backup",
+                    db.message()
+                )),
                 Some(code) if UNAVAILABLE.contains(&code) => {
                     StoreError::Unavailable(db.message().to_owned())
                 }
@@ -760,6 +853,32 @@ impl Store for SqliteStore {
 
     fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
         None
+    }
+
+    fn can_backup(&self) -> bool {
+        true
+    }
+
+    async fn backup(&self, path: &Path) -> Result<u64, StoreError> {
+        // A reader's snapshot: writers go on meanwhile, and the copy is one consistent moment.
+        let mut conn = self.reader.acquire().await.map_err(classify)?;
+        sqlx::query("VACUUM INTO ?1")
+            .bind(path.to_string_lossy().into_owned())
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        std::fs::metadata(path)
+            .map(|metadata| metadata.len())
+            .map_err(|error| StoreError::Internal(format!("reading the backup's size: {error}")))
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        let mut conn = self.writer.acquire().await.map_err(classify)?;
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     async fn reset(&self) -> Result<u64, StoreError> {

@@ -1,0 +1,162 @@
+//! The database's files under a running server: a clean stop leaves everything in `jobs.db`; files deleted,
+//! replaced or damaged under the server stop it from acknowledging, and health says so.
+
+#![cfg(unix)]
+
+mod common;
+
+use std::path::Path;
+
+use common::{DEADLINE, Home, wait_until};
+use sqlx::{Connection, SqliteConnection};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// How many jobs a database file holds, read by a connection of the test's own.
+fn stored_jobs(db: &Path) -> i64 {
+    runtime().block_on(async {
+        let mut conn = SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    })
+}
+
+fn health_code(home: &Home) -> Option<i32> {
+    home.try_queuectl(&["health"]).status.code()
+}
+
+#[test]
+fn a_clean_stop_leaves_the_whole_database_in_jobs_db() {
+    let mut home = Home::with_server(0);
+    for _ in 0..50 {
+        home.enqueue(r#"{"command":"true"}"#);
+    }
+    assert!(home.stop_server().success());
+    let wal = home.file("jobs.db-wal");
+    assert!(
+        std::fs::metadata(&wal).map_or(0, |metadata| metadata.len()) == 0,
+        "the log was checkpointed into jobs.db"
+    );
+    // A copy of jobs.db alone, as someone backing it up would take it.
+    let copy = tempfile::tempdir().unwrap();
+    let copied = copy.path().join("jobs.db");
+    std::fs::copy(home.file("jobs.db"), &copied).unwrap();
+    assert_eq!(stored_jobs(&copied), 50);
+}
+
+fn assert_enqueue_refused(home: &Home, expected: &str) {
+    let output = home.try_queuectl(&["enqueue", r#"{"command":"true"}"#]);
+    assert!(!output.status.success(), "an enqueue was acknowledged");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(expected), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn a_database_deleted_under_the_server_is_not_written_to_and_health_says_so() {
+    let home = Home::with_server(0);
+    home.enqueue(r#"{"command":"true"}"#);
+    for name in ["jobs.db", "jobs.db-wal", "jobs.db-shm"] {
+        std::fs::remove_file(home.file(name)).unwrap();
+    }
+    assert_enqueue_refused(&home, "was deleted while the server ran");
+    assert_enqueue_refused(&home, "was deleted while the server ran");
+    wait_until("health to say NOT_SERVING", DEADLINE, || {
+        health_code(&home) == Some(4)
+    });
+}
+
+#[test]
+fn a_database_replaced_under_the_server_is_not_written_to() {
+    let home = Home::with_server(0);
+    home.enqueue(r#"{"command":"true"}"#);
+    let elsewhere = home.path().join("replacement.db");
+    std::fs::copy(home.file("jobs.db"), &elsewhere).unwrap();
+    std::fs::rename(&elsewhere, home.file("jobs.db")).unwrap();
+    assert_enqueue_refused(&home, "was replaced while the server ran");
+    wait_until("health to say NOT_SERVING", DEADLINE, || {
+        health_code(&home) == Some(4)
+    });
+}
+
+/// Pages of `jobs.db` overwritten under a running server (the issue's reproduction): its claims fail, so it says
+/// NOT_SERVING and acknowledges no enqueue, instead of taking jobs it cannot run. (A server started on a damaged
+/// file refuses to start, saying so.)
+#[test]
+fn a_damaged_database_is_not_serving_and_acknowledges_nothing() {
+    let mut home = Home::with_server(0);
+    let padding = "x".repeat(2000);
+    for n in 0..300 {
+        home.enqueue(&format!(r#"{{"id":"j{n}","command":"true # {padding}"}}"#));
+    }
+    // A clean stop puts every page in jobs.db, where the damage will be.
+    assert!(home.stop_server().success());
+    home.start_server(0);
+    let db = home.file("jobs.db");
+    let mut bytes = std::fs::read(&db).unwrap();
+    let page = 4096;
+    for byte in &mut bytes[16 * page..] {
+        *byte = 0x5a;
+    }
+    std::fs::write(&db, bytes).unwrap();
+
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    wait_until("health to say NOT_SERVING", DEADLINE, || {
+        health_code(&home) == Some(4)
+    });
+    assert_enqueue_refused(&home, "damaged");
+}
+
+/// `queuectl backup FILE` while jobs are being written: a consistent, owner-only copy that SQLite reads whole; an
+/// existing file is refused and left as it was.
+#[test]
+fn backup_writes_a_consistent_private_copy_while_the_server_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = Home::with_server(1);
+    for n in 0..20 {
+        home.enqueue(&format!(r#"{{"id":"b{n}","command":"true"}}"#));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let printed = home
+        .command(&["backup", "copy.db"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        printed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&printed.stderr)
+    );
+    let copy = dir.path().join("copy.db");
+    assert!(
+        String::from_utf8_lossy(&printed.stdout).contains(&copy.display().to_string()),
+        "a relative path is the caller's"
+    );
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(stored_jobs(&copy), 20);
+
+    std::fs::write(dir.path().join("taken.db"), "mine").unwrap();
+    let refused = home
+        .command(&["backup", "taken.db"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("File exists"));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("taken.db")).unwrap(),
+        "mine"
+    );
+}
