@@ -56,14 +56,18 @@ impl Queue {
             settings.clone(),
             wake.clone(),
         );
-        let recovered = supervisor.recover().await?;
-        if recovered > 0 {
-            tracing::warn!(recovered, "returned interrupted jobs to the queue");
+        // A server that cannot write yet (a full disk) still starts and serves reads; it keeps trying, and its
+        // workers start claiming once the jobs a previous server left are back in the queue.
+        {
+            let supervisor = supervisor.clone();
+            tokio::spawn(async move {
+                recover_until_done(&supervisor).await;
+                supervisor.start();
+            });
         }
         let metrics = Arc::new(Metrics::default());
         tokio::spawn(metrics.clone().follow(supervisor.subscribe()));
         supervisor.set_workers(workers);
-        supervisor.start();
         if let Some(signals) = store.signals() {
             tokio::spawn(follow_signals(
                 signals,
@@ -274,6 +278,28 @@ impl Queue {
 
     pub fn shutdown_grace(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.settings().shutdown_grace_secs())
+    }
+}
+
+/// How long between attempts to return a previous server's interrupted jobs, while the database refuses writes.
+const RECOVERY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Returns the jobs a previous server left processing to the queue, retrying until the database takes the writes.
+async fn recover_until_done(supervisor: &Supervisor) {
+    loop {
+        match supervisor.recover().await {
+            Ok(recovered) => {
+                if recovered > 0 {
+                    tracing::warn!(recovered, "returned interrupted jobs to the queue");
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::error!(%error, retry_in = ?RECOVERY_RETRY,
+                    "cannot return interrupted jobs to the queue yet");
+                tokio::time::sleep(RECOVERY_RETRY).await;
+            }
+        }
     }
 }
 

@@ -160,3 +160,91 @@ fn backup_writes_a_consistent_private_copy_while_the_server_runs() {
         "mine"
     );
 }
+
+/// A small filesystem of the test's own, unmounted when the test ends.
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// `None` (and the test skips, saying so) where this test run cannot mount; CI runs as root, where it can.
+    fn mount(megabytes: u32) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={megabytes}m,mode=0700"))
+            .arg("tmpfs")
+            .arg(&path)
+            .status()
+            .is_ok_and(|status| status.success());
+        if !mounted {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "cannot mount a small filesystem; CI runs as root"
+            );
+            eprintln!("skipping: cannot mount a small filesystem (needs root)");
+            return None;
+        }
+        Some(SmallDisk { path, _dir: dir })
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while file.write_all(&block).is_ok() {}
+        while file.write_all(&block[..512]).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// A full disk: a server killed with a job running restarts on it and serves reads (it used to refuse to start),
+/// refuses writes saying the disk is full, and once space is freed returns the job to the queue and runs it.
+#[test]
+fn a_server_starts_and_serves_reads_on_a_full_disk() {
+    let Some(disk) = SmallDisk::mount(4) else {
+        return;
+    };
+    let outside = tempfile::tempdir().unwrap();
+    let marker = outside.path().join("first-run");
+    let mut home = Home::new_in(&disk.path);
+    home.start_server(1);
+    home.enqueue(&format!(
+        r#"{{"id":"long","command":"[ -e {m} ] || {{ touch {m}; sleep 60; }}"}}"#,
+        m = marker.display()
+    ));
+    home.wait_for_state("long", "processing");
+    home.kill_server();
+    let filler = disk.fill();
+
+    home.start_server(1);
+    assert_eq!(home.state("long"), "processing", "reads are served");
+    let refused = home.try_queuectl(&["enqueue", r#"{"command":"true"}"#]);
+    assert!(
+        !refused.status.success(),
+        "nothing is acknowledged on a full disk"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("disk is full") || stderr.contains("unavailable"),
+        "{stderr}"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    home.wait_for_state("long", "completed");
+    assert!(home.enqueue(r#"{"command":"true"}"#).starts_with("job"));
+}

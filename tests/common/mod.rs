@@ -34,9 +34,14 @@ pub struct Home {
 
 impl Home {
     pub fn new() -> Home {
+        Home::new_in(&std::env::temp_dir())
+    }
+
+    /// A home in `parent` (e.g. on a filesystem the test mounted).
+    pub fn new_in(parent: &Path) -> Home {
         let dir = tempfile::Builder::new()
             .prefix("queuectl-test-")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("a temp dir");
         #[cfg(unix)]
         {
