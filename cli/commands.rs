@@ -203,7 +203,20 @@ pub async fn logs(
         .await?
         .into_inner()
         .job;
-    if job.is_some_and(|job| is_final(job.state)) {
+    if let Some(job) = job.filter(|job| is_final(job.state)) {
+        // It ended before the stream could tell: the same last line the stream would have printed.
+        let finished = pb::JobFinished {
+            worker: runs.last().map_or(0, |run| run.worker),
+            job_id: id,
+            state: job.state,
+            error: if job.state == pb::JobState::Completed as i32 {
+                String::new()
+            } else {
+                job.last_error
+            },
+        };
+        let line = output::event_line(&pb::watch_events_response::Event::JobFinished(finished));
+        println!("{}", line.unwrap_or_default());
         return Ok(());
     }
     while let Some(event) = events.next().await {
