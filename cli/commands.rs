@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio_stream::StreamExt;
 
 use crate::args::{Format, StateArg};
-use crate::client::Client;
+use crate::client::{self, Client};
 use crate::output;
 
 const JOB_KEYS: &str = "command, id, priority, max_retries (or max-retries), timeout";
@@ -249,7 +249,7 @@ pub async fn health(server: Option<&str>) -> i32 {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = match crate::client::channel(server, false).await {
+    let channel = match client::channel(server, false, client::PROBE).await {
         Ok(channel) => channel,
         Err(error) => {
             eprintln!("error: {error}");
@@ -269,7 +269,9 @@ pub async fn health(server: Option<&str>) -> i32 {
             4
         }
         Err(status) => {
-            eprintln!("error: health check failed: {}", status.message());
+            let reason = client::timed_out(&status, client::PROBE)
+                .unwrap_or_else(|| status.message().to_owned());
+            eprintln!("error: health check failed: {reason}");
             3
         }
     }

@@ -11,6 +11,7 @@ pub mod connections;
 pub mod convert;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod home;
 pub mod job;
 pub mod metrics;
