@@ -21,6 +21,7 @@ pub mod runner;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+pub mod watch;
 pub mod writer;
 
 /// The generated types and stubs of `proto/queuectl/v1/queue.proto`.

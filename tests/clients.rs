@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Home};
+use common::{DEADLINE, Home, wait_until};
 use tokio_stream::StreamExt;
 
 /// What a client may take to give up on a server that does not answer: its connect timeout and deadline, with
@@ -153,4 +153,93 @@ fn an_open_health_watcher_lets_sigterm_end_the_server_within_the_grace() {
         "the server took {took:?} to exit after SIGTERM with a grace of 2 s"
     );
     eprintln!("the server exited {took:?} after SIGTERM");
+}
+
+/// The server's resident memory, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("a VmRSS line");
+    kib * 1024
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn watchers_that_never_read_cost_bounded_memory_and_are_told_they_fell_behind() {
+    const WATCHERS: usize = 300;
+    const LIMIT: u64 = 100 * 1024 * 1024;
+    let mut home = Home::with_server(1);
+    let pid = home.server().id();
+    let socket = home.file("queuectl.sock");
+    // Each watcher on its own connection, as separate clients would be. Nothing drives this runtime until the
+    // job has ended, so the watchers do not even read their sockets.
+    let runtime = runtime();
+    let mut watchers = runtime.block_on(async {
+        let mut watchers = Vec::new();
+        for _ in 0..WATCHERS {
+            let channel = queuectl::channel::unix(socket.clone()).await.unwrap();
+            let mut client = queuectl::pb::queue_service_client::QueueServiceClient::new(channel);
+            let stream = client
+                .watch_events(queuectl::pb::WatchEventsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            watchers.push(stream);
+        }
+        watchers
+    });
+    let before = rss(pid);
+    // 8 MiB of output in all, in jobs small enough that storing their output costs little memory itself.
+    let ids: Vec<String> = (0..32)
+        .map(|_| home.enqueue(r#"{"command":"head -c 262144 /dev/zero"}"#))
+        .collect();
+    let mut peak = before;
+    wait_until("the jobs to complete", DEADLINE, || {
+        peak = peak.max(rss(pid));
+        home.count("completed") == ids.len() as u64
+    });
+    let settled = Instant::now();
+    while settled.elapsed() < Duration::from_secs(1) {
+        peak = peak.max(rss(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mib = |bytes: u64| bytes / (1024 * 1024);
+    eprintln!(
+        "{WATCHERS} watchers that never read: server RSS {} MiB before the job, peak {} MiB",
+        mib(before),
+        mib(peak)
+    );
+    assert!(
+        peak < LIMIT,
+        "the server's RSS peaked at {} MiB with {WATCHERS} watchers that never read",
+        mib(peak)
+    );
+    // Each watcher reads what was kept for it, then learns that it fell behind.
+    let told = runtime.block_on(async {
+        let mut told = 0;
+        for watcher in &mut watchers {
+            let end = tokio::time::timeout(DEADLINE, async {
+                loop {
+                    match watcher.next().await {
+                        Some(Ok(_)) => {}
+                        Some(Err(status)) => return Some(status),
+                        None => return None,
+                    }
+                }
+            })
+            .await
+            .expect("the watcher's stream ends");
+            if let Some(status) = end {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("fell behind"), "{status:?}");
+                told += 1;
+            }
+        }
+        told
+    });
+    assert_eq!(told, WATCHERS, "every watcher is told it fell behind");
 }
