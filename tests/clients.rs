@@ -243,3 +243,66 @@ fn watchers_that_never_read_cost_bounded_memory_and_are_told_they_fell_behind() 
     });
     assert_eq!(told, WATCHERS, "every watcher is told it fell behind");
 }
+
+fn sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(Result::ok)
+                .filter(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn sleeping(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let (_, after_name) = stat.rsplit_once(')')?;
+            Some(after_name.trim_start().starts_with('S'))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn wait_that_falls_behind_checks_its_jobs_again_and_still_finishes() {
+    const JOBS: usize = 16;
+    let mut home = Home::with_server(0);
+    for _ in 0..JOBS {
+        home.enqueue(r#"{"command":"head -c 262144 /dev/zero"}"#);
+    }
+    let server = home.server().id();
+    let connections = sockets(server);
+    let stderr = home.file("wait.err");
+    let mut wait = home
+        .command(&["wait"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    // Connected, and asleep at two looks in a row: waiting on its stream, not on a quick call.
+    let mut quiet = 0;
+    wait_until("`queuectl wait` to watch", DEADLINE, || {
+        let waiting = sockets(server) > connections && sleeping(wait.id());
+        quiet = if waiting { quiet + 1 } else { 0 };
+        quiet >= 2
+    });
+    // Stopped, it reads nothing while 4 MiB of output goes by, far more than a watcher may have waiting.
+    signal(wait.id(), "STOP");
+    home.ok(&["worker", "start", "--count", "2", "--daemon"]);
+    wait_until("every job to complete", DEADLINE, || {
+        home.count("completed") == JOBS as u64
+    });
+    signal(wait.id(), "CONT");
+    let status = common::wait_for_exit(&mut wait, DEADLINE);
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(status.success(), "wait exited {status}: {said}");
+    assert!(
+        said.contains("missed some job events"),
+        "wait did not fall behind, so this test checked nothing: {said:?}"
+    );
+}
