@@ -23,10 +23,11 @@ pub struct Patience {
     pub call: Duration,
 }
 
-/// Every command but `health`: a server that is up answers any call in well under this.
+/// Every command but `health`: a server that is up answers any call in well under this, even one waiting out a
+/// locked database (5 s per statement) to say it is unavailable.
 pub const COMMAND: Patience = Patience {
     connect: Duration::from_secs(5),
-    call: Duration::from_secs(10),
+    call: Duration::from_secs(30),
 };
 
 /// `health`, as grpc_health_probe waits by default.
@@ -40,7 +41,8 @@ pub fn timed_out(status: &Status, patience: Patience) -> Option<String> {
     // The only CANCELLED a client sees: our server never sends it, and tonic reports its own deadline so.
     (status.code() == tonic::Code::Cancelled).then(|| {
         format!(
-            "the server did not answer within {}s; it may be stopped, stuck or overloaded: see its log",
+            "the server did not answer within {}s; it may be stopped, stuck or overloaded: see its log (what \
+             was asked may still be done if it resumes)",
             patience.call.as_secs()
         )
     })

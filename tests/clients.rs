@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use common::{DEADLINE, Home, wait_until};
 use tokio_stream::StreamExt;
 
-/// What a client may take to give up on a server that does not answer: its connect timeout and deadline, with
-/// room for a slow CI machine.
-const GIVE_UP: Duration = Duration::from_secs(15);
+/// What a client may take to give up on a server that does not answer: its 30 s deadline, with room for a slow
+/// CI machine.
+const GIVE_UP: Duration = Duration::from_secs(45);
 
 fn signal(pid: u32, name: &str) {
     assert!(
@@ -58,25 +58,35 @@ fn status_enqueue_and_health_give_up_on_a_stopped_server() {
     let mut home = Home::with_server(0);
     let pid = home.server().id();
     signal(pid, "STOP");
-    for args in [
-        &["status"][..],
+    let commands: [&[&str]; 3] = [
+        &["status"],
         &["enqueue", r#"{"command":"true"}"#],
         &["health"],
-    ] {
-        let (code, took) = run_within(home.command(args), &format!("queuectl {args:?}"), GIVE_UP);
-        assert!(
-            code.is_some_and(|code| code != 0),
-            "queuectl {args:?} against a stopped server exited {code:?}"
-        );
-        eprintln!("queuectl {args:?} gave up after {took:?}");
-    }
+    ];
+    // Side by side, so that the test waits one deadline, not three.
+    std::thread::scope(|scope| {
+        let home = &home;
+        let runs: Vec<_> = commands
+            .iter()
+            .map(|args| {
+                scope.spawn(move || {
+                    let what = format!("queuectl {args:?}");
+                    (what.clone(), run_within(home.command(args), &what, GIVE_UP))
+                })
+            })
+            .collect();
+        for run in runs {
+            let (what, (code, took)) = run.join().unwrap();
+            assert!(
+                code.is_some_and(|code| code != 0),
+                "{what} against a stopped server exited {code:?}"
+            );
+            eprintln!("{what} gave up after {took:?}");
+        }
+    });
     signal(pid, "CONT");
+    // Resumed, it answers again; the enqueue that timed out may or may not have been stored, as its message says.
     home.ok(&["status"]);
-    assert_eq!(
-        home.count("pending"),
-        0,
-        "a timed-out enqueue is not stored"
-    );
 }
 
 #[test]
