@@ -15,6 +15,39 @@ use tonic::{Request, Status};
 /// How long `queuectl` waits for a server it started to answer.
 const STARTUP_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long a client waits on a server: to connect, and for the answer to each call. A stream (`wait`,
+/// `logs -f`, `worker start`) is bounded only until the server starts it, then runs as long as it needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Patience {
+    pub connect: Duration,
+    pub call: Duration,
+}
+
+/// Every command but `health`: a server that is up answers any call in well under this, even one waiting out a
+/// locked database (5 s per statement) to say it is unavailable.
+pub const COMMAND: Patience = Patience {
+    connect: Duration::from_secs(5),
+    call: Duration::from_secs(30),
+};
+
+/// `health`, as grpc_health_probe waits by default.
+pub const PROBE: Patience = Patience {
+    connect: Duration::from_secs(1),
+    call: Duration::from_secs(1),
+};
+
+/// What a call that ran out of patience means to the user, if `status` is one.
+pub fn timed_out(status: &Status, patience: Patience) -> Option<String> {
+    // The only CANCELLED a client sees: our server never sends it, and tonic reports its own deadline so.
+    (status.code() == tonic::Code::Cancelled).then(|| {
+        format!(
+            "the server did not answer within {}s; it may be stopped, stuck or overloaded: see its log (what \
+             was asked may still be done if it resumes)",
+            patience.call.as_secs()
+        )
+    })
+}
+
 /// No server could be reached; exit code 3.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -66,12 +99,21 @@ fn parse_target(address: &str) -> anyhow::Result<Target> {
     )
 }
 
-async fn open(target: &Target) -> Result<Channel, tonic::transport::Error> {
+async fn open(target: &Target, patience: Patience) -> Result<Channel, tonic::transport::Error> {
+    let limit = |endpoint: Endpoint| {
+        endpoint
+            .connect_timeout(patience.connect)
+            .timeout(patience.call)
+    };
     match target {
         #[cfg(unix)]
-        Target::Socket(path) => queuectl::channel::unix(path.clone()).await,
+        Target::Socket(path) => {
+            // The URI is required but unused: the connector decides where to connect.
+            let endpoint = limit(Endpoint::from_static("http://localhost"));
+            queuectl::channel::unix_with(endpoint, path.clone()).await
+        }
         Target::Tcp(url) => {
-            let mut endpoint = Endpoint::from_shared(url.clone())?;
+            let mut endpoint = limit(Endpoint::from_shared(url.clone())?);
             if url.starts_with("https://") {
                 let mut tls = tonic::transport::ClientTlsConfig::new();
                 // The server's certificate authority, when it is not one the system trusts.
@@ -191,18 +233,23 @@ fn spawn_server(home: &Path) -> anyhow::Result<()> {
 
 /// Connects to the server, starting the home's own one if it is not running.
 pub async fn connect(server: Option<&str>) -> anyhow::Result<Client> {
-    let channel = channel(server, true).await?;
+    let channel = channel(server, true, COMMAND).await?;
     // Read after a start: a server listening on TCP writes its token when it starts.
     let auth = Auth(token(&home::default_home(), server)?);
     Ok(QueueServiceClient::with_interceptor(channel, auth))
 }
 
-/// A channel to the server; with `autostart`, the home's own server is started if it is not running.
-pub async fn channel(server: Option<&str>, autostart: bool) -> anyhow::Result<Channel> {
+/// A channel to the server whose calls wait as long as `patience` allows; with `autostart`, the home's own server
+/// is started if it is not running.
+pub async fn channel(
+    server: Option<&str>,
+    autostart: bool,
+    patience: Patience,
+) -> anyhow::Result<Channel> {
     let home = home::default_home();
     if let Some(address) = server {
         let target = parse_target(address)?;
-        return open(&target).await.map_err(|error| {
+        return open(&target, patience).await.map_err(|error| {
             Unreachable(format!(
                 "no queuectl server answers at {target} ({error}); start one with `queuectld`"
             ))
@@ -212,7 +259,7 @@ pub async fn channel(server: Option<&str>, autostart: bool) -> anyhow::Result<Ch
     // Refused before anything is sent there or started there: a home another user owns is theirs to control.
     home::check(&home)?;
     let target = home_target(&home);
-    if let Ok(channel) = open(&target).await {
+    if let Ok(channel) = open(&target, patience).await {
         return Ok(channel);
     }
     if !autostart || autostart_disabled() {
@@ -230,7 +277,7 @@ pub async fn channel(server: Option<&str>, autostart: bool) -> anyhow::Result<Ch
     let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
     loop {
         let target = home_target(&home);
-        match open(&target).await {
+        match open(&target, patience).await {
             Ok(channel) => return Ok(channel),
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(Unreachable(format!(

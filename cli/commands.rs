@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio_stream::StreamExt;
 
 use crate::args::{Format, StateArg};
-use crate::client::Client;
+use crate::client::{self, Client};
 use crate::output;
 
 const JOB_KEYS: &str = "command, id, priority, max_retries (or max-retries), timeout";
@@ -161,6 +161,12 @@ pub async fn get(client: &mut Client, id: String, format: Format) -> anyhow::Res
     Ok(())
 }
 
+/// Whether the server cut an event stream because this client read it too slowly (it says so with
+/// RESOURCE_EXHAUSTED, and the message says what to do).
+fn fell_behind(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::ResourceExhausted
+}
+
 fn is_final(state: i32) -> bool {
     matches!(
         pb::JobState::try_from(state),
@@ -221,7 +227,15 @@ pub async fn logs(
     }
     while let Some(event) = events.next().await {
         use pb::watch_events_response::Event;
-        match event?.event {
+        let event = match event {
+            Ok(event) => event,
+            Err(status) if fell_behind(&status) => bail!(
+                "this terminal read the output slower than the job wrote it, so the server stopped sending it; \
+                 `queuectl logs {id}` shows what was stored"
+            ),
+            Err(status) => return Err(status.into()),
+        };
+        match event.event {
             Some(Event::JobOutput(chunk)) => stdout.write_all(&chunk.data)?,
             Some(Event::JobFinished(finished)) => {
                 println!(
@@ -249,7 +263,7 @@ pub async fn health(server: Option<&str>) -> i32 {
     use tonic_health::pb::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
-    let channel = match crate::client::channel(server, false).await {
+    let channel = match client::channel(server, false, client::PROBE).await {
         Ok(channel) => channel,
         Err(error) => {
             eprintln!("error: {error}");
@@ -269,7 +283,9 @@ pub async fn health(server: Option<&str>) -> i32 {
             4
         }
         Err(status) => {
-            eprintln!("error: health check failed: {}", status.message());
+            let reason = client::timed_out(&status, client::PROBE)
+                .unwrap_or_else(|| status.message().to_owned());
+            eprintln!("error: health check failed: {reason}");
             3
         }
     }
@@ -303,6 +319,41 @@ async fn unfinished(client: &mut Client) -> anyhow::Result<Vec<String>> {
     Ok(ids)
 }
 
+async fn subscribe(
+    client: &mut Client,
+) -> anyhow::Result<tonic::Streaming<pb::WatchEventsResponse>> {
+    Ok(client
+        .watch_events(pb::WatchEventsRequest::default())
+        .await?
+        .into_inner())
+}
+
+/// Moves the jobs of `waiting` that are final now out of it, and the dead ones into `dead`.
+async fn recheck(
+    client: &mut Client,
+    waiting: &mut BTreeSet<String>,
+    dead: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    for id in waiting.clone() {
+        let job = client
+            .get_job(pb::GetJobRequest { id: id.clone() })
+            .await?
+            .into_inner()
+            .job;
+        match job.map(|job| job.state) {
+            Some(state) if state == i32::from(pb::JobState::Dead) => {
+                waiting.remove(&id);
+                dead.push(id);
+            }
+            Some(state) if is_final(state) => {
+                waiting.remove(&id);
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Blocks until every job in `ids` (or every unfinished job) is completed or dead; fails if one ended dead.
 pub async fn wait(
     client: &mut Client,
@@ -311,31 +362,15 @@ pub async fn wait(
 ) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     // Subscribe first, so that a job finishing between the two steps is not missed.
-    let mut events = client
-        .watch_events(pb::WatchEventsRequest::default())
-        .await?
-        .into_inner();
+    let mut events = subscribe(client).await?;
     let ids = if ids.is_empty() {
         unfinished(client).await?
     } else {
         ids
     };
-    let mut waiting = BTreeSet::new();
+    let mut waiting: BTreeSet<String> = ids.iter().cloned().collect();
     let mut dead = Vec::new();
-    for id in &ids {
-        let job = client
-            .get_job(pb::GetJobRequest { id: id.clone() })
-            .await?
-            .into_inner()
-            .job;
-        match job.map(|job| job.state) {
-            Some(state) if state == i32::from(pb::JobState::Dead) => dead.push(id.clone()),
-            Some(state) if is_final(state) => {}
-            _ => {
-                waiting.insert(id.clone());
-            }
-        }
-    }
+    recheck(client, &mut waiting, &mut dead).await?;
     let progress = if std::io::stdout().is_terminal() {
         let bar = indicatif::ProgressBar::new(ids.len() as u64);
         bar.set_style(
@@ -356,7 +391,23 @@ pub async fn wait(
                 bail!("{} jobs were still not final when the timeout ran out", waiting.len());
             }
         };
-        let Some(event) = event.transpose()?.and_then(|response| response.event) else {
+        let event = match event.transpose() {
+            Ok(event) => event,
+            Err(status) if fell_behind(&status) => {
+                progress.suspend(|| {
+                    eprintln!(
+                        "note: missed some job events ({}); checking the jobs again",
+                        status.message()
+                    );
+                });
+                events = subscribe(client).await?;
+                recheck(client, &mut waiting, &mut dead).await?;
+                progress.set_position((ids.len() - waiting.len()) as u64);
+                continue;
+            }
+            Err(status) => return Err(status.into()),
+        };
+        let Some(event) = event.and_then(|response| response.event) else {
             bail!("the server stopped while jobs were still running");
         };
         if let pb::watch_events_response::Event::JobFinished(finished) = event
@@ -440,10 +491,7 @@ pub async fn worker_start(
         return Ok(());
     }
     // Subscribe first, so that the workers' first events are seen.
-    let mut events = client
-        .watch_events(pb::WatchEventsRequest::default())
-        .await?
-        .into_inner();
+    let mut events = subscribe(client).await?;
     client
         .start_workers(pb::StartWorkersRequest { count, all })
         .await?;
@@ -454,7 +502,20 @@ pub async fn worker_start(
         tokio::select! {
             event = events.next() => {
                 use pb::watch_events_response::Event;
-                let Some(event) = event.transpose()?.and_then(|response| response.event) else {
+                let event = match event.transpose() {
+                    Ok(event) => event,
+                    Err(status) if fell_behind(&status) => {
+                        eprintln!("note: missed some worker activity ({}); watching again", status.message());
+                        events = subscribe(client).await?;
+                        live = running_workers(client).await?;
+                        if live.is_empty() {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    Err(status) => return Err(status.into()),
+                };
+                let Some(event) = event.and_then(|response| response.event) else {
                     println!("the server stopped");
                     return Ok(());
                 };
@@ -493,6 +554,12 @@ fn started_message(count: u32, all: bool) -> String {
         ("in the server", "`queuectl worker stop`")
     };
     format!("Started {count} {workers} {scope}; {stop} stops them")
+}
+
+/// The worker slots this server runs now.
+async fn running_workers(client: &mut Client) -> anyhow::Result<BTreeSet<u32>> {
+    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+    Ok(status.workers.iter().map(|worker| worker.index).collect())
 }
 
 pub async fn worker_stop(client: &mut Client, all: bool) -> anyhow::Result<()> {

@@ -78,7 +78,10 @@ fn main() {
         return;
     };
     let (message, code) = if let Some(status) = error.downcast_ref::<tonic::Status>() {
-        (status.message().to_owned(), 1)
+        match client::timed_out(status, client::COMMAND) {
+            Some(message) => (message, 3),
+            None => (status.message().to_owned(), 1),
+        }
     } else if error.is::<client::Unreachable>() {
         (error.to_string(), 3)
     } else {

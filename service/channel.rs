@@ -7,7 +7,15 @@ use tonic::transport::{Channel, Endpoint};
 /// Connects to the server listening on the Unix socket at `socket`.
 pub async fn unix(socket: PathBuf) -> Result<Channel, tonic::transport::Error> {
     // The URI is required but unused: the connector decides where to connect.
-    Endpoint::from_static("http://localhost")
+    unix_with(Endpoint::from_static("http://localhost"), socket).await
+}
+
+/// Connects `endpoint`, with its timeouts and other settings, to the Unix socket at `socket`.
+pub async fn unix_with(
+    endpoint: Endpoint,
+    socket: PathBuf,
+) -> Result<Channel, tonic::transport::Error> {
+    endpoint
         .connect_with_connector(tower::service_fn(move |_| {
             let socket = socket.clone();
             async move {

@@ -1,11 +1,7 @@
 //! The gRPC transport: each handler converts its request, makes one call on the queue and encodes the answer.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{self, JobSpec};
@@ -51,8 +47,6 @@ impl Grpc {
         Grpc { queue }
     }
 }
-
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEventsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl QueueService for Grpc {
@@ -246,37 +240,18 @@ impl QueueService for Grpc {
         Ok(Response::new(pb::ShutdownResponse {}))
     }
 
-    type WatchEventsStream = EventStream;
+    type WatchEventsStream = crate::watch::EventStream;
 
     async fn watch_events(
         &self,
         request: Request<pb::WatchEventsRequest>,
-    ) -> Result<Response<EventStream>, Status> {
+    ) -> Result<Response<crate::watch::EventStream>, Status> {
         let job_id = request.into_inner().job_id;
-        let mut events = self.queue.supervisor.subscribe();
-        let mut closing = self.queue.closing();
-        let (sender, receiver) = mpsc::channel(256);
-        tokio::spawn(async move {
-            loop {
-                let event = tokio::select! {
-                    event = events.recv() => event,
-                    _ = closing.wait_for(|closing| *closing) => return,
-                    () = sender.closed() => return,
-                };
-                match event {
-                    Ok(event) if job_id.is_empty() || event.job_id() == Some(job_id.as_str()) => {
-                        if sender.send(Ok(event.into())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(missed)) => {
-                        tracing::warn!(missed, "an event watcher fell behind and missed events");
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        let events = self.queue.supervisor.subscribe();
+        Ok(Response::new(crate::watch::stream(
+            events,
+            self.queue.closing(),
+            job_id,
+        )))
     }
 }

@@ -11,6 +11,7 @@ pub mod connections;
 pub mod convert;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod home;
 pub mod job;
 pub mod metrics;
@@ -20,6 +21,7 @@ pub mod runner;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+pub mod watch;
 pub mod writer;
 
 /// The generated types and stubs of `proto/queuectl/v1/queue.proto`.

@@ -42,6 +42,15 @@ impl Queue {
                 .iter()
                 .map(|(key, value)| (key.as_str(), value.as_str())),
         )));
+        if let Some(newest) = store.newest_time().await? {
+            let behind = crate::clock::seed(newest);
+            if behind >= crate::job::MICROS_PER_SEC {
+                tracing::warn!(
+                    behind_secs = behind / crate::job::MICROS_PER_SEC,
+                    "the wall clock is behind the newest stored time; server time runs on from that time instead"
+                );
+            }
+        }
         let wake = Arc::new(Notify::new());
         let writer = Writer::spawn(
             store.clone(),

@@ -24,6 +24,10 @@ use crate::store::{Store, StoreError, postgres::PgStore, sqlite::SqliteStore};
 /// Requests larger than this are refused before they are decoded (tonic's default is 4 MiB).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// How long clients get to close their connections after the drain. A client that does not read (stopped, or
+/// stuck) never acknowledges the end of its connection, and would otherwise hold the server open for ever.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{0}")]
@@ -182,6 +186,28 @@ async fn termination_signal() {
     }
 }
 
+/// Runs `serve` until it ends by itself, or for [`CLOSE_LIMIT`] after `closing` turns true.
+async fn serve_until_closed(
+    serve: impl Future<Output = Result<(), tonic::transport::Error>>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    tokio::pin!(serve);
+    tokio::select! {
+        result = &mut serve => return Ok(result?),
+        _ = closing.wait_for(|closing| *closing) => {}
+    }
+    match tokio::time::timeout(CLOSE_LIMIT, serve).await {
+        Ok(result) => Ok(result?),
+        Err(_) => {
+            tracing::warn!(
+                limit_secs = CLOSE_LIMIT.as_secs(),
+                "clients kept their connections open after the drain; closing them"
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Runs the server until it is asked to stop, then drains it.
 pub async fn run(options: Options) -> Result<(), ServerError> {
     #[cfg(unix)]
@@ -219,7 +245,8 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
         });
     }
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = crate::health::service(health.clone(), queue.closing());
     health.set_serving::<QueueServiceServer<Grpc>>().await;
     let store_health = tokio::spawn(report_store_health(queue.store_faults(), health.clone()));
     let described = || {
@@ -271,7 +298,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
             tracing::info!(socket = %path.display(), workers = options.workers, "queuectld ready");
             crate::notify::ready(&format!("serving on {}", path.display()));
-            router
+            let serve = router
                 .add_service(health_service)
                 .add_service(reflection)
                 .add_service(reflection_alpha)
@@ -279,8 +306,8 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 .serve_with_incoming_shutdown(
                     crate::connections::limited(listener, connection_limit),
                     drained,
-                )
-                .await?;
+                );
+            serve_until_closed(serve, queue.closing()).await?;
             let _ = fs::remove_file(&path);
         }
         Listen::Tcp(address) => {
@@ -320,7 +347,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             write_private(&home.join(ADDRESS_FILE), &format!("{scheme}://{bound}"))?;
             tracing::info!(address = %bound, workers = options.workers, "queuectld ready");
             crate::notify::ready(&format!("serving on {scheme}://{bound}"));
-            router
+            let serve = router
                 .add_service(health_service)
                 .add_service(InterceptedService::new(reflection, check.clone()))
                 .add_service(InterceptedService::new(reflection_alpha, check.clone()))
@@ -328,8 +355,8 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 .serve_with_incoming_shutdown(
                     crate::connections::limited(listener, connection_limit),
                     drained,
-                )
-                .await?;
+                );
+            serve_until_closed(serve, queue.closing()).await?;
             let _ = fs::remove_file(home.join(ADDRESS_FILE));
         }
     }

@@ -517,3 +517,29 @@ async fn abandoned_runs_are_counted_until_the_job_is_dead(store: Arc<dyn Store>)
 async fn abandoned_runs_are_counted() {
     for_each_backend(abandoned_runs_are_counted_until_the_job_is_dead).await;
 }
+
+/// A restarted server seeds its clock with the newest stamp in the store: the last change of any job.
+async fn the_newest_time_is_the_last_change_of_any_job(store: Arc<dyn Store>) {
+    assert_eq!(store.newest_time().await.unwrap(), None, "an empty store");
+    let now = clock::now();
+    enqueue_at(&*store, vec![vec![new_job("a", 5), new_job("b", 5)]], now).await;
+    let claimed = claim(&*store, 1, now + 1, OWNER).await.unwrap();
+    assert!(
+        update(
+            &*store,
+            finish(&claimed[0], Outcome::Succeeded, now + 2),
+            now + 2
+        )
+        .await
+    );
+    let mut newest = Micros::MIN;
+    for id in ["a", "b"] {
+        newest = newest.max(store.get(id).await.unwrap().unwrap().updated_at);
+    }
+    assert_eq!(store.newest_time().await.unwrap(), Some(newest));
+}
+
+#[tokio::test]
+async fn newest_time() {
+    for_each_backend(the_newest_time_is_the_last_change_of_any_job).await;
+}

@@ -235,6 +235,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn counts(&self) -> Result<StateCounts, StoreError>;
 
+    /// The newest time stamped on a stored job, so that a restarted server's clock does not go back past it.
+    async fn newest_time(&self) -> Result<Option<Micros>, StoreError>;
+
     /// When the longest-waiting pending job was enqueued.
     async fn oldest_pending(&self) -> Result<Option<Micros>, StoreError>;
 

@@ -531,6 +531,14 @@ impl Store for PgStore {
         row::counts(rows)
     }
 
+    async fn newest_time(&self) -> Result<Option<Micros>, StoreError> {
+        // Every write stamps updated_at, and nothing stamps it earlier than created_at.
+        sqlx::query_scalar("SELECT MAX(updated_at) FROM jobs")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
     async fn oldest_pending(&self) -> Result<Option<Micros>, StoreError> {
         sqlx::query_scalar("SELECT MIN(created_at) FROM jobs WHERE state = 'pending'")
             .fetch_one(&self.pool)
