@@ -20,6 +20,8 @@ pub mod job;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
+#[cfg(target_os = "linux")]
+pub mod reaper;
 pub mod runner;
 pub mod server;
 pub mod store;

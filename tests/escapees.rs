@@ -14,6 +14,7 @@ use common::{DEADLINE, Home, alive, wait_until};
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Cgroup,
+    Subreaper,
 }
 
 /// Whether this machine gives the tests a writable cgroup v2 tree; outside CI a test without it says it skips (CI
@@ -38,6 +39,7 @@ fn server_command(home: &Home, mode: Mode, workers: u32) -> Command {
     let mut command = home.server_command(workers);
     match mode {
         Mode::Cgroup => command.env_remove("QUEUECTL_CGROUPS"),
+        Mode::Subreaper => command.env("QUEUECTL_CGROUPS", "off"),
     };
     command
 }
@@ -48,6 +50,7 @@ fn home_in(mode: Mode) -> Home {
     home.start_server_with(server_command(&home, mode, 1));
     let wanted = match mode {
         Mode::Cgroup => "mode=\"cgroup\"",
+        Mode::Subreaper => "mode=\"subreaper\"",
     };
     let log = std::fs::read_to_string(home.file("test-server.log")).unwrap();
     assert!(
@@ -252,4 +255,58 @@ fn cgroup_names() -> Vec<String> {
         }
     }
     names
+}
+
+#[test]
+fn subreaper_setsid_goes_when_the_job_ends() {
+    setsid_goes_when_the_job_ends(Mode::Subreaper);
+}
+
+#[test]
+fn subreaper_setsid_goes_on_timeout() {
+    setsid_goes_on_timeout(Mode::Subreaper);
+}
+
+#[test]
+fn subreaper_setsid_goes_on_a_drain() {
+    setsid_goes_on_a_drain(Mode::Subreaper);
+}
+
+#[test]
+fn subreaper_setsid_goes_on_a_kill_9_and_restart() {
+    setsid_goes_on_a_kill_9_and_restart(Mode::Subreaper);
+}
+
+/// Orphans that end by themselves come back to the subreaper, which must reap them.
+#[test]
+fn subreaper_leaves_no_zombies() {
+    let mut home = home_in(Mode::Subreaper);
+    for index in 0..20 {
+        home.enqueue(&format!(
+            r#"{{"id":"z{index}","command":"setsid sh -c 'sleep 0.2' & (sleep 0.1 &) ; true"}}"#
+        ));
+    }
+    wait_until("every job to complete", DEADLINE, || {
+        home.count("completed") == 20
+    });
+    let server = home.server().id();
+    wait_until("no zombie child of the server", DEADLINE, || {
+        zombies_of(server) == 0
+    });
+}
+
+/// How many zombies have `parent` as their parent.
+fn zombies_of(parent: u32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter(|stat| {
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest.split_whitespace().take(2).collect())
+                .unwrap_or_default();
+            fields.len() == 2 && fields[0] == "Z" && fields[1] == parent.to_string()
+        })
+        .count()
 }
