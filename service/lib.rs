@@ -3,11 +3,14 @@
 //! [`job`] holds the lifecycle rules as pure code; [`store`] is the seam to the database; [`supervisor`] and
 //! [`runner`] execute jobs; [`queue`] offers the operations; [`grpc`] carries them; [`server`] wires it all.
 
+#[cfg(target_os = "linux")]
+pub mod cgroup;
 #[cfg(unix)]
 pub mod channel;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod containment;
 pub mod convert;
 pub mod error;
 pub mod grpc;
@@ -17,6 +20,8 @@ pub mod job;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
+#[cfg(target_os = "linux")]
+pub mod reaper;
 pub mod runner;
 pub mod server;
 pub mod store;

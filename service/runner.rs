@@ -316,6 +316,7 @@ pub async fn run(
         }
     };
     let pgid = child.id();
+    let attempt = crate::containment::enter(spec.tag, pgid);
     on_spawn(pgid).await;
     if let Some(mut gate) = child.stdin.take() {
         // Opens the gate; the command then sees its stdin closed, as with /dev/null. A failed write means the
@@ -377,6 +378,7 @@ pub async fn run(
             Outcome::Interrupted
         }
     };
+    attempt.end().await;
     if out_open {
         drain(&mut stdout, &mut capture, &mut on_output).await;
     }

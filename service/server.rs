@@ -228,7 +228,9 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             Arc::new(SqliteStore::open(&database).await?)
         }
     };
-    let queue = Arc::new(Queue::start(store, server_id(home)?, options.workers).await?);
+    let server_id = server_id(home)?;
+    crate::containment::init(&server_id).await;
+    let queue = Arc::new(Queue::start(store, server_id, options.workers).await?);
 
     if let Some(address) = options.metrics {
         if !address.ip().is_loopback() && !options.metrics_allow_remote {

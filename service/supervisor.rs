@@ -154,6 +154,7 @@ impl Supervisor {
                     tracing::warn!(job_id = %stale.job.id, pgid, "killed the processes an interrupted run left");
                 }
             }
+            crate::containment::recover_run(&runner::run_tag(&stale.job.id, stale.job.runs));
             self.shared.requeue(stale, Outcome::Abandoned).await?;
         }
         Ok(in_flight.len())

@@ -1,0 +1,182 @@
+//! A cgroup v2 per attempt, under the server's own cgroup when that sub-tree is delegated to it (systemd
+//! `Delegate=yes`): whatever a job does (setsid, double forks, a cleared environment), its processes stay in the
+//! attempt's cgroup, and `cgroup.kill` ends them all.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long the end of an attempt waits for its cgroup to empty after `cgroup.kill` before it gives up removing it.
+const EMPTY_LIMIT: Duration = Duration::from_secs(5);
+
+/// The server's delegated cgroup v2 sub-tree and the prefix that names this server's attempt cgroups in it.
+#[derive(Debug)]
+pub struct Tree {
+    root: PathBuf,
+    prefix: String,
+}
+
+impl Tree {
+    /// The server's own cgroup, if it is on a cgroup v2 mount, supports `cgroup.kill` and lets the server create
+    /// children in it (delegated); `None` otherwise, with the reason.
+    pub fn detect(server_id: &str) -> Result<Tree, String> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|error| format!("cannot read /proc/self/mountinfo: {error}"))?;
+        let mount = cgroup2_mount(&mounts).ok_or("no cgroup2 mount")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|error| format!("cannot read /proc/self/cgroup: {error}"))?;
+        let own = unified_path(&own).ok_or("not in a cgroup v2 hierarchy")?;
+        let root = mount.join(own.trim_start_matches('/'));
+        let tree = Tree {
+            root,
+            prefix: format!("queuectl-{}-", sanitize(server_id)),
+        };
+        let probe = tree.root.join(format!("{}probe", tree.prefix));
+        std::fs::create_dir(&probe)
+            .map_err(|error| format!("cannot create {}: {error}", probe.display()))?;
+        let kill = probe.join("cgroup.kill").exists();
+        let _ = std::fs::remove_dir(&probe);
+        if !kill {
+            return Err("the kernel has no cgroup.kill (Linux 5.14 or later has it)".to_owned());
+        }
+        Ok(tree)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the cgroup of run `tag` and moves `pid` (the job's shell, held at its gate) into it.
+    pub fn enter(&self, tag: &str, pid: u32) -> std::io::Result<PathBuf> {
+        let path = self.root.join(format!("{}{}", self.prefix, sanitize(tag)));
+        match std::fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(error),
+        }
+        if let Err(error) = std::fs::write(path.join("cgroup.procs"), pid.to_string()) {
+            let _ = std::fs::remove_dir(&path);
+            return Err(error);
+        }
+        Ok(path)
+    }
+
+    /// Kills and removes every attempt cgroup of this server, e.g. those a killed server left behind. Returns how
+    /// many it found.
+    pub async fn sweep(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return 0;
+        };
+        let mut found = 0;
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.starts_with(&self.prefix))
+            {
+                found += 1;
+                end(&entry.path()).await;
+            }
+        }
+        found
+    }
+}
+
+/// Kills every process of the attempt cgroup at `path`, waits for it to empty and removes it.
+pub async fn end(path: &Path) {
+    if let Err(error) = std::fs::write(path.join("cgroup.kill"), "1") {
+        tracing::warn!(cgroup = %path.display(), %error, "cannot kill an attempt's cgroup");
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + EMPTY_LIMIT;
+    while populated(path) {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(cgroup = %path.display(), "an attempt's cgroup did not empty after cgroup.kill; it stays");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Err(error) = std::fs::remove_dir(path) {
+        tracing::warn!(cgroup = %path.display(), %error, "cannot remove an attempt's cgroup");
+    }
+}
+
+/// Whether the cgroup still has processes (`populated 1` in `cgroup.events`).
+fn populated(path: &Path) -> bool {
+    std::fs::read_to_string(path.join("cgroup.events"))
+        .is_ok_and(|events| events.lines().any(|line| line.trim() == "populated 1"))
+}
+
+/// The mount point of the cgroup2 file system in a `/proc/self/mountinfo` listing.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, filesystem) = line.split_once(" - ")?;
+        if filesystem.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(unescape(mount.split(' ').nth(4)?)))
+    })
+}
+
+/// The process's cgroup v2 path (the `0::` line of `/proc/self/cgroup`).
+fn unified_path(cgroups: &str) -> Option<&str> {
+    cgroups.lines().find_map(|line| line.strip_prefix("0::"))
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// A cgroup name part: letters, digits, `-` and `_` kept, anything else as `_`.
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
+        let mountinfo = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw,nsdelegate
+32 30 0:28 / /sys/fs/cgroup/cpu rw,nosuid - cgroup cgroup rw,cpu";
+        assert_eq!(
+            cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_mount("30 25 0:26 / /x rw - tmpfs tmpfs rw"), None);
+        assert_eq!(
+            cgroup2_mount("31 30 0:27 / /my\\040cgroups rw - cgroup2 cgroup2 rw"),
+            Some(PathBuf::from("/my cgroups"))
+        );
+    }
+
+    #[test]
+    fn reads_the_unified_path() {
+        assert_eq!(
+            unified_path("12:cpu:/x\n0::/system.slice/queuectld.service\n"),
+            Some("/system.slice/queuectld.service")
+        );
+        assert_eq!(unified_path("12:cpu:/x\n"), None);
+    }
+
+    #[test]
+    fn names_are_safe() {
+        assert_eq!(sanitize("host-0a1b"), "host-0a1b");
+        assert_eq!(sanitize("job/1#3"), "job_1_3");
+    }
+}
