@@ -297,3 +297,30 @@ fn a_database_that_cannot_be_reached_is_refused_at_once_saying_why() {
         );
     }
 }
+
+#[test]
+fn backup_on_postgresql_says_to_use_pg_dump_and_writes_nothing() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let mut home = Home::new();
+    start(&mut home, &database, 0);
+    let copy = home.file("copy.db");
+    let output = home.try_queuectl(&["backup", copy.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("pg_dump"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(!copy.exists());
+    let code = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        client(&home)
+            .await
+            .backup(pb::BackupRequest {
+                path: copy.display().to_string(),
+            })
+            .await
+            .unwrap_err()
+            .code()
+    });
+    assert_eq!(code, tonic::Code::FailedPrecondition);
+}

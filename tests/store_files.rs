@@ -88,6 +88,39 @@ fn a_database_replaced_under_the_server_is_not_written_to() {
     });
 }
 
+/// The issue's third case: `-wal` deleted under the server, where the latest commits live until a checkpoint.
+#[test]
+fn a_wal_deleted_under_the_server_is_not_written_to() {
+    let home = Home::with_server(0);
+    home.enqueue(r#"{"command":"true"}"#);
+    std::fs::remove_file(home.file("jobs.db-wal")).unwrap();
+    assert_enqueue_refused(&home, "jobs.db-wal");
+    assert_enqueue_refused(&home, "restart");
+    wait_until("health to say NOT_SERVING", DEADLINE, || {
+        health_code(&home) == Some(4)
+    });
+}
+
+/// The log stays near its checkpoint size under a stream of large writes, instead of growing to SQLite's default
+/// 4 MiB (which it did before) and staying there.
+#[test]
+fn the_wal_stays_bounded_under_a_stream_of_writes() {
+    let home = Home::with_server(0);
+    let padding = "x".repeat(16 * 1024);
+    let mut largest = 0;
+    // About 8 MiB written in all.
+    for n in 0..500 {
+        home.enqueue(&format!(r#"{{"id":"big{n}","command":": {padding}"}}"#));
+        let wal = std::fs::metadata(home.file("jobs.db-wal")).map_or(0, |meta| meta.len());
+        largest = largest.max(wal);
+    }
+    assert!(
+        largest <= 2 * 1024 * 1024,
+        "the log reached {largest} bytes"
+    );
+    assert_eq!(home.count("pending"), 500);
+}
+
 /// Pages of `jobs.db` overwritten under a running server (the issue's reproduction): its claims fail, so it says
 /// NOT_SERVING and acknowledges no enqueue, instead of taking jobs it cannot run. (A server started on a damaged
 /// file refuses to start, saying so.)
