@@ -260,7 +260,8 @@ fn a_server_starts_and_serves_reads_on_a_full_disk() {
         r#"{{"id":"long","command":"[ -e {m} ] || {{ touch {m}; sleep 60; }}"}}"#,
         m = marker.display()
     ));
-    home.wait_for_state("long", "processing");
+    // Its first run must have begun (the marker), or the rerun after the restart would be the one that sleeps.
+    wait_until("the first run to begin", DEADLINE, || marker.exists());
     home.kill_server();
     let filler = disk.fill();
 
