@@ -15,16 +15,6 @@ use tokio_stream::StreamExt;
 /// CI machine.
 const GIVE_UP: Duration = Duration::from_secs(45);
 
-fn signal(pid: u32, name: &str) {
-    assert!(
-        Command::new("kill")
-            .args([&format!("-{name}"), &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
 /// Runs `command` and returns its exit code and how long it took; kills it and fails the test after `limit`.
 fn run_within(mut command: Command, what: &str, limit: Duration) -> (Option<i32>, Duration) {
     let start = Instant::now();
@@ -46,18 +36,11 @@ fn run_within(mut command: Command, what: &str, limit: Duration) -> (Option<i32>
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn status_enqueue_and_health_give_up_on_a_stopped_server() {
     let mut home = Home::with_server(0);
     let pid = home.server().id();
-    signal(pid, "STOP");
+    common::signal(pid, "STOP");
     let commands: [&[&str]; 3] = [
         &["status"],
         &["enqueue", r#"{"command":"true"}"#],
@@ -84,7 +67,7 @@ fn status_enqueue_and_health_give_up_on_a_stopped_server() {
             eprintln!("{what} gave up after {took:?}");
         }
     });
-    signal(pid, "CONT");
+    common::signal(pid, "CONT");
     // Resumed, it answers again; the enqueue that timed out may or may not have been stored, as its message says.
     home.ok(&["status"]);
 }
@@ -93,9 +76,9 @@ fn status_enqueue_and_health_give_up_on_a_stopped_server() {
 fn health_gives_up_within_its_one_second_probe_limit() {
     let mut home = Home::with_server(0);
     let pid = home.server().id();
-    signal(pid, "STOP");
+    common::signal(pid, "STOP");
     let (code, took) = run_within(home.command(&["health"]), "queuectl health", GIVE_UP);
-    signal(pid, "CONT");
+    common::signal(pid, "CONT");
     assert_eq!(
         code,
         Some(3),
@@ -112,7 +95,7 @@ fn a_health_watcher_does_not_keep_a_stopping_server_alive() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let mut home = Home::with_server(0);
     let socket = home.file("queuectl.sock");
-    let runtime = runtime();
+    let runtime = common::runtime();
     let mut watch = runtime.block_on(async {
         let channel = queuectl::channel::unix(socket).await.unwrap();
         HealthClient::new(channel)
@@ -124,7 +107,7 @@ fn a_health_watcher_does_not_keep_a_stopping_server_alive() {
     let first = runtime.block_on(watch.next()).unwrap().unwrap();
     assert_eq!(first.status().as_str_name(), "SERVING");
     let start = Instant::now();
-    signal(home.server().id(), "TERM");
+    common::signal(home.server().id(), "TERM");
     // The watcher is told, then its stream ends, instead of holding the connection open.
     let ended = runtime.block_on(async {
         tokio::time::timeout(DEADLINE, async {
@@ -143,7 +126,7 @@ fn an_open_health_watcher_lets_sigterm_end_the_server_within_the_grace() {
     let mut home = Home::with_server(0);
     home.ok(&["config", "set", "shutdown_grace", "2"]);
     let socket = home.file("queuectl.sock");
-    let runtime = runtime();
+    let runtime = common::runtime();
     let _watch = runtime.block_on(async {
         use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
         let channel = queuectl::channel::unix(socket).await.unwrap();
@@ -154,7 +137,7 @@ fn an_open_health_watcher_lets_sigterm_end_the_server_within_the_grace() {
             .into_inner()
     });
     let start = Instant::now();
-    signal(home.server().id(), "TERM");
+    common::signal(home.server().id(), "TERM");
     let status = home.wait_server_exit();
     let took = start.elapsed();
     assert!(status.success(), "the server exited with {status}");
@@ -187,7 +170,7 @@ fn watchers_that_never_read_cost_bounded_memory_and_are_told_they_fell_behind() 
     let socket = home.file("queuectl.sock");
     // Each watcher on its own connection, as separate clients would be. Nothing drives this runtime until the
     // job has ended, so the watchers do not even read their sockets.
-    let runtime = runtime();
+    let runtime = common::runtime();
     let mut watchers = runtime.block_on(async {
         let mut watchers = Vec::new();
         for _ in 0..WATCHERS {
@@ -302,12 +285,12 @@ fn wait_that_falls_behind_checks_its_jobs_again_and_still_finishes() {
         quiet >= 2
     });
     // Stopped, it reads nothing while 4 MiB of output goes by, far more than a watcher may have waiting.
-    signal(wait.id(), "STOP");
+    common::signal(wait.id(), "STOP");
     home.ok(&["worker", "start", "--count", "2", "--daemon"]);
     wait_until("every job to complete", DEADLINE, || {
         home.count("completed") == JOBS as u64
     });
-    signal(wait.id(), "CONT");
+    common::signal(wait.id(), "CONT");
     let status = common::wait_for_exit(&mut wait, DEADLINE);
     let said = std::fs::read_to_string(&stderr).unwrap();
     assert!(status.success(), "wait exited {status}: {said}");

@@ -13,16 +13,9 @@ use std::time::{Duration, Instant};
 use common::{DEADLINE, Home, wait_until};
 use sqlx::{Connection, SqliteConnection};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// `PRAGMA integrity_check` of a database no server has open.
 fn integrity(db: &Path) -> String {
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let mut conn = SqliteConnection::connect(&format!("sqlite://{}", db.display()))
             .await
             .unwrap();
@@ -48,16 +41,6 @@ fn pids(path: &Path) -> Vec<u32> {
         .lines()
         .filter_map(|line| line.trim().parse().ok())
         .collect()
-}
-
-fn signal(pid: u32, name: &str) {
-    assert!(
-        Command::new("kill")
-            .args([&format!("-{name}"), &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
 }
 
 struct KillFigures {
@@ -213,7 +196,7 @@ fn sigterm_drains_then_ends_the_group_and_requeues_with_the_record_kept() {
 
     let server = home.server().id();
     let stopping = Instant::now();
-    signal(server, "TERM");
+    common::signal(server, "TERM");
     wait_until("health to say NOT_SERVING", DEADLINE, || {
         health(&home).is_some_and(|health| health.contains("NOT_SERVING"))
     });
@@ -257,7 +240,7 @@ fn a_locked_database_gives_unavailable_and_the_server_recovers() {
     home.wait_for_state("held", "processing");
     let before = home.ok(&["list"]);
 
-    let rt = runtime();
+    let rt = common::runtime();
     let mut lock = rt.block_on(async {
         let url = format!("sqlite://{}", home.file("jobs.db").display());
         let mut conn = SqliteConnection::connect(&url).await.unwrap();

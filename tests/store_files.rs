@@ -10,16 +10,9 @@ use std::path::Path;
 use common::{DEADLINE, Home, wait_until};
 use sqlx::{Connection, SqliteConnection};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// How many jobs a database file holds, read by a connection of the test's own.
 fn stored_jobs(db: &Path) -> i64 {
-    runtime().block_on(async {
+    common::runtime().block_on(async {
         let mut conn = SqliteConnection::connect(&format!("sqlite://{}", db.display()))
             .await
             .unwrap();

@@ -300,3 +300,23 @@ pub fn output_within(command: &mut Command, limit: Duration) -> Output {
     }
     child.wait_with_output().unwrap()
 }
+
+/// A runtime for the few async calls a test makes itself.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Sends signal `name` (`TERM`, `STOP`, ...) to `pid` with kill(1).
+#[cfg(unix)]
+pub fn signal(pid: u32, name: &str) {
+    assert!(
+        Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
