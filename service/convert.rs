@@ -4,10 +4,10 @@ use prost_types::Timestamp;
 
 use crate::config::Settings;
 use crate::error::QueueError;
+use crate::event::Event;
 use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, NewJob, Outcome, PRIORITY_RANGE};
 use crate::pb;
 use crate::store::{Cursor, RunRecord, ServerRecord, WorkerRecord};
-use crate::supervisor::Event;
 
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 pub const MAX_ID_BYTES: usize = 128;

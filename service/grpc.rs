@@ -206,11 +206,10 @@ impl QueueService for Grpc {
         request: Request<pb::StopWorkersRequest>,
     ) -> Result<Response<pb::StopWorkersResponse>, Status> {
         let request = request.into_inner();
-        let supervisor = &self.queue.supervisor;
-        let running = u32::try_from(supervisor.running()).unwrap_or(u32::MAX);
+        let running = u32::try_from(self.queue.running()).unwrap_or(u32::MAX);
         self.queue.set_workers(0, request.all).await?;
         if request.wait {
-            supervisor.idle().await;
+            self.queue.idle().await;
         }
         Ok(Response::new(pb::StopWorkersResponse { running }))
     }
@@ -247,7 +246,7 @@ impl QueueService for Grpc {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<crate::watch::EventStream>, Status> {
         let job_id = request.into_inner().job_id;
-        let events = self.queue.supervisor.subscribe();
+        let events = self.queue.subscribe();
         Ok(Response::new(crate::watch::stream(
             events,
             self.queue.closing(),

@@ -208,3 +208,57 @@ pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     std::io::Write::write_all(&mut options.open(path)?, contents.as_bytes())
 }
+
+/// This machine's name, as `status` shows it.
+pub fn host_name() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}
+
+/// Holds the home's lock for as long as it lives, so that one server owns one database.
+pub fn lock(home: &Path) -> Result<File, HomeError> {
+    let lock = open_private(&home.join(LOCK_FILE))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(fs::TryLockError::WouldBlock) => Err(HomeError(format!(
+            "another queuectld already serves {}; stop it with `queuectl server stop`",
+            home.display()
+        ))),
+        Err(fs::TryLockError::Error(error)) => Err(error.into()),
+    }
+}
+
+/// The home's server id, made once and kept, so that a restarted server recognises the jobs it was running.
+pub fn server_id(home: &Path) -> Result<String, HomeError> {
+    let path = home.join(SERVER_ID_FILE);
+    if let Ok(id) = fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() {
+            return Ok(id.to_owned());
+        }
+    }
+    let id = format!("{}-{}", host_name(), random_hex::<8>("the server id")?);
+    write_private(&path, &id)?;
+    Ok(id)
+}
+
+/// The bearer token TCP clients must present, created with 32 random bytes on first use.
+pub fn load_or_create_token(home: &Path) -> Result<String, HomeError> {
+    let path = home.join(TOKEN_FILE);
+    if let Ok(token) = fs::read_to_string(&path) {
+        let token = token.trim().to_owned();
+        if token.len() >= 64 {
+            return Ok(token);
+        }
+    }
+    let token = random_hex::<32>("the token")?;
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
+/// `N` random bytes in hex, for `what`.
+fn random_hex<const N: usize>(what: &str) -> Result<String, HomeError> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes)
+        .map_err(|error| HomeError(format!("no randomness for {what}: {error}")))?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}

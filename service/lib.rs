@@ -13,6 +13,7 @@ pub mod connections;
 pub mod containment;
 pub mod convert;
 pub mod error;
+pub mod event;
 pub mod grpc;
 pub mod health;
 pub mod home;

@@ -14,10 +14,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 
-use crate::clock;
-use crate::job::{JobState, MICROS_PER_SEC, Outcome};
-use crate::queue::Queue;
-use crate::supervisor::Event;
+use crate::event::Event;
+use crate::job::{JobState, Outcome};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -146,10 +144,9 @@ impl Metrics {
         }
     }
 
-    /// The metrics in Prometheus' text format, with the gauges read now.
-    async fn render(&self, queue: &Queue) -> Result<String, String> {
-        let counts = queue.counts().await.map_err(|error| error.to_string())?;
-        for (state, count) in JobState::ALL.into_iter().zip(counts) {
+    /// The metrics in Prometheus' text format, with the gauges set to `now`.
+    pub fn render(&self, now: &Gauges) -> Result<String, std::fmt::Error> {
+        for (state, count) in JobState::ALL.into_iter().zip(now.counts) {
             let label = StateLabel {
                 state: state.as_str(),
             };
@@ -157,37 +154,38 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
-        let oldest = queue
-            .oldest_pending()
-            .await
-            .map_err(|error| error.to_string())?;
-        let waited = oldest.map_or(0, |since| clock::now().saturating_sub(since).max(0));
         self.oldest_pending
-            .set(waited as f64 / MICROS_PER_SEC as f64);
-        let this = queue.supervisor.record();
-        self.workers.set(i64::from(this.worker_count));
-        let busy = this
-            .workers
-            .iter()
-            .filter(|worker| worker.job_id.is_some())
-            .count();
-        self.workers_busy
-            .set(i64::try_from(busy).unwrap_or(i64::MAX));
+            .set(now.oldest_pending_age.as_secs_f64());
+        self.workers.set(i64::from(now.workers));
+        self.workers_busy.set(i64::from(now.workers_busy));
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)
-            .map_err(|error| error.to_string())?;
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
         Ok(text)
     }
 }
 
-/// Serves `GET /metrics` on `address` until the process ends.
-pub async fn serve(address: SocketAddr, queue: Arc<Queue>) -> std::io::Result<()> {
+/// What the metrics read from the queue at each scrape.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Jobs in each state, in [`JobState::ALL`] order.
+    pub counts: [u64; JobState::ALL.len()],
+    pub oldest_pending_age: std::time::Duration,
+    pub workers: u32,
+    pub workers_busy: u32,
+}
+
+/// Serves `GET /metrics` on `address` until the process ends; `scrape` renders the text.
+pub async fn serve<F, S>(address: SocketAddr, scrape: F) -> std::io::Result<()>
+where
+    F: Fn() -> S + Clone + Send + Sync + 'static,
+    S: Future<Output = Result<String, String>> + Send,
+{
     use axum::http::{StatusCode, header};
     let listener = tokio::net::TcpListener::bind(address).await?;
     tracing::info!(address = %listener.local_addr()?, "serving metrics");
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(async move || match queue.metrics.render(&queue).await {
+        axum::routing::get(async move || match scrape().await {
             Ok(text) => (
                 StatusCode::OK,
                 [(

@@ -11,7 +11,7 @@ use crate::job::{self, Job, JobState};
 use crate::metrics::Metrics;
 use crate::store::{
     EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord, Signal, StateCounts,
-    Store,
+    Store, StoreError,
 };
 use crate::supervisor::Supervisor;
 use crate::writer::Writer;
@@ -22,8 +22,8 @@ pub struct Queue {
     settings: Arc<RwLock<Settings>>,
     /// Serialises setting changes, so that the stored value and the one in force cannot disagree.
     config_change: Mutex<()>,
-    pub supervisor: Supervisor,
-    pub metrics: Arc<Metrics>,
+    supervisor: Supervisor,
+    metrics: Arc<Metrics>,
     shutdown: Arc<Notify>,
     /// Turns `true` when the server stops; long-lived streams end then.
     closing: watch::Sender<bool>,
@@ -77,7 +77,7 @@ impl Queue {
         let metrics = Arc::new(Metrics::default());
         tokio::spawn(metrics.clone().follow(supervisor.subscribe()));
         supervisor.set_workers(workers);
-        if let Some(signals) = store.signals() {
+        if let Some(signals) = store.cluster().and_then(|cluster| cluster.signals()) {
             tokio::spawn(follow_signals(
                 signals,
                 store.clone(),
@@ -136,17 +136,33 @@ impl Queue {
         Ok(self.store.counts().await?)
     }
 
-    pub async fn oldest_pending(&self) -> Result<Option<crate::job::Micros>, QueueError> {
-        Ok(self.store.oldest_pending().await?)
+    /// The metrics as Prometheus reads them, with the job counts and worker gauges read now.
+    pub async fn metrics_text(&self) -> Result<String, QueueError> {
+        let oldest = self.store.oldest_pending().await?;
+        let waited = oldest.map_or(0, |since| crate::clock::now().saturating_sub(since).max(0));
+        let this = self.supervisor.record();
+        let busy = this
+            .workers
+            .iter()
+            .filter(|worker| worker.job_id.is_some())
+            .count();
+        let gauges = crate::metrics::Gauges {
+            counts: self.store.counts().await?,
+            oldest_pending_age: std::time::Duration::from_micros(waited.unsigned_abs()),
+            workers: this.worker_count,
+            workers_busy: u32::try_from(busy).unwrap_or(u32::MAX),
+        };
+        self.metrics
+            .render(&gauges)
+            .map_err(|error| StoreError::Internal(format!("rendering metrics: {error}")).into())
     }
 
     /// Every live server sharing the database, this one first and as it is right now.
     pub async fn servers(&self) -> Result<Vec<ServerRecord>, QueueError> {
         let this = self.supervisor.record();
-        let others = if self.store.lease().is_some() {
-            self.store.servers().await?
-        } else {
-            Vec::new()
+        let others = match self.store.cluster() {
+            Some(cluster) => cluster.servers().await?,
+            None => Vec::new(),
         };
         let mut servers = vec![this];
         for other in others {
@@ -160,8 +176,8 @@ impl Queue {
     /// Sets the worker count of this server or, with `all`, of every server sharing the database.
     pub async fn set_workers(&self, count: u32, all: bool) -> Result<(), QueueError> {
         self.supervisor.set_workers(count);
-        if all {
-            self.store.broadcast_workers(count).await?;
+        if all && let Some(cluster) = self.store.cluster() {
+            cluster.broadcast_workers(count).await?;
         }
         Ok(())
     }
@@ -235,6 +251,26 @@ impl Queue {
         Ok(deleted)
     }
 
+    /// How many jobs run on this server right now.
+    pub fn running(&self) -> usize {
+        self.supervisor.running()
+    }
+
+    /// Waits until no job runs on this server.
+    pub async fn idle(&self) {
+        self.supervisor.idle().await;
+    }
+
+    /// What the workers do from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::event::Event> {
+        self.supervisor.subscribe()
+    }
+
+    /// Stops starting jobs and gives running ones the shutdown grace to finish, then interrupts them.
+    pub async fn drain(&self) {
+        self.supervisor.drain(self.shutdown_grace()).await;
+    }
+
     pub fn request_shutdown(&self) {
         self.shutdown.notify_one();
     }
@@ -285,7 +321,7 @@ impl Queue {
         Ok(self.store.close().await?)
     }
 
-    pub fn shutdown_grace(&self) -> std::time::Duration {
+    fn shutdown_grace(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.settings().shutdown_grace_secs())
     }
 }

@@ -1,9 +1,9 @@
 //! Starting and stopping the server: the home folder, the single-instance lock, the store, the listener, health,
 //! reflection, and a graceful drain on SIGTERM, Ctrl-C or a Shutdown request.
 
-use std::fs::{self, File};
+use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
@@ -13,10 +13,7 @@ use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
 use crate::grpc::Grpc;
-use crate::home::{
-    self, ADDRESS_FILE, DATABASE_FILE, HomeError, LOCK_FILE, SERVER_ID_FILE, TOKEN_FILE,
-    write_private,
-};
+use crate::home::{self, ADDRESS_FILE, DATABASE_FILE, HomeError, write_private};
 use crate::pb::queue_service_server::QueueServiceServer;
 use crate::queue::Queue;
 use crate::store::{Store, StoreError, postgres::PgStore, sqlite::SqliteStore};
@@ -32,8 +29,6 @@ const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 pub enum ServerError {
     #[error("{0}")]
     Home(#[from] HomeError),
-    #[error("another queuectld already serves {0}; stop it with `queuectl server stop`")]
-    AlreadyRunning(PathBuf),
     #[error("{0}")]
     Listen(String),
     #[error("opening the database: {0}")]
@@ -85,57 +80,6 @@ pub struct Options {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Serve a non-loopback TCP address without TLS: only on a network where nobody can listen in.
     pub insecure_allow_remote: bool,
-}
-
-/// This machine's name, as `status` shows it.
-pub fn host_name() -> String {
-    gethostname::gethostname().to_string_lossy().into_owned()
-}
-
-/// The home's server id, made once and kept, so that a restarted server recognises the jobs it was running.
-fn server_id(home: &Path) -> Result<String, ServerError> {
-    let path = home.join(SERVER_ID_FILE);
-    if let Ok(id) = fs::read_to_string(&path) {
-        let id = id.trim();
-        if !id.is_empty() {
-            return Ok(id.to_owned());
-        }
-    }
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).map_err(|error| {
-        ServerError::Listen(format!("no randomness for the server id: {error}"))
-    })?;
-    let suffix: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    let id = format!("{}-{suffix}", host_name());
-    write_private(&path, &id)?;
-    Ok(id)
-}
-
-/// Holds the home's lock for as long as it lives, so that one server owns one database.
-fn lock_home(home: &Path) -> Result<File, ServerError> {
-    let lock = home::open_private(&home.join(LOCK_FILE))?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(fs::TryLockError::WouldBlock) => Err(ServerError::AlreadyRunning(home.to_owned())),
-        Err(fs::TryLockError::Error(error)) => Err(error.into()),
-    }
-}
-
-/// The bearer token TCP clients must present, created with 32 random bytes on first use.
-fn load_or_create_token(home: &Path) -> Result<String, ServerError> {
-    let path = home.join(TOKEN_FILE);
-    if let Ok(token) = fs::read_to_string(&path) {
-        let token = token.trim().to_owned();
-        if token.len() >= 64 {
-            return Ok(token);
-        }
-    }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|error| ServerError::Listen(format!("no randomness for the token: {error}")))?;
-    let token: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
-    write_private(&path, &token)?;
-    Ok(token)
 }
 
 /// Checks the bearer token in constant time.
@@ -217,7 +161,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     tracing::debug!(?descriptors, connection_limit, "descriptor limit");
     let home = &options.home;
     home::prepare(home)?;
-    let _lock = lock_home(home)?;
+    let _lock = home::lock(home)?;
 
     let store: Arc<dyn Store> = match &options.database_url {
         Some(url) => Arc::new(PgStore::open(url, options.lease).await?),
@@ -228,7 +172,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             Arc::new(SqliteStore::open(&database).await?)
         }
     };
-    let server_id = server_id(home)?;
+    let server_id = home::server_id(home)?;
     crate::containment::init(&server_id).await;
     let queue = Arc::new(Queue::start(store, server_id, options.workers).await?);
 
@@ -240,8 +184,17 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
             )));
         }
         let queue = queue.clone();
+        let scrape = move || {
+            let queue = queue.clone();
+            async move {
+                queue
+                    .metrics_text()
+                    .await
+                    .map_err(|error| error.to_string())
+            }
+        };
         tokio::spawn(async move {
-            if let Err(error) = crate::metrics::serve(address, queue).await {
+            if let Err(error) = crate::metrics::serve(address, scrape).await {
                 tracing::error!(%error, %address, "cannot serve metrics");
             }
         });
@@ -271,17 +224,14 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 () = termination_signal() => {}
                 () = queue.shutdown_requested() => {}
             }
-            tracing::info!(
-                running = queue.supervisor.running(),
-                "stopping: draining workers"
-            );
+            tracing::info!(running = queue.running(), "stopping: draining workers");
             crate::notify::stopping();
             store_health.abort();
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
             health.set_not_serving::<QueueServiceServer<Grpc>>().await;
-            queue.supervisor.drain(queue.shutdown_grace()).await;
+            queue.drain().await;
             queue.close_streams();
         }
     };
@@ -333,7 +283,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                     .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
             }
             let check = TokenCheck {
-                expected: load_or_create_token(home)?.into_bytes().into(),
+                expected: home::load_or_create_token(home)?.into_bytes().into(),
             };
             let listener = tokio::net::TcpListener::bind(address)
                 .await

@@ -11,6 +11,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::clock;
 use crate::config::Settings;
+use crate::event::Event;
 use crate::job::{self, Job, JobState, Micros, Outcome};
 use crate::runner::{self, RunSpec};
 use crate::store::{
@@ -28,51 +29,6 @@ const SHARED_POLL: Duration = Duration::from_secs(5);
 /// A result that could not be written is tried again after this, doubling up to [`FINISH_RETRY_MAX`].
 const FINISH_RETRY_FIRST: Duration = Duration::from_millis(100);
 const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// Worker activity, as `queuectl worker start` prints it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    WorkerStarted {
-        worker: u32,
-    },
-    WorkerStopping {
-        worker: u32,
-    },
-    WorkerExited {
-        worker: u32,
-    },
-    JobPicked {
-        worker: u32,
-        job_id: Arc<str>,
-        command: Arc<str>,
-        run: u32,
-    },
-    JobOutput {
-        worker: u32,
-        job_id: Arc<str>,
-        data: Vec<u8>,
-    },
-    JobFinished {
-        worker: u32,
-        job_id: Arc<str>,
-        state: JobState,
-        outcome: Outcome,
-    },
-}
-
-impl Event {
-    /// The job the event is about, if any.
-    pub fn job_id(&self) -> Option<&str> {
-        match self {
-            Event::JobPicked { job_id, .. }
-            | Event::JobOutput { job_id, .. }
-            | Event::JobFinished { job_id, .. } => Some(job_id),
-            Event::WorkerStarted { .. }
-            | Event::WorkerStopping { .. }
-            | Event::WorkerExited { .. } => None,
-        }
-    }
-}
 
 /// What a busy worker runs.
 #[derive(Clone, Debug)]
@@ -163,8 +119,8 @@ impl Supervisor {
     /// Starts the scheduler and, with a shared database, the heartbeat that keeps this server's claims.
     pub fn start(&self) {
         tokio::spawn(schedule(self.shared.clone()));
-        if let Some(lease) = self.shared.store.lease() {
-            tokio::spawn(heartbeat(self.shared.clone(), lease / 3));
+        if let Some(cluster) = self.shared.store.cluster() {
+            tokio::spawn(heartbeat(self.shared.clone(), cluster.lease() / 3));
         }
     }
 
@@ -271,7 +227,7 @@ impl Shared {
         let slots = self.slots.lock().expect("slots lock");
         ServerRecord {
             id: self.server_id.clone(),
-            host: crate::server::host_name(),
+            host: crate::home::host_name(),
             pid: std::process::id(),
             worker_count: slots.target,
             workers: slots
@@ -396,7 +352,7 @@ async fn schedule(shared: Arc<Shared>) {
             };
             wake_at = earliest(wake_at, due);
         }
-        if shared.store.lease().is_some() {
+        if shared.store.cluster().is_some() {
             wake_at = earliest(wake_at, Some(Instant::now() + SHARED_POLL));
         }
         match wake_at {
@@ -460,7 +416,10 @@ async fn heartbeat(shared: Arc<Shared>, every: Duration) {
         if shared.draining.load(Ordering::SeqCst) {
             return;
         }
-        let expired = match shared.store.heartbeat(&shared.record()).await {
+        let Some(cluster) = shared.store.cluster() else {
+            return;
+        };
+        let expired = match cluster.heartbeat(&shared.record()).await {
             Ok(expired) => expired,
             Err(error) => {
                 tracing::error!(%error, "heartbeat failed; this server's claims may expire");

@@ -13,8 +13,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
+use crate::event::Event;
 use crate::pb;
-use crate::supervisor::Event;
 
 /// Bytes of encoded events a watcher may have waiting: 8 full output chunks. HTTP/2 buffers at most about
 /// 400 KiB more per stream, whatever window the client offers.

@@ -207,14 +207,7 @@ async fn write_loop(
         });
         match result {
             Ok(outcome) => {
-                let woke_jobs = outcome.enqueued.iter().any(Result::is_ok)
-                    || batch
-                        .updates
-                        .iter()
-                        .zip(&outcome.applied)
-                        .any(|(update, applied)| {
-                            *applied && update.settled.state == crate::job::JobState::Pending
-                        });
+                let woke_jobs = crate::store::wakes_workers(&batch, &outcome);
                 for (reply, result) in enqueue_replies.into_iter().zip(outcome.enqueued) {
                     let _ = reply.send(Ok(result));
                 }

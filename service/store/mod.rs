@@ -4,9 +4,12 @@
 //! the row still matches. A report about a run that is no longer current (the job was recovered and claimed
 //! again meanwhile) is therefore rejected instead of applied.
 
+mod batch;
 pub mod postgres;
 mod row;
 pub mod sqlite;
+
+pub use batch::wakes_workers;
 
 use std::time::Duration;
 
@@ -103,15 +106,6 @@ impl WriteBatch {
     }
 }
 
-/// Hands the jobs claimed for a whole batch to its claims in order, each up to its limit.
-pub fn deal_claims(claims: &[u32], jobs: Vec<Job>) -> Vec<Vec<Job>> {
-    let mut jobs = jobs.into_iter();
-    claims
-        .iter()
-        .map(|limit| jobs.by_ref().take(*limit as usize).collect())
-        .collect()
-}
-
 /// A job some worker was running, with the process group it ran in.
 #[derive(Debug, Clone)]
 pub struct InFlight {
@@ -205,28 +199,17 @@ pub trait Store: Send + Sync + 'static {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError>;
 
-    /// How long a claim holds without renewal, when several servers share the database; `None` when one server
-    /// owns it and recovers everything at its start.
-    fn lease(&self) -> Option<Duration>;
-
     /// How long until the earliest waiting job is due (zero if one is due already); `None` if none waits.
     async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError>;
 
     /// The jobs `owner` was running, for recovery when it starts again.
     async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError>;
 
-    /// Publishes `server`, renews the leases of the jobs it runs, and returns jobs of other servers whose lease
-    /// ran out, for the caller to return to the queue. Only called when [`Store::lease`] is set.
-    async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError>;
-
-    /// The servers that sent a heartbeat within a lease: those whose jobs are not yet up for rescue.
-    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError>;
-
-    /// Asks every server of the database to run `count` workers.
-    async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError>;
-
-    /// Changes made through other servers, when the database is shared.
-    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;
+    /// What a database shared by several servers offers them; `None` when one server owns the database and
+    /// recovers everything at its start.
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        None
+    }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError>;
 
@@ -270,4 +253,25 @@ pub trait Store: Send + Sync + 'static {
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
     }
+}
+
+/// The capability of a database that several servers share: leases on claims, a record of who is alive, and
+/// announcements from one server to the others.
+#[async_trait]
+pub trait Cluster: Send + Sync {
+    /// How long a claim holds without renewal.
+    fn lease(&self) -> Duration;
+
+    /// Publishes `server`, renews the leases of the jobs it runs, and returns jobs of other servers whose lease
+    /// ran out, for the caller to return to the queue.
+    async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError>;
+
+    /// The servers that sent a heartbeat within a lease: those whose jobs are not yet up for rescue.
+    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError>;
+
+    /// Asks every server of the database to run `count` workers.
+    async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError>;
+
+    /// Changes made through other servers; the first caller takes the stream.
+    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;
 }

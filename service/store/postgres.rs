@@ -11,12 +11,13 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::mpsc;
 
+use super::batch::{self, Insert, Settle, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::{
-    Cursor, EnqueueRejected, GuardedUpdate, InFlight, ListFilter, Page, RunRecord, RunStarted,
-    ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+    Cluster, Cursor, InFlight, ListFilter, Page, RunRecord, RunStarted, ServerRecord, Signal,
+    StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
 };
-use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
+use crate::job::{self, Job, Micros, Policy};
 
 const JOBS_CHANNEL: &str = "queuectl_jobs";
 const CONFIG_CHANNEL: &str = "queuectl_config";
@@ -165,131 +166,167 @@ async fn announce(conn: &mut PgConnection, channel: &str) -> Result<(), sqlx::Er
     Ok(())
 }
 
-async fn insert_job(
-    conn: &mut PgConnection,
-    id: &str,
-    job: &NewJob,
-    policy: Policy,
-) -> Result<Option<JobRow>, sqlx::Error> {
-    const SQL: &str = concat!(
-        "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
-                           updated_at, run_after)
-         SELECT $1, $2, 'pending', $3, $4, $5, t.now + $6, t.now, t.now, t.now FROM (SELECT queuectl_now() AS now) t
-         ON CONFLICT (id) DO NOTHING
-         RETURNING ",
-        job_columns!()
-    );
-    sqlx::query_as(SQL)
-        .bind(id)
-        .bind(&job.command)
-        .bind(i64::from(job.priority))
-        .bind(i64::from(job.max_retries))
-        .bind(
-            job.timeout_secs
-                .map(|secs| i64::try_from(secs).unwrap_or(i64::MAX)),
-        )
-        .bind(job::queue_key(0, job.priority, policy.aging_interval_secs))
-        .fetch_optional(conn)
-        .await
+/// The statements of a batch on one connection. PostgreSQL's clock is the database's (`queuectl_now()`), which
+/// every server sharing it agrees on.
+struct PgStatements<'c> {
+    conn: &'c mut PgConnection,
+    /// The server writing: the owner of the jobs it claims, for `lease` microseconds.
+    owner: &'c str,
+    lease: i64,
 }
 
-async fn enqueue_request(
-    conn: &mut PgConnection,
-    jobs: &[NewJob],
-    policy: Policy,
-) -> Result<Result<Vec<JobRow>, EnqueueRejected>, sqlx::Error> {
-    let mut savepoint = conn.begin().await?;
-    let mut stored = Vec::with_capacity(jobs.len());
-    for new_job in jobs {
-        let inserted = match &new_job.id {
-            Some(id) => insert_job(&mut savepoint, id, new_job, policy).await?,
-            // A generated id can collide with one a person chose; then take the next number.
-            None => loop {
-                let number: i64 = sqlx::query_scalar("SELECT nextval('job_number')")
-                    .fetch_one(&mut *savepoint)
-                    .await?;
-                let id = format!("job{number}");
-                if let Some(job) = insert_job(&mut savepoint, &id, new_job, policy).await? {
-                    break Some(job);
-                }
-            },
-        };
-        match inserted {
-            Some(job) => stored.push(job),
-            None => {
-                savepoint.rollback().await?;
-                let id = new_job.id.clone().unwrap_or_default();
-                return Ok(Err(EnqueueRejected::DuplicateId(id)));
-            }
+#[async_trait]
+impl Statements for PgStatements<'_> {
+    async fn reserve_numbers(&mut self, count: usize) -> Result<Vec<i64>, sqlx::Error> {
+        if count == 0 {
+            return Ok(Vec::new());
         }
+        sqlx::query_scalar("SELECT nextval('job_number') FROM generate_series(1, $1)")
+            .bind(i64::try_from(count).unwrap_or(i64::MAX))
+            .fetch_all(&mut *self.conn)
+            .await
     }
-    savepoint.commit().await?;
-    Ok(Ok(stored))
+
+    async fn insert_jobs(&mut self, jobs: &[Insert<'_>]) -> Result<Vec<Job>, sqlx::Error> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        const SQL: &str = concat!(
+            "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
+                               updated_at, run_after)
+             SELECT r.id, r.command, 'pending', r.priority, r.max_retries, r.timeout_secs, t.now + r.queue_offset,
+                    t.now, t.now, t.now
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+                      AS r (id, command, priority, max_retries, timeout_secs, queue_offset),
+                  (SELECT queuectl_now() AS now) AS t
+             ON CONFLICT (id) DO NOTHING
+             RETURNING ",
+            job_columns!()
+        );
+        let rows: Vec<JobRow> = sqlx::query_as(SQL)
+            .bind(jobs.iter().map(|job| job.id.as_str()).collect::<Vec<_>>())
+            .bind(jobs.iter().map(|job| job.command).collect::<Vec<_>>())
+            .bind(
+                jobs.iter()
+                    .map(|job| i64::from(job.priority))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                jobs.iter()
+                    .map(|job| i64::from(job.max_retries))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(jobs.iter().map(|job| job.timeout_secs).collect::<Vec<_>>())
+            .bind(jobs.iter().map(|job| job.queue_offset).collect::<Vec<_>>())
+            .fetch_all(&mut *self.conn)
+            .await?;
+        row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+    }
+
+    async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM jobs WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn settle_and_claim(
+        &mut self,
+        starts: &[&RunStarted],
+        updates: &[Settle<'_>],
+        claim: u32,
+        last_ready: i64,
+    ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
+        if !starts.is_empty() {
+            record_starts(self.conn, starts).await?;
+        }
+        let applied = if updates.is_empty() {
+            Vec::new()
+        } else {
+            apply_updates(self.conn, updates).await?
+        };
+        let claimed = if claim == 0 {
+            Vec::new()
+        } else {
+            claim_jobs(self.conn, claim, self.owner, self.lease, last_ready).await?
+        };
+        Ok((applied, claimed))
+    }
+
+    async fn announce_jobs(&mut self) -> Result<(), sqlx::Error> {
+        announce(self.conn, JOBS_CHANNEL).await
+    }
 }
 
-async fn record_start(conn: &mut PgConnection, start: &RunStarted) -> Result<(), sqlx::Error> {
+async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH started AS (
-             UPDATE jobs SET pgid = $1 WHERE id = $2 AND state = 'processing' AND runs = $3 RETURNING seq)
+             UPDATE jobs SET pgid = s.pgid
+             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS s (id, run, worker, pgid)
+             WHERE jobs.id = s.id AND jobs.state = 'processing' AND jobs.runs = s.run
+             RETURNING jobs.seq, s.run, s.worker)
          INSERT INTO job_runs (job_seq, run, worker, started_at)
-         SELECT seq, $3, $4, queuectl_now() FROM started
+         SELECT seq, run, worker, queuectl_now() FROM started
          ON CONFLICT (job_seq, run) DO NOTHING",
     )
-    .bind(start.pgid)
-    .bind(&start.job_id)
-    .bind(i64::from(start.run))
-    .bind(i64::from(start.worker))
+    .bind(starts.iter().map(|start| start.job_id.as_str()).collect::<Vec<_>>())
+    .bind(starts.iter().map(|start| i64::from(start.run)).collect::<Vec<_>>())
+    .bind(starts.iter().map(|start| i64::from(start.worker)).collect::<Vec<_>>())
+    .bind(starts.iter().map(|start| start.pgid).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
 }
 
-async fn apply_update(
+/// Applies each update whose guard matches, and records the end of the runs they end. Returns which applied.
+async fn apply_updates(
     conn: &mut PgConnection,
-    update: &GuardedUpdate,
-    now: Micros,
-) -> Result<bool, sqlx::Error> {
-    let settled = &update.settled;
-    // Absolute times from the caller's clock become delays from the database's.
-    let seq: Option<i64> = sqlx::query_scalar(
-        "UPDATE jobs SET state = $1, attempts = $2, run_after = queuectl_now() + $3, queue_key = queuectl_now() + $4,
-                         last_error = $5, updated_at = queuectl_now(), pgid = NULL, owner = NULL,
-                         lease_expires_at = NULL, interruptions = $9
-         WHERE id = $6 AND state = $7 AND runs = $8
-         RETURNING seq",
-    )
-    .bind(settled.state.as_str())
-    .bind(i64::from(settled.attempts))
-    .bind(settled.run_after.saturating_sub(now))
-    .bind(settled.queue_key.saturating_sub(now))
-    .bind(&settled.last_error)
-    .bind(&update.job_id)
-    .bind(update.expect_state.as_str())
-    .bind(i64::from(update.expect_runs))
-    .bind(i64::from(settled.interruptions))
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(seq) = seq else {
-        return Ok(false);
-    };
-    if let Some(ended) = &update.ended {
-        sqlx::query(
-            "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
-             VALUES ($1, $2, $3, queuectl_now(), queuectl_now(), $4, $5, $6)
+    updates: &[Settle<'_>],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let positions: Vec<i64> = sqlx::query_scalar(
+        "WITH settled AS (
+             UPDATE jobs SET state = u.state, attempts = u.attempts, run_after = queuectl_now() + u.ready_in,
+                             queue_key = queuectl_now() + u.queue_offset, last_error = u.last_error,
+                             interruptions = u.interruptions, updated_at = queuectl_now(), pgid = NULL,
+                             owner = NULL, lease_expires_at = NULL
+             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
+                         $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[],
+                         $13::bytea[], $14::boolean[])
+                  AS u (position, id, expect_state, expect_runs, state, attempts, ready_in, queue_offset,
+                        last_error, interruptions, worker, outcome, output, truncated)
+             WHERE jobs.id = u.id AND jobs.state = u.expect_state AND jobs.runs = u.expect_runs
+             RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.output, u.truncated),
+         ended AS (
+             INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
+             SELECT seq, runs, worker, queuectl_now(), queuectl_now(), outcome, output, truncated
+             FROM settled WHERE outcome IS NOT NULL
              ON CONFLICT (job_seq, run) DO UPDATE SET
                  finished_at = excluded.finished_at, outcome = excluded.outcome,
-                 output = excluded.output, truncated = excluded.truncated",
-        )
-        .bind(seq)
-        .bind(i64::from(update.expect_runs))
-        .bind(i64::from(ended.worker))
-        .bind(&ended.outcome)
-        .bind(&ended.output)
-        .bind(ended.truncated)
-        .execute(conn)
-        .await?;
+                 output = excluded.output, truncated = excluded.truncated)
+         SELECT position FROM settled",
+    )
+    .bind((0..updates.len()).map(|position| position as i64).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.job_id.as_str()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.expect_state.as_str()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| i64::from(u.update.expect_runs)).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.settled.state.as_str()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| i64::from(u.update.settled.attempts)).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.ready_in).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.queue_offset).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.settled.last_error.as_deref()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| i64::from(u.update.settled.interruptions)).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| i64::from(ended.worker))).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| ended.outcome.as_str())).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| ended.output.as_slice())).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.ended.as_ref().is_some_and(|ended| ended.truncated)).collect::<Vec<_>>())
+    .fetch_all(conn)
+    .await?;
+    let mut applied = vec![false; updates.len()];
+    for position in positions {
+        applied[usize::try_from(position).unwrap_or_default()] = true;
     }
-    Ok(true)
+    Ok(applied)
 }
 
 async fn claim_jobs(
@@ -297,8 +334,8 @@ async fn claim_jobs(
     limit: u32,
     owner: &str,
     lease: i64,
-    policy: Policy,
-) -> Result<Vec<JobRow>, sqlx::Error> {
+    last_ready: i64,
+) -> Result<Vec<Job>, sqlx::Error> {
     // The bound on queue_key ends the index scan before the jobs that are not due yet (see job::last_ready_key).
     const SQL: &str = concat!(
         "WITH picked AS (
@@ -313,16 +350,14 @@ async fn claim_jobs(
          RETURNING ",
         job_columns!()
     );
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    sqlx::query_as(SQL)
+    let rows: Vec<JobRow> = sqlx::query_as(SQL)
         .bind(i64::from(limit))
         .bind(owner)
         .bind(lease)
-        .bind(job::last_ready_key(0, policy.aging_interval_secs))
+        .bind(last_ready)
         .fetch_all(conn)
-        .await
+        .await?;
+    row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
 #[async_trait]
@@ -334,46 +369,15 @@ impl Store for PgStore {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
         let lease = self.lease_micros();
-        let (enqueued, applied, claimed) = self
-            .transaction(batch.durable, async |conn| {
-                let mut enqueued = Vec::with_capacity(batch.enqueues.len());
-                for jobs in &batch.enqueues {
-                    enqueued.push(enqueue_request(conn, jobs, policy).await?);
-                }
-                for start in &batch.starts {
-                    record_start(conn, start).await?;
-                }
-                let mut applied = Vec::with_capacity(batch.updates.len());
-                for update in &batch.updates {
-                    applied.push(apply_update(conn, update, now).await?);
-                }
-                let waiting = batch.updates.iter().zip(&applied).any(|(update, applied)| {
-                    *applied && matches!(update.settled.state, JobState::Pending | JobState::Failed)
-                });
-                if waiting || enqueued.iter().any(Result::is_ok) {
-                    announce(conn, JOBS_CHANNEL).await?;
-                }
-                let claimed =
-                    claim_jobs(conn, batch.claim_limit(), &batch.owner, lease, policy).await?;
-                Ok((enqueued, applied, claimed))
-            })
-            .await?;
-        let enqueued = enqueued
-            .into_iter()
-            .map(|request| match request {
-                Ok(rows) => row::jobs(rows).map(Ok),
-                Err(rejected) => Ok(Err(rejected)),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(WriteOutcome {
-            enqueued,
-            applied,
-            claimed: super::deal_claims(&batch.claims, row::jobs(claimed)?),
+        self.transaction(batch.durable, async |conn| {
+            let mut statements = PgStatements {
+                conn,
+                owner: &batch.owner,
+                lease,
+            };
+            batch::apply(&mut statements, batch, now, policy).await
         })
-    }
-
-    fn lease(&self) -> Option<Duration> {
-        Some(self.lease)
+        .await
     }
 
     async fn next_due(&self, _now: Micros) -> Result<Option<Duration>, StoreError> {
@@ -400,85 +404,8 @@ impl Store for PgStore {
         row::in_flight(&rows, classify)
     }
 
-    async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError> {
-        const EXPIRED: &str = concat!(
-            "SELECT ",
-            job_columns!(),
-            ", pgid FROM jobs
-             WHERE state = 'processing' AND lease_expires_at < queuectl_now() AND owner IS DISTINCT FROM $1"
-        );
-        let workers = serde_json::to_string(&server.workers)
-            .map_err(|error| StoreError::Internal(error.to_string()))?;
-        let lease = self.lease_micros();
-        self.transaction(false, async |conn| {
-            sqlx::query(
-                "INSERT INTO servers (id, host, pid, worker_count, workers, seen_at)
-                 VALUES ($1, $2, $3, $4, $5, queuectl_now())
-                 ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
-                     worker_count = excluded.worker_count, workers = excluded.workers, seen_at = excluded.seen_at",
-            )
-            .bind(&server.id)
-            .bind(&server.host)
-            .bind(i64::from(server.pid))
-            .bind(i64::from(server.worker_count))
-            .bind(&workers)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
-                "UPDATE jobs SET lease_expires_at = queuectl_now() + $2
-                 WHERE state = 'processing' AND owner = $1",
-            )
-            .bind(&server.id)
-            .bind(lease)
-            .execute(conn)
-            .await?;
-            Ok(())
-        })
-        .await?;
-        let rows = sqlx::query(EXPIRED)
-            .bind(&server.id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        row::in_flight(&rows, classify)
-    }
-
-    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
-        let rows: Vec<(String, String, i64, i64, String, i64)> = sqlx::query_as(
-            "SELECT id, host, pid, worker_count, workers, seen_at FROM servers
-             WHERE seen_at > queuectl_now() - $1 ORDER BY host, id",
-        )
-        .bind(self.lease_micros())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows.into_iter()
-            .map(|(id, host, pid, worker_count, workers, seen_at)| {
-                Ok(ServerRecord {
-                    id,
-                    host,
-                    pid: u32::try_from(pid).unwrap_or_default(),
-                    worker_count: u32::try_from(worker_count).unwrap_or_default(),
-                    workers: serde_json::from_str(&workers)
-                        .map_err(|error| StoreError::Internal(error.to_string()))?,
-                    seen_at,
-                })
-            })
-            .collect()
-    }
-
-    async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(WORKERS_CHANNEL)
-            .bind(count.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-        Ok(())
-    }
-
-    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
-        self.signals.lock().expect("signals lock").take()
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        Some(self)
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
@@ -605,5 +532,93 @@ impl Store for PgStore {
             Ok(deleted)
         })
         .await
+    }
+}
+
+#[async_trait]
+impl Cluster for PgStore {
+    fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError> {
+        const EXPIRED: &str = concat!(
+            "SELECT ",
+            job_columns!(),
+            ", pgid FROM jobs
+             WHERE state = 'processing' AND lease_expires_at < queuectl_now() AND owner IS DISTINCT FROM $1"
+        );
+        let workers = serde_json::to_string(&server.workers)
+            .map_err(|error| StoreError::Internal(error.to_string()))?;
+        let lease = self.lease_micros();
+        self.transaction(false, async |conn| {
+            sqlx::query(
+                "INSERT INTO servers (id, host, pid, worker_count, workers, seen_at)
+                 VALUES ($1, $2, $3, $4, $5, queuectl_now())
+                 ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                     worker_count = excluded.worker_count, workers = excluded.workers, seen_at = excluded.seen_at",
+            )
+            .bind(&server.id)
+            .bind(&server.host)
+            .bind(i64::from(server.pid))
+            .bind(i64::from(server.worker_count))
+            .bind(&workers)
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "UPDATE jobs SET lease_expires_at = queuectl_now() + $2
+                 WHERE state = 'processing' AND owner = $1",
+            )
+            .bind(&server.id)
+            .bind(lease)
+            .execute(conn)
+            .await?;
+            Ok(())
+        })
+        .await?;
+        let rows = sqlx::query(EXPIRED)
+            .bind(&server.id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        row::in_flight(&rows, classify)
+    }
+
+    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
+        let rows: Vec<(String, String, i64, i64, String, i64)> = sqlx::query_as(
+            "SELECT id, host, pid, worker_count, workers, seen_at FROM servers
+             WHERE seen_at > queuectl_now() - $1 ORDER BY host, id",
+        )
+        .bind(self.lease_micros())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(classify)?;
+        rows.into_iter()
+            .map(|(id, host, pid, worker_count, workers, seen_at)| {
+                Ok(ServerRecord {
+                    id,
+                    host,
+                    pid: u32::try_from(pid).unwrap_or_default(),
+                    worker_count: u32::try_from(worker_count).unwrap_or_default(),
+                    workers: serde_json::from_str(&workers)
+                        .map_err(|error| StoreError::Internal(error.to_string()))?,
+                    seen_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(WORKERS_CHANNEL)
+            .bind(count.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
+        self.signals.lock().expect("signals lock").take()
     }
 }

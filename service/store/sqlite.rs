@@ -1,7 +1,6 @@
 //! The embedded SQLite store: one writer connection (SQLite takes one writer at a time, and waiting on our own
 //! pool is cheaper than its busy loop) and a small pool of readers beside it, in WAL mode.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -14,13 +13,13 @@ use sqlx::sqlite::{
 };
 
 use super::row::{self, JobRow, RunRow, job_columns};
-use tokio::sync::mpsc;
 
+use super::batch::{self, Insert, Settle, Statements};
 use super::{
-    Cursor, EnqueueRejected, GuardedUpdate, InFlight, ListFilter, Page, RunRecord, ServerRecord,
-    Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+    Cursor, InFlight, ListFilter, Page, RunRecord, RunStarted, StateCounts, Store, StoreError,
+    WriteBatch, WriteOutcome,
 };
-use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
+use crate::job::{self, Job, JobState, Micros, Policy};
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -231,25 +230,10 @@ fn classify(error: sqlx::Error) -> StoreError {
     }
 }
 
-/// Reserves `count` generated job numbers in one statement. Returns the first, and the last `seq` in the table
-/// (where an insert that must be undone began).
-async fn next_job_numbers(
-    conn: &mut SqliteConnection,
-    count: i64,
-) -> Result<(i64, i64), sqlx::Error> {
-    sqlx::query_as(
-        "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number'
-         RETURNING value - ?1, (SELECT coalesce(max(seq), 0) FROM jobs)",
-    )
-    .bind(count)
-    .fetch_one(conn)
-    .await
-}
-
 // sqlx hands every statement to its SQLite thread and waits for the answer, and each hand-off costs more than a
 // small statement itself. So a batch is few round trips whatever its size: each kind of write is one statement
-// over a JSON array of rows (`json_each`), the statements of a batch travel together as one script, and what the
-// batch must report back comes as one row of JSON aggregates.
+// over a JSON array of rows (`json_each`), the statements of a round travel together as one script, and what the
+// round must report back comes as one row of JSON aggregates.
 
 fn to_json(rows: &(impl serde::Serialize + ?Sized)) -> Result<String, sqlx::Error> {
     serde_json::to_string(rows).map_err(|error| sqlx::Error::Encode(Box::new(error)))
@@ -259,198 +243,71 @@ fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Erro
     serde_json::from_str(text).map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
-/// A job to insert, as the enqueue statement reads it.
-#[derive(serde::Serialize)]
-struct NewRow<'a> {
-    id: String,
-    command: &'a str,
-    priority: u8,
-    max_retries: u32,
-    timeout_secs: Option<i64>,
-    queue_key: i64,
+/// The statements of a batch on the writer connection. SQLite's clock is the server's: `now`, the batch's time.
+struct SqliteStatements<'c> {
+    conn: &'c mut SqliteConnection,
+    now: Micros,
 }
 
-impl<'a> NewRow<'a> {
-    fn of(id: String, job: &'a NewJob, now: Micros, policy: Policy) -> Self {
-        NewRow {
-            id,
-            command: &job.command,
-            priority: job.priority,
-            max_retries: job.max_retries,
-            timeout_secs: job.timeout_secs.map(saturating_i64),
-            queue_key: job::queue_key(now, job.priority, policy.aging_interval_secs),
+#[async_trait]
+impl Statements for SqliteStatements<'_> {
+    async fn reserve_numbers(&mut self, count: usize) -> Result<Vec<i64>, sqlx::Error> {
+        if count == 0 {
+            return Ok(Vec::new());
         }
+        let count = i64::try_from(count).unwrap_or(i64::MAX);
+        let first: i64 = sqlx::query_scalar(
+            "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number' RETURNING value - ?1",
+        )
+        .bind(count)
+        .fetch_one(&mut *self.conn)
+        .await?;
+        Ok((first..first + count).collect())
     }
 
-    /// The job as the insert stored it.
-    fn stored(self, job: &NewJob, now: Micros) -> Job {
-        Job {
-            id: self.id,
-            command: job.command.clone(),
-            state: JobState::Pending,
-            attempts: 0,
-            max_retries: job.max_retries,
-            priority: job.priority,
-            timeout_secs: job.timeout_secs,
-            runs: 0,
-            interruptions: 0,
-            created_at: now,
-            updated_at: now,
-            run_after: now,
-            last_error: None,
+    async fn insert_jobs(&mut self, jobs: &[Insert<'_>]) -> Result<Vec<Job>, sqlx::Error> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
-    }
-}
-
-/// Inserts `rows`, skipping those whose id is taken; returns how many it inserted.
-async fn insert_jobs(
-    conn: &mut SqliteConnection,
-    rows: &[NewRow<'_>],
-    now: Micros,
-) -> Result<u64, sqlx::Error> {
-    // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT, not to a join.
-    let inserted = sqlx::query(
-        "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
-                           updated_at, run_after)
-         SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
-                r.value ->> 'max_retries', r.value ->> 'timeout_secs', r.value ->> 'queue_key', ?2, ?2, ?2
-         FROM json_each(?1) AS r WHERE true
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(to_json(rows)?)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(inserted.rows_affected())
-}
-
-/// Stores every request of a batch with one statement, all or nothing. `None` (and nothing stored) if some id is
-/// taken: then each request is stored on its own, to reject just the requests that hold a taken id.
-async fn enqueue_together(
-    conn: &mut SqliteConnection,
-    requests: &[Vec<NewJob>],
-    now: Micros,
-    policy: Policy,
-) -> Result<Option<Vec<Vec<Job>>>, sqlx::Error> {
-    let generated = requests
-        .iter()
-        .flatten()
-        .filter(|job| job.id.is_none())
-        .count();
-    let generated = i64::try_from(generated).unwrap_or(i64::MAX);
-    let (mut number, last_seq) = next_job_numbers(conn, generated).await?;
-    let rows: Vec<NewRow> = requests
-        .iter()
-        .flatten()
-        .map(|job| {
-            let id = job.id.clone().unwrap_or_else(|| {
-                number += 1;
-                format!("job{}", number - 1)
-            });
-            NewRow::of(id, job, now, policy)
-        })
-        .collect();
-    if insert_jobs(conn, &rows, now).await? != rows.len() as u64 {
-        // This transaction holds the write lock: the rows after `last_seq` and the reserved numbers are this
-        // insert's alone.
-        sqlx::query("DELETE FROM jobs WHERE seq > ?1")
-            .bind(last_seq)
-            .execute(&mut *conn)
+        // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT, not to a join.
+        const SQL: &str = concat!(
+            "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
+                               updated_at, run_after)
+             SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
+                    r.value ->> 'max_retries', r.value ->> 'timeout_secs', ?2 + (r.value ->> 'queue_offset'),
+                    ?2, ?2, ?2
+             FROM json_each(?1) AS r WHERE true
+             ON CONFLICT (id) DO NOTHING
+             RETURNING ",
+            job_columns!()
+        );
+        let rows: Vec<JobRow> = sqlx::query_as(SQL)
+            .bind(to_json(jobs)?)
+            .bind(self.now)
+            .fetch_all(&mut *self.conn)
             .await?;
-        sqlx::query("UPDATE counters SET value = value - ?1 WHERE name = 'next_job_number'")
-            .bind(generated)
-            .execute(conn)
+        row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+    }
+
+    async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))")
+            .bind(to_json(ids)?)
+            .execute(&mut *self.conn)
             .await?;
-        return Ok(None);
+        Ok(())
     }
-    let mut rows = rows.into_iter();
-    Ok(Some(
-        requests
-            .iter()
-            .map(|request| {
-                request
-                    .iter()
-                    .zip(rows.by_ref())
-                    .map(|(job, row)| row.stored(job, now))
-                    .collect()
-            })
-            .collect(),
-    ))
-}
 
-/// Stores one request's jobs, or none of them if an id is taken.
-async fn enqueue_request(
-    conn: &mut SqliteConnection,
-    jobs: &[NewJob],
-    now: Micros,
-    policy: Policy,
-) -> Result<Result<Vec<Job>, EnqueueRejected>, sqlx::Error> {
-    let mut savepoint = conn.begin().await?;
-    let mut stored = Vec::with_capacity(jobs.len());
-    for new_job in jobs {
-        let id = match &new_job.id {
-            Some(id) => {
-                let row = NewRow::of(id.clone(), new_job, now, policy);
-                (insert_jobs(&mut savepoint, std::slice::from_ref(&row), now).await? == 1)
-                    .then_some(row)
-            }
-            // A generated id can collide with one a person chose; then take the next number.
-            None => loop {
-                let (number, _) = next_job_numbers(&mut savepoint, 1).await?;
-                let row = NewRow::of(format!("job{number}"), new_job, now, policy);
-                if insert_jobs(&mut savepoint, std::slice::from_ref(&row), now).await? == 1 {
-                    break Some(row);
-                }
-            },
-        };
-        match id {
-            Some(row) => stored.push(row.stored(new_job, now)),
-            None => {
-                savepoint.rollback().await?;
-                let id = new_job.id.clone().unwrap_or_default();
-                return Ok(Err(EnqueueRejected::DuplicateId(id)));
-            }
-        }
+    async fn settle_and_claim(
+        &mut self,
+        starts: &[&RunStarted],
+        updates: &[Settle<'_>],
+        claim: u32,
+        last_ready: i64,
+    ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
+        let starts: Vec<StartRow> = starts.iter().map(|start| StartRow::of(start)).collect();
+        let updates: Vec<UpdateRow> = updates.iter().map(UpdateRow::of).collect();
+        run_worker_script(self.conn, &starts, &updates, claim, self.now, last_ready).await
     }
-    savepoint.commit().await?;
-    Ok(Ok(stored))
-}
-
-async fn enqueue_all(
-    conn: &mut SqliteConnection,
-    requests: &[Vec<NewJob>],
-    now: Micros,
-    policy: Policy,
-) -> Result<Vec<Result<Vec<Job>, EnqueueRejected>>, sqlx::Error> {
-    if requests.is_empty() {
-        return Ok(Vec::new());
-    }
-    if let Some(stored) = enqueue_together(conn, requests, now, policy).await? {
-        return Ok(stored.into_iter().map(Ok).collect());
-    }
-    let mut outcomes = Vec::with_capacity(requests.len());
-    for jobs in requests {
-        outcomes.push(enqueue_request(conn, jobs, now, policy).await?);
-    }
-    Ok(outcomes)
-}
-
-/// Splits `items` into rounds in which no job appears twice, keeping their order: each round is checked and
-/// written by set-based statements, in which a job listed twice would be matched twice.
-fn rounds<T>(items: &[T], job_id: impl Fn(&T) -> &str) -> Vec<Vec<usize>> {
-    let mut rounds: Vec<Vec<usize>> = Vec::new();
-    let mut round_of: HashMap<&str, usize> = HashMap::new();
-    for (index, item) in items.iter().enumerate() {
-        let round = round_of
-            .entry(job_id(item))
-            .and_modify(|round| *round += 1)
-            .or_insert(0);
-        if *round == rounds.len() {
-            rounds.push(Vec::new());
-        }
-        rounds[*round].push(index);
-    }
-    rounds
 }
 
 /// A recorded start, as the worker script reads it.
@@ -463,6 +320,18 @@ struct StartRow<'a> {
     started_at: Micros,
 }
 
+impl<'a> StartRow<'a> {
+    fn of(start: &'a RunStarted) -> Self {
+        StartRow {
+            id: &start.job_id,
+            run: start.run,
+            worker: start.worker,
+            pgid: start.pgid,
+            started_at: start.started_at,
+        }
+    }
+}
+
 /// A guarded update, as the worker script reads it.
 #[derive(serde::Serialize)]
 struct UpdateRow<'a> {
@@ -471,8 +340,8 @@ struct UpdateRow<'a> {
     expect_runs: u32,
     state: &'a str,
     attempts: u32,
-    run_after: Micros,
-    queue_key: i64,
+    ready_in: i64,
+    queue_offset: i64,
     last_error: Option<&'a str>,
     interruptions: u32,
     /// Set when the update ends its run.
@@ -484,7 +353,8 @@ struct UpdateRow<'a> {
 }
 
 impl<'a> UpdateRow<'a> {
-    fn of(update: &'a GuardedUpdate) -> Self {
+    fn of(settle: &Settle<'a>) -> Self {
+        let update = settle.update;
         let settled = &update.settled;
         let ended = update.ended.as_ref();
         UpdateRow {
@@ -493,8 +363,8 @@ impl<'a> UpdateRow<'a> {
             expect_runs: update.expect_runs,
             state: settled.state.as_str(),
             attempts: settled.attempts,
-            run_after: settled.run_after,
-            queue_key: settled.queue_key,
+            ready_in: settle.ready_in,
+            queue_offset: settle.queue_offset,
             last_error: settled.last_error.as_deref(),
             interruptions: settled.interruptions,
             worker: ended.map(|ended| ended.worker),
@@ -555,8 +425,8 @@ const WORKER_SCRIPT: &str = concat!(
      ON CONFLICT (job_seq, run) DO NOTHING;
 
      INSERT INTO temp.settling
-     SELECT u.key, jobs.seq, u.value ->> 'state', u.value ->> 'attempts', u.value ->> 'run_after',
-            u.value ->> 'queue_key', u.value ->> 'last_error', u.value ->> 'interruptions', jobs.runs,
+     SELECT u.key, jobs.seq, u.value ->> 'state', u.value ->> 'attempts',
+            (?1 ->> 'now') + (u.value ->> 'ready_in'), (?1 ->> 'now') + (u.value ->> 'queue_offset'), u.value ->> 'last_error', u.value ->> 'interruptions', jobs.runs,
             u.value ->> 'worker',
             u.value ->> 'outcome', unhex(u.value ->> 'output'), u.value ->> 'truncated'
      FROM json_each(?1, '$.updates') AS u
@@ -592,7 +462,7 @@ async fn run_worker_script(
     updates: &[UpdateRow<'_>],
     limit: u32,
     now: Micros,
-    policy: Policy,
+    last_ready: i64,
 ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
     // fetch_all, not fetch_one: fetch_one would stop the script at its first row, before the claim's UPDATE.
     let input = WorkerInput {
@@ -600,7 +470,7 @@ async fn run_worker_script(
         updates,
         now,
         limit,
-        last_key: job::last_ready_key(now, policy.aging_interval_secs),
+        last_key: now.saturating_add(last_ready),
     };
     let answer: Vec<(String, String)> = sqlx::query_as(WORKER_SCRIPT)
         .bind(to_json(&input)?)
@@ -627,56 +497,6 @@ async fn run_worker_script(
     Ok((applied, claimed))
 }
 
-/// Records a batch's starts, applies its updates and makes its claims: one script run, or one per round when a
-/// job appears twice among the starts or the updates.
-async fn work_batch(
-    conn: &mut SqliteConnection,
-    batch: &WriteBatch,
-    now: Micros,
-    policy: Policy,
-) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
-    let limit = batch.claim_limit();
-    if batch.starts.is_empty() && batch.updates.is_empty() && limit == 0 {
-        return Ok((Vec::new(), Vec::new()));
-    }
-    let start_rounds = rounds(&batch.starts, |start| &start.job_id);
-    let update_rounds = rounds(&batch.updates, |update| &update.job_id);
-    let passes = start_rounds.len().max(update_rounds.len()).max(1);
-    let mut applied = vec![false; batch.updates.len()];
-    let mut claimed = Vec::new();
-    for pass in 0..passes {
-        let starts: Vec<StartRow> = start_rounds
-            .get(pass)
-            .into_iter()
-            .flatten()
-            .map(|index| {
-                let start = &batch.starts[*index];
-                StartRow {
-                    id: &start.job_id,
-                    run: start.run,
-                    worker: start.worker,
-                    pgid: start.pgid,
-                    started_at: start.started_at,
-                }
-            })
-            .collect();
-        let round: &[usize] = update_rounds.get(pass).map_or(&[], Vec::as_slice);
-        let updates: Vec<UpdateRow> = round
-            .iter()
-            .map(|index| UpdateRow::of(&batch.updates[*index]))
-            .collect();
-        // Claims come last, after every round.
-        let pass_limit = if pass + 1 == passes { limit } else { 0 };
-        let (matched, jobs) =
-            run_worker_script(conn, &starts, &updates, pass_limit, now, policy).await?;
-        for (position, matched) in matched.into_iter().enumerate() {
-            applied[round[position]] = matched;
-        }
-        claimed = jobs;
-    }
-    Ok((applied, claimed))
-}
-
 fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut text = String::with_capacity(bytes.len() * 2);
@@ -687,10 +507,6 @@ fn hex(bytes: &[u8]) -> String {
     text
 }
 
-fn saturating_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn write(
@@ -699,21 +515,10 @@ impl Store for SqliteStore {
         now: Micros,
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
-        let (enqueued, (applied, claimed)) = self
-            .transaction(batch.durable, async |conn| {
-                let enqueued = enqueue_all(conn, &batch.enqueues, now, policy).await?;
-                Ok((enqueued, work_batch(conn, batch, now, policy).await?))
-            })
-            .await?;
-        Ok(WriteOutcome {
-            enqueued,
-            applied,
-            claimed: super::deal_claims(&batch.claims, claimed),
+        self.transaction(batch.durable, async |conn| {
+            batch::apply(&mut SqliteStatements { conn, now }, batch, now, policy).await
         })
-    }
-
-    fn lease(&self) -> Option<Duration> {
-        None
+        .await
     }
 
     async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError> {
@@ -845,22 +650,6 @@ impl Store for SqliteStore {
             Ok(())
         })
         .await
-    }
-
-    async fn heartbeat(&self, _server: &ServerRecord) -> Result<Vec<InFlight>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
-        Ok(Vec::new())
-    }
-
-    async fn broadcast_workers(&self, _count: u32) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
-        None
     }
 
     fn can_backup(&self) -> bool {

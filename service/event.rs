@@ -1,0 +1,50 @@
+//! What the workers do, as a stream: `queuectl worker start`, `logs -f`, `wait` and the metrics follow it.
+
+use std::sync::Arc;
+
+use crate::job::{JobState, Outcome};
+
+/// Worker activity, as `queuectl worker start` prints it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    WorkerStarted {
+        worker: u32,
+    },
+    WorkerStopping {
+        worker: u32,
+    },
+    WorkerExited {
+        worker: u32,
+    },
+    JobPicked {
+        worker: u32,
+        job_id: Arc<str>,
+        command: Arc<str>,
+        run: u32,
+    },
+    JobOutput {
+        worker: u32,
+        job_id: Arc<str>,
+        data: Vec<u8>,
+    },
+    JobFinished {
+        worker: u32,
+        job_id: Arc<str>,
+        state: JobState,
+        outcome: Outcome,
+    },
+}
+
+impl Event {
+    /// The job the event is about, if any.
+    pub fn job_id(&self) -> Option<&str> {
+        match self {
+            Event::JobPicked { job_id, .. }
+            | Event::JobOutput { job_id, .. }
+            | Event::JobFinished { job_id, .. } => Some(job_id),
+            Event::WorkerStarted { .. }
+            | Event::WorkerStopping { .. }
+            | Event::WorkerExited { .. } => None,
+        }
+    }
+}

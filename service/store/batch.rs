@@ -1,0 +1,323 @@
+//! The rules of a write batch, decided once for every backend: the requests of an enqueue are stored all or none,
+//! starts and guarded updates are applied in rounds in which no job appears twice, claims come last, and workers
+//! are woken when a job became ready or will. A backend supplies only the set-based statements below.
+//!
+//! Time follows one rule: the rules hand the statements delays from the batch's `now` (when a job is ready, where
+//! it sorts), and each backend adds its own clock: the server's `now` on SQLite, the database's on PostgreSQL.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use async_trait::async_trait;
+
+use super::{EnqueueRejected, GuardedUpdate, RunStarted, WriteBatch, WriteOutcome};
+use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
+
+/// A job to insert: its id chosen, its place in the queue as an offset from the moment it is stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Insert<'a> {
+    pub id: String,
+    pub command: &'a str,
+    pub priority: u8,
+    pub max_retries: u32,
+    pub timeout_secs: Option<i64>,
+    /// Added to the time of the insert to give the job's queue key (its aging offset).
+    pub queue_offset: i64,
+}
+
+/// A guarded update with its times as delays from the batch's `now`.
+#[derive(Debug, Clone)]
+pub struct Settle<'a> {
+    pub update: &'a GuardedUpdate,
+    /// The job is ready this long after the update.
+    pub ready_in: i64,
+    /// Its queue key, as an offset from the time of the update.
+    pub queue_offset: i64,
+}
+
+/// The statements a backend runs inside the transaction of one batch. Each handles many jobs in one round trip.
+#[async_trait]
+pub trait Statements: Send {
+    /// Reserves `count` generated job numbers.
+    async fn reserve_numbers(&mut self, count: usize) -> Result<Vec<i64>, sqlx::Error>;
+
+    /// Stores `jobs` as pending, skipping those whose id is taken. Returns the jobs it stored, in any order.
+    async fn insert_jobs(&mut self, jobs: &[Insert<'_>]) -> Result<Vec<Job>, sqlx::Error>;
+
+    /// Deletes the jobs with these ids, which this transaction inserted: a request's jobs are stored all or none.
+    async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error>;
+
+    /// One round: records `starts`, applies each of `updates` whose guard matches, then claims up to `claim`
+    /// ready jobs (ready when their ready time has come and their queue key is at most `last_ready` after now),
+    /// best first. No job appears twice among `starts` or among `updates`. Returns which updates applied, and
+    /// the claimed jobs as they are after the claim.
+    async fn settle_and_claim(
+        &mut self,
+        starts: &[&RunStarted],
+        updates: &[Settle<'_>],
+        claim: u32,
+        last_ready: i64,
+    ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error>;
+
+    /// Tells the other servers of a shared database that jobs became ready or will; a database that one server
+    /// owns has nobody to tell.
+    async fn announce_jobs(&mut self) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+}
+
+/// Applies `batch` through `statements`, inside a transaction the caller commits.
+pub async fn apply(
+    statements: &mut impl Statements,
+    batch: &WriteBatch,
+    now: Micros,
+    policy: Policy,
+) -> Result<WriteOutcome, sqlx::Error> {
+    let enqueued = enqueue_all(statements, &batch.enqueues, policy).await?;
+    let (applied, claimed) = settle_all(statements, batch, now, policy).await?;
+    let outcome = WriteOutcome {
+        enqueued,
+        applied,
+        claimed: deal_claims(&batch.claims, claimed),
+    };
+    if wakes_workers(batch, &outcome) {
+        statements.announce_jobs().await?;
+    }
+    Ok(outcome)
+}
+
+/// Whether a committed batch may have given idle workers something to do, now or when a retry comes due: it
+/// stored a job, or made one wait again.
+pub fn wakes_workers(batch: &WriteBatch, outcome: &WriteOutcome) -> bool {
+    outcome.enqueued.iter().any(Result::is_ok)
+        || batch
+            .updates
+            .iter()
+            .zip(&outcome.applied)
+            .any(|(update, applied)| {
+                *applied && matches!(update.settled.state, JobState::Pending | JobState::Failed)
+            })
+}
+
+/// Hands the jobs claimed for a whole batch to its claims in order, each up to its limit.
+pub fn deal_claims(claims: &[u32], jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    let mut jobs = jobs.into_iter();
+    claims
+        .iter()
+        .map(|limit| jobs.by_ref().take(*limit as usize).collect())
+        .collect()
+}
+
+/// Stores every request together when no id is taken (the usual case: one insert for the whole batch), and
+/// otherwise each request on its own, so that a taken id refuses only the request that holds it.
+async fn enqueue_all(
+    statements: &mut impl Statements,
+    requests: &[Vec<NewJob>],
+    policy: Policy,
+) -> Result<Vec<Result<Vec<Job>, EnqueueRejected>>, sqlx::Error> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut numbers = VecDeque::new();
+    let all: Vec<&NewJob> = requests.iter().flatten().collect();
+    if let Ok(mut stored) = enqueue_together(statements, &all, &mut numbers, policy).await? {
+        return Ok(requests
+            .iter()
+            .map(|request| Ok(stored.drain(..request.len()).collect()))
+            .collect());
+    }
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for request in requests {
+        let jobs: Vec<&NewJob> = request.iter().collect();
+        outcomes.push(enqueue_request(statements, &jobs, &mut numbers, policy).await?);
+    }
+    Ok(outcomes)
+}
+
+/// Stores one request's jobs, or none of them if an id a person chose is taken. A generated id can collide with
+/// one a person chose: then the request is tried again with new numbers.
+async fn enqueue_request(
+    statements: &mut impl Statements,
+    jobs: &[&NewJob],
+    numbers: &mut VecDeque<i64>,
+    policy: Policy,
+) -> Result<Result<Vec<Job>, EnqueueRejected>, sqlx::Error> {
+    loop {
+        match enqueue_together(statements, jobs, numbers, policy).await? {
+            Ok(stored) => return Ok(Ok(stored)),
+            Err(Some(taken)) => return Ok(Err(EnqueueRejected::DuplicateId(taken))),
+            Err(None) => continue,
+        }
+    }
+}
+
+/// Stores `jobs`, in order, or none of them. Generated ids take the numbers in `numbers` first, then new ones.
+/// Fails with the first id a person chose that is taken (or repeated), giving the numbers back for the next
+/// request; or with `None` when only generated ids were taken, dropping those numbers.
+async fn enqueue_together(
+    statements: &mut impl Statements,
+    jobs: &[&NewJob],
+    numbers: &mut VecDeque<i64>,
+    policy: Policy,
+) -> Result<Result<Vec<Job>, Option<String>>, sqlx::Error> {
+    let generated = jobs.iter().filter(|job| job.id.is_none()).count();
+    if numbers.len() < generated {
+        let more = statements
+            .reserve_numbers(generated - numbers.len())
+            .await?;
+        numbers.extend(more);
+    }
+    let mine: Vec<i64> = numbers.drain(..generated).collect();
+    let mut mine_in_order = mine.iter();
+    let inserts: Vec<Insert> = jobs
+        .iter()
+        .map(|job| Insert {
+            id: job.id.clone().unwrap_or_else(|| {
+                let number = mine_in_order.next().expect("one number per generated id");
+                format!("job{number}")
+            }),
+            command: &job.command,
+            priority: job.priority,
+            max_retries: job.max_retries,
+            timeout_secs: job
+                .timeout_secs
+                .map(|secs| i64::try_from(secs).unwrap_or(i64::MAX)),
+            queue_offset: job::queue_key(0, job.priority, policy.aging_interval_secs),
+        })
+        .collect();
+    let mut stored: HashMap<String, Job> = statements
+        .insert_jobs(&inserts)
+        .await?
+        .into_iter()
+        .map(|job| (job.id.clone(), job))
+        .collect();
+    if stored.len() == inserts.len() {
+        return Ok(Ok(inserts
+            .iter()
+            .map(|insert| stored.remove(&insert.id).expect("every job was stored"))
+            .collect()));
+    }
+    // Undo the part that was stored: all or none.
+    let inserted: Vec<&str> = stored.keys().map(String::as_str).collect();
+    statements.delete_jobs(&inserted).await?;
+    let mut seen = HashSet::new();
+    let taken = inserts
+        .iter()
+        .zip(jobs)
+        .find(|(insert, job)| {
+            let repeated = !seen.insert(insert.id.as_str());
+            job.id.is_some() && (repeated || !stored.contains_key(&insert.id))
+        })
+        .map(|(insert, _)| insert.id.clone());
+    if taken.is_some() {
+        for number in mine.into_iter().rev() {
+            numbers.push_front(number);
+        }
+    }
+    Ok(Err(taken))
+}
+
+/// Records the batch's starts and applies its updates, one round at a time, then makes its claims.
+async fn settle_all(
+    statements: &mut impl Statements,
+    batch: &WriteBatch,
+    now: Micros,
+    policy: Policy,
+) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
+    let limit = batch.claim_limit();
+    if batch.starts.is_empty() && batch.updates.is_empty() && limit == 0 {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let start_rounds = rounds(&batch.starts, |start| &start.job_id);
+    let update_rounds = rounds(&batch.updates, |update| &update.job_id);
+    let passes = start_rounds.len().max(update_rounds.len()).max(1);
+    let last_ready = job::last_ready_key(0, policy.aging_interval_secs);
+    let mut applied = vec![false; batch.updates.len()];
+    let mut claimed = Vec::new();
+    for pass in 0..passes {
+        let starts: Vec<&RunStarted> = start_rounds
+            .get(pass)
+            .into_iter()
+            .flatten()
+            .map(|index| &batch.starts[*index])
+            .collect();
+        let round: &[usize] = update_rounds.get(pass).map_or(&[], Vec::as_slice);
+        let updates: Vec<Settle> = round
+            .iter()
+            .map(|index| {
+                let update = &batch.updates[*index];
+                Settle {
+                    update,
+                    ready_in: update.settled.run_after.saturating_sub(now),
+                    queue_offset: update.settled.queue_key.saturating_sub(now),
+                }
+            })
+            .collect();
+        // Claims come last, after every round: a worker's finish and its next claim share the commit.
+        let claim = if pass + 1 == passes { limit } else { 0 };
+        let (matched, jobs) = statements
+            .settle_and_claim(&starts, &updates, claim, last_ready)
+            .await?;
+        for (position, matched) in matched.into_iter().enumerate() {
+            applied[round[position]] = matched;
+        }
+        claimed = jobs;
+    }
+    Ok((applied, claimed))
+}
+
+/// Splits `items` into rounds in which no job appears twice, keeping their order: each round is checked and
+/// written by set-based statements, in which a job listed twice would be matched twice.
+fn rounds<T>(items: &[T], job_id: impl Fn(&T) -> &str) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut round_of: HashMap<&str, usize> = HashMap::new();
+    for (index, item) in items.iter().enumerate() {
+        let round = round_of
+            .entry(job_id(item))
+            .and_modify(|round| *round += 1)
+            .or_insert(0);
+        if *round == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(index);
+    }
+    rounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_listed_twice_goes_to_a_later_round() {
+        let ids = ["a", "b", "a", "c", "a", "b"];
+        assert_eq!(
+            rounds(&ids, |id| id),
+            vec![vec![0, 1, 3], vec![2, 5], vec![4]]
+        );
+    }
+
+    #[test]
+    fn claims_are_dealt_in_order_up_to_each_limit() {
+        let job = |id: &str| Job {
+            id: id.into(),
+            command: "true".into(),
+            state: JobState::Processing,
+            attempts: 0,
+            max_retries: 3,
+            priority: 5,
+            timeout_secs: None,
+            runs: 1,
+            interruptions: 0,
+            created_at: 0,
+            updated_at: 0,
+            run_after: 0,
+            last_error: None,
+        };
+        let dealt = deal_claims(&[2, 0, 3], vec![job("a"), job("b"), job("c")]);
+        let ids: Vec<Vec<&str>> = dealt
+            .iter()
+            .map(|jobs| jobs.iter().map(|job| job.id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, vec![vec!["a", "b"], vec![], vec!["c"]]);
+    }
+}
