@@ -282,113 +282,141 @@ async fn drain(
     }
 }
 
-/// Runs `spec` to its end. `on_spawn` gets the process group id once the shell is up, and the command starts when
-/// it returns; `on_output` gets each chunk of output that is kept. A `true` on `abort` ends the command as
-/// interrupted.
-pub async fn run(
-    spec: RunSpec<'_>,
-    mut abort: watch::Receiver<bool>,
-    on_spawn: impl AsyncFnOnce(Option<u32>),
-    mut on_output: impl FnMut(&[u8]),
-) -> Report {
-    if noop_executor() {
-        on_spawn(None).await;
-        return Report {
-            outcome: Outcome::Succeeded,
-            output: Vec::new(),
-            truncated: false,
-        };
-    }
-    let mut child = match shell(spec.command, spec.tag).spawn() {
-        Ok(child) => child,
-        Err(error) => {
-            on_spawn(None).await;
-            let outcome = if out_of_resources(&error) {
-                Outcome::NotStarted(error.to_string())
-            } else {
-                Outcome::Failed(Failure::Spawn(error.to_string()))
-            };
-            return Report {
-                outcome,
-                output: Vec::new(),
-                truncated: false,
-            };
-        }
-    };
-    let pgid = child.id();
-    let attempt = crate::containment::enter(spec.tag, pgid);
-    on_spawn(pgid).await;
-    if let Some(mut gate) = child.stdin.take() {
-        // Opens the gate; the command then sees its stdin closed, as with /dev/null. A failed write means the
-        // shell is gone already, which its exit status reports.
-        let _ = gate.write_all(b"\n").await;
-    }
+/// A command's shell, started and held at its gate: its process group exists, so it can be put on record before
+/// anything of the command runs.
+pub struct Gated {
+    child: Child,
+    pgid: Option<u32>,
+    attempt: crate::containment::Attempt,
+    timeout: Option<Duration>,
+    max_output: usize,
+}
 
-    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        unreachable!("both pipes were asked for");
-    };
-    let mut capture = Capture {
-        kept: Vec::new(),
-        limit: spec.max_output,
-        dropped: 0,
-    };
-    let deadline = spec.timeout.map(|limit| Instant::now() + limit);
-    let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
-    let (mut out_open, mut err_open, mut abort_open) = (true, true, true);
-
-    let ending = loop {
-        tokio::select! {
-            read = stdout.read(&mut out_buf), if out_open => match read {
-                Ok(read) if read > 0 => on_output(capture.push(&out_buf[..read])),
-                _ => out_open = false,
-            },
-            read = stderr.read(&mut err_buf), if err_open => match read {
-                Ok(read) if read > 0 => on_output(capture.push(&err_buf[..read])),
-                _ => err_open = false,
-            },
-            status = child.wait() => break Ending::Exited(status),
-            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                break Ending::TimedOut;
-            }
-            aborted = abort.wait_for(|abort| *abort), if abort_open => match aborted {
-                Ok(_) => break Ending::Aborted,
-                Err(_) => abort_open = false,
-            },
-        }
-    };
-
-    let outcome = match ending {
-        Ending::Exited(status) => {
-            // The shell is done; whatever it left running in its group goes with it.
-            #[cfg(unix)]
-            if let Some(pgid) = pgid {
-                signal_group(pgid, libc::SIGKILL);
-            }
-            match status {
-                Ok(status) => outcome_of(status),
-                Err(error) => Outcome::Failed(Failure::Spawn(error.to_string())),
-            }
-        }
-        Ending::TimedOut => {
-            terminate(&mut child).await;
-            Outcome::Failed(Failure::Timeout)
-        }
-        Ending::Aborted => {
-            terminate(&mut child).await;
-            Outcome::Interrupted
-        }
-    };
-    attempt.end().await;
-    if out_open {
-        drain(&mut stdout, &mut capture, &mut on_output).await;
-    }
-    if err_open {
-        drain(&mut stderr, &mut capture, &mut on_output).await;
-    }
-    let (output, truncated) = capture.finish();
-    Report {
+/// Starts the shell for `spec`, held at its gate. `Err` is the report of a run that ended before it began: the
+/// spawn failed (for want of resources, the job runs again without losing an attempt), or the benchmark's no-op
+/// executor stands in for the command.
+pub fn spawn(spec: RunSpec<'_>) -> Result<Gated, Report> {
+    let ended = |outcome| Report {
         outcome,
-        output,
-        truncated,
+        output: Vec::new(),
+        truncated: false,
+    };
+    if noop_executor() {
+        return Err(ended(Outcome::Succeeded));
+    }
+    match shell(spec.command, spec.tag).spawn() {
+        Ok(child) => {
+            let pgid = child.id();
+            Ok(Gated {
+                attempt: crate::containment::enter(spec.tag, pgid),
+                child,
+                pgid,
+                timeout: spec.timeout,
+                max_output: spec.max_output,
+            })
+        }
+        Err(error) if out_of_resources(&error) => {
+            Err(ended(Outcome::NotStarted(error.to_string())))
+        }
+        Err(error) => Err(ended(Outcome::Failed(Failure::Spawn(error.to_string())))),
+    }
+}
+
+impl Gated {
+    /// The process group every process of the run belongs to.
+    pub fn pgid(&self) -> Option<u32> {
+        self.pgid
+    }
+
+    /// Opens the gate and runs the command to its end. `on_output` gets each chunk of output that is kept. A
+    /// `true` on `abort` ends the command as interrupted.
+    pub async fn run(
+        self,
+        mut abort: watch::Receiver<bool>,
+        mut on_output: impl FnMut(&[u8]),
+    ) -> Report {
+        let Gated {
+            mut child,
+            pgid,
+            attempt,
+            timeout,
+            max_output,
+        } = self;
+        if let Some(mut gate) = child.stdin.take() {
+            // Opens the gate; the command then sees its stdin closed, as with /dev/null. A failed write means the
+            // shell is gone already, which its exit status reports.
+            let _ = gate.write_all(b"\n").await;
+        }
+
+        let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take())
+        else {
+            unreachable!("both pipes were asked for");
+        };
+        let mut capture = Capture {
+            kept: Vec::new(),
+            limit: max_output,
+            dropped: 0,
+        };
+        let deadline = timeout.map(|limit| Instant::now() + limit);
+        let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
+        let (mut out_open, mut err_open, mut abort_open) = (true, true, true);
+
+        let ending = loop {
+            tokio::select! {
+                read = stdout.read(&mut out_buf), if out_open => match read {
+                    Ok(read) if read > 0 => on_output(capture.push(&out_buf[..read])),
+                    _ => out_open = false,
+                },
+                read = stderr.read(&mut err_buf), if err_open => match read {
+                    Ok(read) if read > 0 => on_output(capture.push(&err_buf[..read])),
+                    _ => err_open = false,
+                },
+                status = child.wait() => break Ending::Exited(status),
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    break Ending::TimedOut;
+                }
+                aborted = abort.wait_for(|abort| *abort), if abort_open => match aborted {
+                    Ok(_) => break Ending::Aborted,
+                    Err(_) => abort_open = false,
+                },
+            }
+        };
+
+        let outcome = match ending {
+            Ending::Exited(status) => {
+                // The shell is done; whatever it left running in its group goes with it.
+                #[cfg(unix)]
+                if let Some(pgid) = pgid {
+                    signal_group(pgid, libc::SIGKILL);
+                }
+                #[cfg(windows)]
+                let _ = pgid;
+                match status {
+                    Ok(status) => outcome_of(status),
+                    Err(error) => Outcome::Failed(Failure::Spawn(error.to_string())),
+                }
+            }
+            Ending::TimedOut => {
+                terminate(&mut child).await;
+                Outcome::Failed(Failure::Timeout)
+            }
+            Ending::Aborted => {
+                terminate(&mut child).await;
+                Outcome::Interrupted
+            }
+        };
+        attempt.end().await;
+        if out_open {
+            drain(&mut stdout, &mut capture, &mut on_output).await;
+        }
+        if err_open {
+            drain(&mut stderr, &mut capture, &mut on_output).await;
+        }
+        let (output, truncated) = capture.finish();
+        Report {
+            outcome,
+            output,
+            truncated,
+        }
     }
 }

@@ -1,0 +1,174 @@
+//! The executor of claimed jobs: for one worker slot, it starts the job's shell held at its gate, puts its process
+//! group on record, lets the command run, settles the outcome by the job's rules, and takes the slot's next job in
+//! the same commit as the finish, until none is ready or the slot stops.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Shared;
+use super::scheduler::requeue_unstarted;
+use super::slots::Running;
+use crate::clock;
+use crate::event::Event;
+use crate::job::{self, Job, JobState, Outcome};
+use crate::runner::{self, Report, RunSpec};
+use crate::store::{GuardedUpdate, RunEnded, RunStarted, StoreError};
+
+/// A result that could not be written is tried again after this, doubling up to [`FINISH_RETRY_MAX`].
+const FINISH_RETRY_FIRST: Duration = Duration::from_millis(100);
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Runs `job` on `worker`, then each job the worker claims as the previous one ends, then frees the slot.
+pub(super) async fn work(shared: Arc<Shared>, worker: u32, mut job: Job) {
+    loop {
+        let next = execute(&shared, worker, job).await;
+        match next {
+            Some(next)
+                if shared
+                    .slots()
+                    .move_on(worker, Running::of(&next, clock::now())) =>
+            {
+                job = next;
+            }
+            Some(next) => {
+                requeue_unstarted(&shared, next).await;
+                break;
+            }
+            None => break,
+        }
+    }
+    let exited = shared.slots().release(worker);
+    if let Some(exited) = exited {
+        shared.emit(exited);
+    }
+    shared.running.send_modify(|count| *count -= 1);
+    shared.wake.notify_one();
+}
+
+/// Runs one claimed job on `worker` and settles it. Returns the job the worker claimed next, if it did.
+async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
+    let job_id: Arc<str> = job.id.as_str().into();
+    shared.emit(Event::JobPicked {
+        worker,
+        job_id: job_id.clone(),
+        command: job.command.as_str().into(),
+        run: job.runs,
+    });
+    tracing::info!(job_id = %job.id, run = job.runs, worker, "job started");
+    let report = run(shared, worker, &job, &job_id).await;
+    if let Outcome::NotStarted(reason) = &report.outcome {
+        tracing::warn!(job_id = %job.id, run = job.runs, %reason,
+            "could not start a job: the server is out of resources; the job waits and runs again");
+    }
+    let policy = shared.settings.read().expect("settings lock").policy();
+    let settled = job::settle(&job, &report.outcome, policy, clock::now());
+    let state = settled.state;
+    let update = GuardedUpdate {
+        job_id: job.id.clone(),
+        expect_state: JobState::Processing,
+        expect_runs: job.runs,
+        settled,
+        ended: Some(RunEnded {
+            worker,
+            outcome: report.outcome.to_string(),
+            output: report.output,
+            truncated: report.truncated,
+        }),
+    };
+    let (finished, next) = if shared.slots().keeps_working(worker) {
+        let (finished, next) = shared.writer.finish_and_claim(update.clone()).await;
+        let finished = match finished {
+            Err(_) => record_finish(shared, update).await,
+            applied => applied,
+        };
+        let next = next.unwrap_or_else(|error| {
+            tracing::error!(%error, "claiming the next job failed");
+            Vec::new()
+        });
+        (finished, next.into_iter().next())
+    } else {
+        (record_finish(shared, update).await, None)
+    };
+    match finished {
+        Ok(true) => {
+            tracing::info!(job_id = %job.id, run = job.runs, worker, %state, outcome = %report.outcome, "job finished");
+        }
+        Ok(false) => {
+            tracing::warn!(job_id = %job.id, run = job.runs, "stale report rejected: the job moved on without this run");
+        }
+        Err(error) => {
+            tracing::error!(job_id = %job.id, run = job.runs, %error, "recording the result failed while draining; a restart reruns the job");
+        }
+    }
+    shared.emit(Event::JobFinished {
+        worker,
+        job_id,
+        state,
+        outcome: report.outcome,
+    });
+    next
+}
+
+/// Starts the job's shell at its gate, records the start with its process group (so that a restart can kill what
+/// a crash left), then runs the command, publishing its output as it comes.
+async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Report {
+    let (timeout_secs, max_output) = {
+        let settings = shared.settings.read().expect("settings lock");
+        (
+            job.timeout_secs.unwrap_or(settings.job_timeout_secs()),
+            settings.max_output_bytes(),
+        )
+    };
+    let tag = runner::run_tag(&job.id, job.runs);
+    let gated = runner::spawn(RunSpec {
+        command: &job.command,
+        tag: &tag,
+        timeout: (timeout_secs > 0).then(|| Duration::from_secs(timeout_secs)),
+        max_output,
+    });
+    let pgid = gated.as_ref().ok().and_then(runner::Gated::pgid);
+    let started = shared
+        .writer
+        .started(RunStarted {
+            job_id: job.id.clone(),
+            run: job.runs,
+            worker,
+            pgid: pgid.map(i64::from),
+            started_at: clock::now(),
+        })
+        .await;
+    if let Err(error) = started {
+        tracing::error!(job_id = %job.id, %error, "recording the start failed; a crash now could leave its processes behind");
+    }
+    let gated = match gated {
+        Ok(gated) => gated,
+        Err(ended) => return ended,
+    };
+    gated
+        .run(shared.abort.subscribe(), |chunk| {
+            if !chunk.is_empty() {
+                shared.emit(Event::JobOutput {
+                    worker,
+                    job_id: job_id.clone(),
+                    data: chunk.to_vec(),
+                });
+            }
+        })
+        .await
+}
+
+/// Writes a finished run's update, retrying with a capped backoff while the database fails (locked, read-only),
+/// so the job does not stay `processing` until a restart. Gives up only once the server drains.
+async fn record_finish(shared: &Shared, update: GuardedUpdate) -> Result<bool, StoreError> {
+    let mut wait = FINISH_RETRY_FIRST;
+    loop {
+        match shared.writer.update(update.clone(), false).await {
+            Err(error) if !shared.draining() => {
+                tracing::warn!(job_id = %update.job_id, run = update.expect_runs, %error, retry_in = ?wait, "recording the result failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(FINISH_RETRY_MAX);
+            }
+            result => return result,
+        }
+    }
+}
