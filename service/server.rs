@@ -152,8 +152,36 @@ async fn serve_until_closed(
     }
 }
 
-/// Runs the server until it is asked to stop, then drains it.
+/// Runs the server until SIGTERM, Ctrl-C or a Shutdown request, then drains it.
 pub async fn run(options: Options) -> Result<(), ServerError> {
+    bind(options).await?.serve(termination_signal()).await
+}
+
+/// A server that holds its home's lock and listens, ready to serve.
+pub struct Bound {
+    options: Options,
+    _lock: fs::File,
+    listener: Listener,
+    connection_limit: usize,
+}
+
+enum Listener {
+    #[cfg(unix)]
+    Socket {
+        listener: tokio::net::UnixListener,
+        path: PathBuf,
+    },
+    Tcp {
+        listener: tokio::net::TcpListener,
+        url: String,
+        token: String,
+        tls: Option<tonic::transport::ServerTlsConfig>,
+    },
+}
+
+/// Makes the home ready, takes its lock (one server per home) and binds the listener `options` ask for, refusing
+/// a remote address that is neither TLS nor explicitly allowed.
+pub async fn bind(options: Options) -> Result<Bound, ServerError> {
     #[cfg(unix)]
     crate::runner::stop_inheriting_descriptors();
     let descriptors = crate::connections::raise_descriptor_limit();
@@ -161,83 +189,17 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
     tracing::debug!(?descriptors, connection_limit, "descriptor limit");
     let home = &options.home;
     home::prepare(home)?;
-    let _lock = home::lock(home)?;
-
-    let store: Arc<dyn Store> = match &options.database_url {
-        Some(url) => Arc::new(PgStore::open(url, options.lease).await?),
-        None => {
-            // Created here, owner-only: SQLite gives its -wal and -shm files the mode of the database file.
-            let database = home.join(DATABASE_FILE);
-            home::open_private(&database)?;
-            Arc::new(SqliteStore::open(&database).await?)
-        }
-    };
-    let server_id = home::server_id(home)?;
-    crate::containment::init(&server_id).await;
-    let queue = Arc::new(Queue::start(store, server_id, options.workers).await?);
-
-    if let Some(address) = options.metrics {
-        if !address.ip().is_loopback() && !options.metrics_allow_remote {
-            return Err(ServerError::Listen(format!(
-                "{address} is not a loopback address, and the metrics tell whoever reaches it how busy the queue \
-                 is (job counts, durations, workers); serve them on 127.0.0.1, or pass --metrics-allow-remote"
-            )));
-        }
-        let queue = queue.clone();
-        let scrape = move || {
-            let queue = queue.clone();
-            async move {
-                queue
-                    .metrics_text()
-                    .await
-                    .map_err(|error| error.to_string())
-            }
-        };
-        tokio::spawn(async move {
-            if let Err(error) = crate::metrics::serve(address, scrape).await {
-                tracing::error!(%error, %address, "cannot serve metrics");
-            }
-        });
+    let lock = home::lock(home)?;
+    if let Some(address) = options.metrics
+        && !address.ip().is_loopback()
+        && !options.metrics_allow_remote
+    {
+        return Err(ServerError::Listen(format!(
+            "{address} is not a loopback address, and the metrics tell whoever reaches it how busy the queue \
+             is (job counts, durations, workers); serve them on 127.0.0.1, or pass --metrics-allow-remote"
+        )));
     }
-
-    let health = tonic_health::server::HealthReporter::new();
-    let health_service = crate::health::service(health.clone(), queue.closing());
-    health.set_serving::<QueueServiceServer<Grpc>>().await;
-    let store_health = tokio::spawn(report_store_health(queue.store_faults(), health.clone()));
-    let described = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_error = |error| ServerError::Listen(format!("building reflection: {error}"));
-    let reflection = described().build_v1().map_err(reflection_error)?;
-    // grpcurl and older clients still ask the v1alpha service.
-    let reflection_alpha = described().build_v1alpha().map_err(reflection_error)?;
-    let queue_service = QueueServiceServer::new(Grpc::new(queue.clone()))
-        .max_decoding_message_size(MAX_REQUEST_BYTES);
-
-    let drained = {
-        let queue = queue.clone();
-        async move {
-            tokio::select! {
-                () = termination_signal() => {}
-                () = queue.shutdown_requested() => {}
-            }
-            tracing::info!(running = queue.running(), "stopping: draining workers");
-            crate::notify::stopping();
-            store_health.abort();
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
-            health.set_not_serving::<QueueServiceServer<Grpc>>().await;
-            queue.drain().await;
-            queue.close_streams();
-        }
-    };
-
-    let mut router = Server::builder();
-    match options.listen {
+    let listener = match options.listen {
         #[cfg(unix)]
         Listen::Socket => {
             use std::os::unix::fs::PermissionsExt;
@@ -248,19 +210,7 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                 ServerError::Listen(format!("cannot listen on {}: {error}", path.display()))
             })?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
-            tracing::info!(socket = %path.display(), workers = options.workers, "queuectld ready");
-            crate::notify::ready(&format!("serving on {}", path.display()));
-            let serve = router
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(reflection_alpha)
-                .add_service(queue_service)
-                .serve_with_incoming_shutdown(
-                    crate::connections::limited(listener, connection_limit),
-                    drained,
-                );
-            serve_until_closed(serve, queue.closing()).await?;
-            let _ = fs::remove_file(&path);
+            Listener::Socket { listener, path }
         }
         Listen::Tcp(address) => {
             if !address.ip().is_loopback()
@@ -272,51 +222,184 @@ pub async fn run(options: Options) -> Result<(), ServerError> {
                      with TLS (--tls-cert and --tls-key), or pass --insecure-allow-remote on a network you trust"
                 )));
             }
-            if let Some((cert, key)) = &options.tls {
-                let read = |path: &PathBuf| {
-                    fs::read(path).map_err(|error| {
-                        ServerError::Listen(format!("cannot read {}: {error}", path.display()))
-                    })
-                };
-                let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
-                router = router
-                    .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-            }
-            let check = TokenCheck {
-                expected: home::load_or_create_token(home)?.into_bytes().into(),
+            let tls = match &options.tls {
+                Some((cert, key)) => {
+                    let read = |path: &PathBuf| {
+                        fs::read(path).map_err(|error| {
+                            ServerError::Listen(format!("cannot read {}: {error}", path.display()))
+                        })
+                    };
+                    let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+                    Some(tonic::transport::ServerTlsConfig::new().identity(identity))
+                }
+                None => None,
             };
+            let token = home::load_or_create_token(home)?;
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .map_err(|error| {
                     ServerError::Listen(format!("cannot listen on {address}: {error}"))
                 })?;
-            let bound = listener.local_addr()?;
-            let scheme = if options.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            write_private(&home.join(ADDRESS_FILE), &format!("{scheme}://{bound}"))?;
-            tracing::info!(address = %bound, workers = options.workers, "queuectld ready");
-            crate::notify::ready(&format!("serving on {scheme}://{bound}"));
-            let serve = router
-                .add_service(health_service)
-                .add_service(InterceptedService::new(reflection, check.clone()))
-                .add_service(InterceptedService::new(reflection_alpha, check.clone()))
-                .add_service(InterceptedService::new(queue_service, check))
-                .serve_with_incoming_shutdown(
-                    crate::connections::limited(listener, connection_limit),
-                    drained,
-                );
-            serve_until_closed(serve, queue.closing()).await?;
-            let _ = fs::remove_file(home.join(ADDRESS_FILE));
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://{}", listener.local_addr()?);
+            Listener::Tcp {
+                listener,
+                url,
+                token,
+                tls,
+            }
+        }
+    };
+    Ok(Bound {
+        options,
+        _lock: lock,
+        listener,
+        connection_limit,
+    })
+}
+
+impl Bound {
+    /// Where clients reach the server: a socket path or a URL.
+    pub fn address(&self) -> String {
+        match &self.listener {
+            #[cfg(unix)]
+            Listener::Socket { path, .. } => path.display().to_string(),
+            Listener::Tcp { url, .. } => url.clone(),
         }
     }
-    if let Err(error) = queue.close().await {
-        tracing::warn!(%error, "could not checkpoint the database at the stop; the next start does it");
+
+    /// Opens the store, recovers, serves until `shutdown` resolves or a client asks the server to stop, then
+    /// drains the workers and closes.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Bound {
+            options,
+            _lock,
+            listener,
+            connection_limit,
+        } = self;
+        let home = &options.home;
+        let store: Arc<dyn Store> = match &options.database_url {
+            Some(url) => Arc::new(PgStore::open(url, options.lease).await?),
+            None => {
+                // Created here, owner-only: SQLite gives its -wal and -shm files the mode of the database file.
+                let database = home.join(DATABASE_FILE);
+                home::open_private(&database)?;
+                Arc::new(SqliteStore::open(&database).await?)
+            }
+        };
+        let server_id = home::server_id(home)?;
+        crate::containment::init(&server_id).await;
+        let queue = Arc::new(Queue::start(store, server_id, options.workers).await?);
+
+        if let Some(address) = options.metrics {
+            let queue = queue.clone();
+            let scrape = move || {
+                let queue = queue.clone();
+                async move {
+                    queue
+                        .metrics_text()
+                        .await
+                        .map_err(|error| error.to_string())
+                }
+            };
+            tokio::spawn(async move {
+                if let Err(error) = crate::metrics::serve(address, scrape).await {
+                    tracing::error!(%error, %address, "cannot serve metrics");
+                }
+            });
+        }
+
+        let health = tonic_health::server::HealthReporter::new();
+        let health_service = crate::health::service(health.clone(), queue.closing());
+        health.set_serving::<QueueServiceServer<Grpc>>().await;
+        let store_health = tokio::spawn(report_store_health(queue.store_faults(), health.clone()));
+        let described = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_error = |error| ServerError::Listen(format!("building reflection: {error}"));
+        let reflection = described().build_v1().map_err(reflection_error)?;
+        // grpcurl and older clients still ask the v1alpha service.
+        let reflection_alpha = described().build_v1alpha().map_err(reflection_error)?;
+        let queue_service = QueueServiceServer::new(Grpc::new(queue.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+
+        let drained = {
+            let queue = queue.clone();
+            async move {
+                tokio::select! {
+                    () = shutdown => {}
+                    () = queue.shutdown_requested() => {}
+                }
+                tracing::info!(running = queue.running(), "stopping: draining workers");
+                crate::notify::stopping();
+                store_health.abort();
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                health.set_not_serving::<QueueServiceServer<Grpc>>().await;
+                queue.drain().await;
+                queue.close_streams();
+            }
+        };
+
+        let mut router = Server::builder();
+        match listener {
+            #[cfg(unix)]
+            Listener::Socket { listener, path } => {
+                tracing::info!(socket = %path.display(), workers = options.workers, "queuectld ready");
+                crate::notify::ready(&format!("serving on {}", path.display()));
+                let serve = router
+                    .add_service(health_service)
+                    .add_service(reflection)
+                    .add_service(reflection_alpha)
+                    .add_service(queue_service)
+                    .serve_with_incoming_shutdown(
+                        crate::connections::limited(listener, connection_limit),
+                        drained,
+                    );
+                serve_until_closed(serve, queue.closing()).await?;
+                let _ = fs::remove_file(&path);
+            }
+            Listener::Tcp {
+                listener,
+                url,
+                token,
+                tls,
+            } => {
+                if let Some(tls) = tls {
+                    router = router.tls_config(tls)?;
+                }
+                let check = TokenCheck {
+                    expected: token.into_bytes().into(),
+                };
+                write_private(&home.join(ADDRESS_FILE), &url)?;
+                tracing::info!(address = %url, workers = options.workers, "queuectld ready");
+                crate::notify::ready(&format!("serving on {url}"));
+                let serve = router
+                    .add_service(health_service)
+                    .add_service(InterceptedService::new(reflection, check.clone()))
+                    .add_service(InterceptedService::new(reflection_alpha, check.clone()))
+                    .add_service(InterceptedService::new(queue_service, check))
+                    .serve_with_incoming_shutdown(
+                        crate::connections::limited(listener, connection_limit),
+                        drained,
+                    );
+                serve_until_closed(serve, queue.closing()).await?;
+                let _ = fs::remove_file(home.join(ADDRESS_FILE));
+            }
+        }
+        if let Err(error) = queue.close().await {
+            tracing::warn!(%error, "could not checkpoint the database at the stop; the next start does it");
+        }
+        tracing::info!("queuectld stopped");
+        Ok(())
     }
-    tracing::info!("queuectld stopped");
-    Ok(())
 }
 
 /// NOT_SERVING, with the reason in the log, while the database fails writes or claims; SERVING once it works.
