@@ -7,6 +7,7 @@
 mod batch;
 pub mod postgres;
 mod row;
+mod sql;
 pub mod sqlite;
 
 pub use batch::wakes_workers;

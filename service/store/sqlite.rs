@@ -13,6 +13,7 @@ use sqlx::sqlite::{
 };
 
 use super::row::{self, JobRow, RunRow, job_columns};
+use super::sql;
 
 use super::batch::{self, Insert, Settle, Statements};
 use super::{
@@ -547,8 +548,7 @@ impl Store for SqliteStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        const SQL: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = ?1");
-        let row: Option<JobRow> = sqlx::query_as(SQL)
+        let row: Option<JobRow> = sqlx::query_as(sql::GET_JOB)
             .bind(id)
             .fetch_optional(&self.reader)
             .await
@@ -561,20 +561,10 @@ impl Store for SqliteStore {
             priority: 0,
             seq: 0,
         });
-        const ALL: &str = concat!(
-            "SELECT ",
-            job_columns!(),
-            ", seq FROM jobs WHERE (priority, seq) > (?1, ?2) ORDER BY priority, seq LIMIT ?3"
-        );
-        const IN_STATE: &str = concat!(
-            "SELECT ",
-            job_columns!(),
-            ", seq FROM jobs WHERE state = ?4 AND (priority, seq) > (?1, ?2) ORDER BY priority, seq LIMIT ?3"
-        );
         let sql = if filter.state.is_some() {
-            IN_STATE
+            sql::LIST_JOBS_IN_STATE
         } else {
-            ALL
+            sql::LIST_JOBS
         };
         let mut query = sqlx::query(sql)
             .bind(i64::from(after.priority))
@@ -596,35 +586,30 @@ impl Store for SqliteStore {
     }
 
     async fn newest_time(&self) -> Result<Option<Micros>, StoreError> {
-        // Every write stamps updated_at, and nothing stamps it earlier than created_at.
-        sqlx::query_scalar("SELECT MAX(updated_at) FROM jobs")
+        sqlx::query_scalar(sql::NEWEST_TIME)
             .fetch_one(&self.reader)
             .await
             .map_err(classify)
     }
 
     async fn oldest_pending(&self) -> Result<Option<Micros>, StoreError> {
-        sqlx::query_scalar("SELECT MIN(created_at) FROM jobs WHERE state = 'pending'")
+        sqlx::query_scalar(sql::OLDEST_PENDING)
             .fetch_one(&self.reader)
             .await
             .map_err(classify)
     }
 
     async fn runs(&self, id: &str) -> Result<Vec<RunRecord>, StoreError> {
-        let rows: Vec<RunRow> = sqlx::query_as(
-            "SELECT r.run, r.worker, r.started_at, r.finished_at, r.outcome, r.output, r.truncated
-             FROM job_runs r JOIN jobs j ON j.seq = r.job_seq
-             WHERE j.id = ?1 ORDER BY r.run",
-        )
-        .bind(id)
-        .fetch_all(&self.reader)
-        .await
-        .map_err(classify)?;
+        let rows: Vec<RunRow> = sqlx::query_as(sql::RUNS_OF_JOB)
+            .bind(id)
+            .fetch_all(&self.reader)
+            .await
+            .map_err(classify)?;
         rows.into_iter().map(RunRecord::try_from).collect()
     }
 
     async fn load_config(&self) -> Result<Vec<(String, String)>, StoreError> {
-        sqlx::query_as("SELECT key, value FROM config")
+        sqlx::query_as(sql::LOAD_CONFIG)
             .fetch_all(&self.reader)
             .await
             .map_err(classify)
@@ -632,21 +617,15 @@ impl Store for SqliteStore {
 
     async fn save_config(&self, key: &str, value: &str, policy: Policy) -> Result<(), StoreError> {
         self.transaction(true, async |conn| {
-            sqlx::query(
-                "INSERT INTO config (key, value) VALUES (?1, ?2)
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(key)
-            .bind(value)
-            .execute(&mut *conn)
-            .await?;
-            sqlx::query(
-                "UPDATE jobs SET queue_key = run_after + (priority - 1) * ?1
-                 WHERE state IN ('pending', 'failed')",
-            )
-            .bind(job::secs_to_micros(policy.aging_interval_secs))
-            .execute(conn)
-            .await?;
+            sqlx::query(sql::SAVE_CONFIG)
+                .bind(key)
+                .bind(value)
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query(sql::REKEY_WAITING)
+                .bind(job::secs_to_micros(policy.aging_interval_secs))
+                .execute(conn)
+                .await?;
             Ok(())
         })
         .await
@@ -683,11 +662,11 @@ impl Store for SqliteStore {
             sqlx::query("DELETE FROM job_runs")
                 .execute(&mut *conn)
                 .await?;
-            let deleted = sqlx::query("DELETE FROM jobs")
+            let deleted = sqlx::query(sql::DELETE_ALL_JOBS)
                 .execute(&mut *conn)
                 .await?
                 .rows_affected();
-            sqlx::query("DELETE FROM config")
+            sqlx::query(sql::DELETE_ALL_CONFIG)
                 .execute(&mut *conn)
                 .await?;
             sqlx::query("UPDATE counters SET value = 1 WHERE name = 'next_job_number'")

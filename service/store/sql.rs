@@ -1,0 +1,43 @@
+//! Statement text both backends run as it is: `$N` parameters, which SQLite and PostgreSQL both read.
+
+use super::row::job_columns;
+
+pub const GET_JOB: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1");
+
+/// A page of jobs in listing order, after the cursor `($1, $2)`, at most `$3` rows.
+pub const LIST_JOBS: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    ", seq FROM jobs WHERE (priority, seq) > ($1, $2) ORDER BY priority, seq LIMIT $3"
+);
+
+/// As [`LIST_JOBS`], of the jobs in state `$4`.
+pub const LIST_JOBS_IN_STATE: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    ", seq FROM jobs WHERE (priority, seq) > ($1, $2) AND state = $4 ORDER BY priority, seq LIMIT $3"
+);
+
+pub const RUNS_OF_JOB: &str =
+    "SELECT r.run, r.worker, r.started_at, r.finished_at, r.outcome, r.output, r.truncated
+     FROM job_runs r JOIN jobs j ON j.seq = r.job_seq
+     WHERE j.id = $1 ORDER BY r.run";
+
+/// Every write stamps updated_at, and nothing stamps it earlier than created_at.
+pub const NEWEST_TIME: &str = "SELECT MAX(updated_at) FROM jobs";
+
+pub const OLDEST_PENDING: &str = "SELECT MIN(created_at) FROM jobs WHERE state = 'pending'";
+
+pub const LOAD_CONFIG: &str = "SELECT key, value FROM config";
+
+pub const SAVE_CONFIG: &str = "INSERT INTO config (key, value) VALUES ($1, $2)
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+
+/// Re-keys every waiting job after the aging interval changed to `$1` microseconds per priority level: the SQL
+/// form of `job::queue_key`.
+pub const REKEY_WAITING: &str = "UPDATE jobs SET queue_key = run_after + (priority - 1) * $1
+     WHERE state IN ('pending', 'failed')";
+
+pub const DELETE_ALL_JOBS: &str = "DELETE FROM jobs";
+
+pub const DELETE_ALL_CONFIG: &str = "DELETE FROM config";
