@@ -124,22 +124,28 @@ fn every_read_command_speaks_json() {
 
 #[test]
 fn logs_follow_streams_until_the_job_is_final() {
+    use std::io::{BufRead, BufReader, Read};
     let home = Home::with_server(1);
     let gate = home.file("gate");
+    // The job ticks until the gate opens, and the gate opens once `logs -f` has shown a tick: by then it follows.
     home.enqueue(&format!(
-        r#"{{"command":"echo before; while [ ! -e {} ]; do sleep 0.05; done; echo after"}}"#,
+        r#"{{"command":"while [ ! -e {} ]; do echo tick; sleep 0.05; done; echo after"}}"#,
         gate.display()
     ));
     home.wait_for_state("job1", "processing");
-    let follow = home
+    let mut follow = home
         .command(&["logs", "job1", "--follow"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap());
+    let mut printed = String::new();
+    while !printed.contains("tick\n") {
+        assert!(lines.read_line(&mut printed).unwrap() > 0, "{printed}");
+    }
     std::fs::write(&gate, "").unwrap();
-    let output = follow.wait_with_output().unwrap();
-    assert!(output.status.success());
-    let printed = String::from_utf8(output.stdout).unwrap();
+    lines.read_to_string(&mut printed).unwrap();
+    assert!(follow.wait().unwrap().success());
     assert!(
         printed.contains("after\n") && printed.contains("job job1 completed"),
         "{printed}"
