@@ -2,11 +2,11 @@
 
 use prost_types::Timestamp;
 
-use crate::config::Settings;
 use crate::error::QueueError;
 use crate::event::Event;
-use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, NewJob, Outcome, PRIORITY_RANGE};
+use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, Outcome, PRIORITY_RANGE};
 use crate::pb;
+use crate::queue::JobSpec;
 use crate::store::{Cursor, RunRecord, ServerRecord, WorkerRecord};
 
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -20,30 +20,6 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 
 fn invalid(message: String) -> QueueError {
     QueueError::InvalidArgument(message)
-}
-
-/// A valid enqueue request; `max_retries` falls back to the setting in force when the job is stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobSpec {
-    pub id: Option<String>,
-    pub command: String,
-    pub priority: u8,
-    pub max_retries: Option<u32>,
-    pub timeout_secs: Option<u64>,
-}
-
-impl JobSpec {
-    pub fn resolve(self, settings: &Settings) -> NewJob {
-        NewJob {
-            id: self.id,
-            command: self.command,
-            priority: self.priority,
-            max_retries: self
-                .max_retries
-                .unwrap_or_else(|| settings.default_max_retries()),
-            timeout_secs: self.timeout_secs,
-        }
-    }
 }
 
 pub fn validate_id(id: &str) -> Result<(), QueueError> {
@@ -297,6 +273,7 @@ pub fn page_size(requested: u32) -> Result<u32, QueueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     fn request(command: &str) -> pb::EnqueueRequest {
         pb::EnqueueRequest {

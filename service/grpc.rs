@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use crate::convert::{self, JobSpec};
+use crate::convert;
 use crate::error::QueueError;
 use crate::pb::{self, queue_service_server::QueueService};
-use crate::queue::Queue;
+use crate::queue::{JobSpec, Queue};
 use crate::store::{ListFilter, StoreError};
 
 /// The one place where queue errors become gRPC statuses. Internal causes stay in the server log.

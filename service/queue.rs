@@ -5,9 +5,8 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::{self, Settings};
-use crate::convert::JobSpec;
 use crate::error::QueueError;
-use crate::job::{self, Job, JobState};
+use crate::job::{self, Job, JobState, NewJob};
 use crate::metrics::Metrics;
 use crate::store::{
     EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord, Signal, StateCounts,
@@ -15,6 +14,30 @@ use crate::store::{
 };
 use crate::supervisor::Supervisor;
 use crate::writer::Writer;
+
+/// A valid enqueue request; `max_retries` falls back to the setting in force when the job is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    pub id: Option<String>,
+    pub command: String,
+    pub priority: u8,
+    pub max_retries: Option<u32>,
+    pub timeout_secs: Option<u64>,
+}
+
+impl JobSpec {
+    pub fn resolve(self, settings: &Settings) -> NewJob {
+        NewJob {
+            id: self.id,
+            command: self.command,
+            priority: self.priority,
+            max_retries: self
+                .max_retries
+                .unwrap_or_else(|| settings.default_max_retries()),
+            timeout_secs: self.timeout_secs,
+        }
+    }
+}
 
 pub struct Queue {
     store: Arc<dyn Store>,

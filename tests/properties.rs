@@ -2,12 +2,13 @@
 //! nothing panics or overflows, accepted specs obey every limit, and every transition is one the lifecycle allows.
 
 use proptest::prelude::*;
-use queuectl::convert::{JobSpec, MAX_COMMAND_BYTES, MAX_ID_BYTES, MAX_RETRIES, MAX_TIMEOUT_SECS};
+use queuectl::convert::{MAX_COMMAND_BYTES, MAX_ID_BYTES, MAX_RETRIES, MAX_TIMEOUT_SECS};
 use queuectl::error::QueueError;
 use queuectl::job::{
     self, Event, Failure, Job, JobState, MAX_BACKOFF_SECS, Micros, Outcome, PRIORITY_RANGE, Policy,
 };
 use queuectl::pb;
+use queuectl::queue::JobSpec;
 
 fn any_state() -> impl Strategy<Value = JobState> {
     prop::sample::select(JobState::ALL.to_vec())
