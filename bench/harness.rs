@@ -220,7 +220,30 @@ pub fn job(command: &str) -> EnqueueRequest {
 
 /// CPU time (user + system) a process has used so far.
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    ticks_of(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+}
+
+/// CPU time (user + system) each thread of a process has used so far, summed by thread name (tokio's workers
+/// share one name, sqlx's SQLite threads another).
+pub fn thread_cpu_times(pid: u32) -> anyhow::Result<std::collections::BTreeMap<String, Duration>> {
+    let mut times = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        // A thread that ended meanwhile has no stat any more; its time is lost to both readings alike.
+        let Ok(stat) = std::fs::read_to_string(task.join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map_or("?", |(name, _)| name)
+            .to_owned();
+        *times.entry(name).or_default() += ticks_of(&stat)?;
+    }
+    Ok(times)
+}
+
+fn ticks_of(stat: &str) -> anyhow::Result<Duration> {
     // The command name may hold spaces; the fields after it do not.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
