@@ -324,3 +324,70 @@ fn backup_on_postgresql_says_to_use_pg_dump_and_writes_nothing() {
     });
     assert_eq!(code, tonic::Code::FailedPrecondition);
 }
+
+/// A claim whose reply never reached its server (the connection was cut after the COMMIT) runs nowhere. Its
+/// server's heartbeat renews only what its workers run, so the claim expires within a lease and is handed back,
+/// whoever made it, while the job a worker does run keeps its lease.
+#[test]
+fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
+    use queuectl::job::{NewJob, Policy};
+    use queuectl::store::{ServerRecord, Store, WorkerRecord, WriteBatch, postgres::PgStore};
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    common::runtime().block_on(async {
+        let store = PgStore::open(&database.url, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let new_job = |id: &str| NewJob {
+            id: Some(id.into()),
+            command: "true".into(),
+            priority: 5,
+            max_retries: 0,
+            timeout_secs: None,
+        };
+        let batch = WriteBatch {
+            enqueues: vec![vec![new_job("running"), new_job("lost")]],
+            claims: vec![2],
+            owner: "server-a".into(),
+            ..WriteBatch::default()
+        };
+        let policy = Policy {
+            backoff_base: 2,
+            aging_interval_secs: 60,
+            max_interruptions: 3,
+        };
+        let written = store.write(&batch, 0, policy).await.unwrap();
+        assert_eq!(written.claimed[0].len(), 2);
+        let record = ServerRecord {
+            id: "server-a".into(),
+            host: "here".into(),
+            pid: 1,
+            worker_count: 1,
+            workers: vec![WorkerRecord {
+                index: 0,
+                job_id: Some("running".into()),
+                command: Some("true".into()),
+                started_at: Some(0),
+                stopping: false,
+            }],
+            seen_at: 0,
+        };
+        let cluster = store.cluster().expect("PostgreSQL is shared");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let expired = loop {
+            let expired = cluster.heartbeat(&record).await.unwrap();
+            let ids: Vec<&str> = expired.iter().map(|stale| stale.job.id.as_str()).collect();
+            assert!(!ids.contains(&"running"), "a running job kept its lease");
+            if !ids.is_empty() {
+                break ids.iter().map(ToString::to_string).collect::<Vec<_>>();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lost claim never expired"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(expired, ["lost"]);
+    });
+}

@@ -263,8 +263,9 @@ pub trait Cluster: Send + Sync {
     /// How long a claim holds without renewal.
     fn lease(&self) -> Duration;
 
-    /// Publishes `server`, renews the leases of the jobs it runs, and returns jobs of other servers whose lease
-    /// ran out, for the caller to return to the queue.
+    /// Publishes `server`, renews the leases of the jobs its workers run (and only those), and returns the jobs
+    /// whose lease ran out, for the caller to return to the queue: those of servers that stopped renewing, and
+    /// claims of any server, this one included, that no worker runs (a claim whose reply was lost).
     async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError>;
 
     /// The servers that sent a heartbeat within a lease: those whose jobs are not yet up for rescue.

@@ -525,11 +525,16 @@ impl Cluster for PgStore {
             "SELECT ",
             job_columns!(),
             ", pgid FROM jobs
-             WHERE state = 'processing' AND lease_expires_at < queuectl_now() AND owner IS DISTINCT FROM $1"
+             WHERE state = 'processing' AND lease_expires_at < queuectl_now()"
         );
         let workers = serde_json::to_string(&server.workers)
             .map_err(|error| StoreError::Internal(error.to_string()))?;
         let lease = self.lease_micros();
+        let running: Vec<&str> = server
+            .workers
+            .iter()
+            .filter_map(|worker| worker.job_id.as_deref())
+            .collect();
         self.transaction(false, async |conn| {
             sqlx::query(
                 "INSERT INTO servers (id, host, pid, worker_count, workers, seen_at)
@@ -544,19 +549,20 @@ impl Cluster for PgStore {
             .bind(&workers)
             .execute(&mut *conn)
             .await?;
+            // Only the jobs its workers run: a claim whose reply never arrived runs nowhere, and must expire.
             sqlx::query(
                 "UPDATE jobs SET lease_expires_at = queuectl_now() + $2
-                 WHERE state = 'processing' AND owner = $1",
+                 WHERE state = 'processing' AND owner = $1 AND id = ANY($3)",
             )
             .bind(&server.id)
             .bind(lease)
+            .bind(running)
             .execute(conn)
             .await?;
             Ok(())
         })
         .await?;
         let rows = sqlx::query(EXPIRED)
-            .bind(&server.id)
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;

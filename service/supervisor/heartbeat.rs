@@ -26,7 +26,7 @@ pub(super) async fn beat(shared: Arc<Shared>, every: Duration) {
             }
         };
         for stale in &expired {
-            tracing::warn!(job_id = %stale.job.id, "rescuing a job whose server stopped renewing its claim");
+            tracing::warn!(job_id = %stale.job.id, "rescuing a job whose claim ran out: its server stopped renewing it, or no worker runs it");
             if let Err(error) = shared.requeue(stale, Outcome::Abandoned).await {
                 tracing::error!(job_id = %stale.job.id, %error, "rescuing a job failed");
             }
