@@ -316,6 +316,11 @@ impl Queue {
         self.writer.faults()
     }
 
+    /// Why this server may not run jobs now (it lost its lease on a shared database), whenever that changes.
+    pub fn lease_lost(&self) -> watch::Receiver<Option<String>> {
+        self.supervisor.lease_lost()
+    }
+
     /// Writes a consistent copy of the database to `path`, a new file made owner-only. Returns its size.
     pub async fn backup(&self, path: &std::path::Path) -> Result<u64, QueueError> {
         if !path.is_absolute() {

@@ -315,7 +315,11 @@ impl Bound {
         let health = tonic_health::server::HealthReporter::new();
         let health_service = crate::health::service(health.clone(), queue.closing());
         health.set_serving::<QueueServiceServer<Grpc>>().await;
-        let store_health = tokio::spawn(report_store_health(queue.store_faults(), health.clone()));
+        let store_health = tokio::spawn(report_store_health(
+            queue.store_faults(),
+            queue.lease_lost(),
+            health.clone(),
+        ));
         let described = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
@@ -402,13 +406,23 @@ impl Bound {
     }
 }
 
-/// NOT_SERVING, with the reason in the log, while the database fails writes or claims; SERVING once it works.
+/// NOT_SERVING, with the reason in the log, while the database fails writes or claims or this server lost its
+/// lease on a shared one; SERVING once it works again.
 async fn report_store_health(
     mut faults: tokio::sync::watch::Receiver<crate::writer::Faults>,
+    mut lease_lost: tokio::sync::watch::Receiver<Option<String>>,
     health: tonic_health::server::HealthReporter,
 ) {
-    while faults.changed().await.is_ok() {
-        let reason = faults.borrow_and_update().reason().map(ToString::to_string);
+    loop {
+        tokio::select! {
+            changed = faults.changed() => if changed.is_err() { return },
+            changed = lease_lost.changed() => if changed.is_err() { return },
+        }
+        let reason = faults
+            .borrow_and_update()
+            .reason()
+            .map(ToString::to_string)
+            .or_else(|| lease_lost.borrow_and_update().clone());
         let status = match reason {
             Some(reason) => {
                 tracing::error!(%reason, "not serving: the database fails");

@@ -391,3 +391,152 @@ fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
         assert_eq!(expired, ["lost"]);
     });
 }
+
+/// A TCP proxy in front of PostgreSQL that a test can pause: while paused it forwards nothing either way, as a
+/// network partition would, and the connections stay open.
+struct Proxy {
+    port: u16,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Proxy {
+    fn to_postgres(database: &TestDatabase) -> Proxy {
+        use std::sync::atomic::AtomicBool;
+        let upstream = {
+            let host_port = database
+                .url
+                .split('@')
+                .nth(1)
+                .and_then(|rest| rest.split('/').next())
+                .expect("a URL with user@host[:port]/database");
+            if host_port.contains(':') {
+                host_port.to_owned()
+            } else {
+                format!("{host_port}:5432")
+            }
+        };
+        // Its own threads: the proxy forwards while the test blocks.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let paused = std::sync::Arc::new(AtomicBool::new(false));
+        let gate = paused.clone();
+        runtime.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(pump(client_read, server_write, gate.clone()));
+                tokio::spawn(pump(server_read, client_write, gate.clone()));
+            }
+        });
+        Proxy {
+            port,
+            paused,
+            _runtime: runtime,
+        }
+    }
+
+    /// `url` with the proxy's address in place of the database's.
+    fn url(&self, url: &str) -> String {
+        let (scheme_user, rest) = url.split_once('@').unwrap();
+        let (_, database) = rest.split_once('/').unwrap();
+        format!("{scheme_user}@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16384];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        while paused.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn health(home: &Home) -> String {
+    let output = home.try_queuectl(&["health"]);
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// A server cut off from the database cannot renew its claims, and another server may take its jobs once the
+/// lease runs out. So it stops them itself before then (two thirds into the lease), says NOT_SERVING meanwhile, and
+/// serves again once the database answers.
+#[test]
+fn a_server_that_cannot_renew_its_lease_stops_its_jobs_before_the_lease_runs_out() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let proxy = Proxy::to_postgres(&database);
+    let mut home = Home::new();
+    let mut command = home.server_command(1);
+    command
+        .env("QUEUECTL_DATABASE_URL", proxy.url(&database.url))
+        .env("QUEUECTL_LEASE_TIMEOUT", "6");
+    home.start_server_with(command);
+    let pid_file = home.file("job.pid");
+    home.enqueue(&format!(
+        r#"{{"command":"echo $$ > {}; sleep 120"}}"#,
+        pid_file.display()
+    ));
+    wait_until("the job runs", DEADLINE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
+    });
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(health(&home).contains("SERVING") && !health(&home).contains("NOT_SERVING"));
+
+    let cut = std::time::Instant::now();
+    proxy.pause(true);
+    wait_until("the job's processes are gone", DEADLINE, || {
+        !common::alive(pid)
+    });
+    // The lease is 6 s: stopped at 4 s, plus a tick and the kill's grace.
+    assert!(
+        cut.elapsed() < Duration::from_secs(6),
+        "stopped {:?} after the cut, when another server could already have taken it",
+        cut.elapsed()
+    );
+    wait_until("health says NOT_SERVING", DEADLINE, || {
+        health(&home).contains("NOT_SERVING")
+    });
+
+    proxy.pause(false);
+    wait_until("health says SERVING again", DEADLINE, || {
+        let health = health(&home);
+        health.contains("SERVING") && !health.contains("NOT_SERVING")
+    });
+    wait_until("the job runs again", DEADLINE, || {
+        std::fs::read_to_string(&pid_file)
+            .is_ok_and(|again| again.trim().parse::<u32>().is_ok_and(|again| again != pid))
+    });
+}

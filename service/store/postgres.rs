@@ -338,18 +338,22 @@ async fn claim_jobs(
     last_ready: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
     // The bound on queue_key ends the index scan before the jobs that are not due yet (see job::last_ready_key).
+    // UPDATE ... RETURNING promises no order: the claimed jobs are sorted again, best first, as they are dealt.
     const SQL: &str = concat!(
         "WITH picked AS (
              SELECT seq FROM jobs
              WHERE state IN ('pending', 'failed') AND run_after <= queuectl_now()
                AND queue_key <= queuectl_now() + $4
              ORDER BY queue_key, seq LIMIT $1
-             FOR UPDATE SKIP LOCKED)
-         UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
-                         owner = $2, lease_expires_at = queuectl_now() + $3
-         FROM picked WHERE jobs.seq = picked.seq
-         RETURNING ",
-        job_columns!()
+             FOR UPDATE SKIP LOCKED),
+         claimed AS (
+             UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
+                             owner = $2, lease_expires_at = queuectl_now() + $3
+             FROM picked WHERE jobs.seq = picked.seq
+             RETURNING jobs.*)
+         SELECT ",
+        job_columns!(),
+        " FROM claimed ORDER BY queue_key, seq"
     );
     let rows: Vec<JobRow> = sqlx::query_as(SQL)
         .bind(i64::from(limit))

@@ -35,6 +35,8 @@ struct Shared {
     abort: watch::Sender<bool>,
     /// How many jobs run right now.
     running: watch::Sender<usize>,
+    /// Why this server may not hold claims now (it lost its lease on a shared database); `None` while it may.
+    lease_lost: watch::Sender<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -62,6 +64,7 @@ impl Supervisor {
                 wake,
                 abort: watch::Sender::new(false),
                 running: watch::Sender::new(0),
+                lease_lost: watch::Sender::new(None),
             }),
         }
     }
@@ -110,6 +113,11 @@ impl Supervisor {
         self.shared.wake.notify_one();
     }
 
+    /// Why this server may not run jobs now, whenever that changes: it lost its lease on a shared database.
+    pub fn lease_lost(&self) -> watch::Receiver<Option<String>> {
+        self.shared.lease_lost.subscribe()
+    }
+
     pub fn running(&self) -> usize {
         *self.shared.running.borrow()
     }
@@ -150,6 +158,27 @@ impl Shared {
 
     fn draining(&self) -> bool {
         self.slots().draining()
+    }
+
+    /// Stops taking jobs and ends the running ones (they return to the queue), until [`Shared::regain_lease`].
+    fn lose_lease(&self, why: String) {
+        self.slots().suspend(true);
+        self.abort.send_replace(true);
+        self.lease_lost.send_replace(Some(why));
+    }
+
+    fn regain_lease(&self) {
+        let draining = {
+            let mut slots = self.slots();
+            slots.suspend(false);
+            slots.draining()
+        };
+        // A drain ends running jobs itself once its grace is over.
+        if !draining {
+            self.abort.send_replace(false);
+        }
+        self.lease_lost.send_replace(None);
+        self.wake.notify_one();
     }
 
     /// Settles a run that was cut short, unless the job moved on: `Interrupted` when its server stopped it or it

@@ -39,6 +39,8 @@ pub struct Slots {
     slots: BTreeMap<u32, Slot>,
     /// Set once the server drains: no slot takes new work.
     draining: bool,
+    /// Set while this server may not hold claims (it lost its lease on a shared database): no slot takes work.
+    suspended: bool,
 }
 
 impl Slots {
@@ -86,9 +88,19 @@ impl Slots {
         self.draining
     }
 
+    /// While `suspended`, no slot takes work, as in a drain, but the slots stay ready to go on afterwards.
+    pub fn suspend(&mut self, suspended: bool) {
+        self.suspended = suspended;
+    }
+
+    /// Whether slots may take work at all now.
+    fn taking_work(&self) -> bool {
+        !self.draining && !self.suspended
+    }
+
     /// The slots that could take a job now.
     pub fn idle(&self) -> Vec<u32> {
-        if self.draining {
+        if !self.taking_work() {
             return Vec::new();
         }
         self.slots
@@ -100,7 +112,7 @@ impl Slots {
 
     /// Marks idle `worker` busy; false if it is no longer idle (stopped or taken since it was found idle).
     pub fn occupy(&mut self, worker: u32, running: Running) -> bool {
-        if self.draining {
+        if !self.taking_work() {
             return false;
         }
         match self
@@ -119,7 +131,7 @@ impl Slots {
     /// Whether busy `worker` may take another job when its current one ends: not when it is stopping or the
     /// server drains.
     pub fn keeps_working(&self, worker: u32) -> bool {
-        !self.draining
+        self.taking_work()
             && worker < self.target
             && self.slots.get(&worker).is_some_and(|slot| !slot.stopping)
     }
@@ -233,6 +245,20 @@ mod tests {
         assert!(slots.keeps_working(1));
         assert!(slots.move_on(1, running("b")));
         assert_eq!(slots.records()[1].job_id.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_suspended_server_starts_nothing_until_it_resumes() {
+        let mut slots = Slots::default();
+        slots.set_target(2);
+        assert!(slots.occupy(0, running("a")));
+        slots.suspend(true);
+        assert!(slots.idle().is_empty());
+        assert!(!slots.occupy(1, running("b")));
+        assert!(!slots.keeps_working(0));
+        slots.suspend(false);
+        assert_eq!(slots.idle(), vec![1]);
+        assert!(slots.keeps_working(0));
     }
 
     #[test]
