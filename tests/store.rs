@@ -1374,7 +1374,7 @@ async fn runs_record_every_attempt_oldest_first(t: Ctx) {
     let ended = end_run(&run3, Outcome::Succeeded, NO_BACKOFF, 3, b"", false);
     assert!(update(store, ended, clock::now()).await);
     let runs = store.runs("a").await.unwrap();
-    let summary: Vec<(u32, u32, Option<&str>, &[u8], bool)> = runs
+    let summary: Vec<_> = runs
         .iter()
         .map(|run| {
             (
