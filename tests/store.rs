@@ -1,20 +1,25 @@
-//! The store conformance suite: what every `Store` backend must do, written against `&dyn Store` so that each
-//! backend runs the same checks. `for_each_backend` opens a fresh SQLite store and, when
-//! QUEUECTL_TEST_DATABASE_URL is set (`.ci/run` sets it), a fresh PostgreSQL database.
+//! The store conformance suite: what every `Store` backend must do. Each check is written once against
+//! `&dyn Store` and runs as two tests, `<check>::sqlite` and `<check>::postgres`, each on a new, empty store of its
+//! own: a SQLite file in a temporary directory, or a PostgreSQL database created for the test from
+//! QUEUECTL_TEST_DATABASE_URL (`.ci/run` sets it). Without that variable the PostgreSQL tests say they skip, and
+//! fail under CI=true. The `Cluster` capability has checks of its own, on PostgreSQL only.
 //!
-//! PostgreSQL takes time from the database's clock, so the shared checks use the real clock; the checks that
-//! need to move time by hours run on SQLite, which takes the time it is given.
+//! PostgreSQL takes time from the database's clock, so the shared checks use the real clock and, where time must
+//! pass, wait for it by polling with a deadline; the checks that move time by hours run on SQLite, which takes the
+//! time it is given.
 
-use std::future::Future;
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use queuectl::clock;
-use queuectl::job::{self, JobState, MICROS_PER_SEC, Micros, NewJob, Outcome, Policy};
+use queuectl::job::{self, JobState, MICROS_PER_SEC, Micros, NewJob, Outcome, Policy, Settled};
 use queuectl::store::postgres::PgStore;
 use queuectl::store::sqlite::SqliteStore;
 use queuectl::store::{
-    EnqueueRejected, GuardedUpdate, ListFilter, RunEnded, Store, WriteBatch, WriteOutcome,
+    EnqueueRejected, GuardedUpdate, ListFilter, RunEnded, RunStarted, ServerRecord, Signal, Store,
+    WorkerRecord, WriteBatch, WriteOutcome,
 };
 use sqlx::Connection;
 
@@ -26,44 +31,206 @@ const POLICY: Policy = Policy {
     max_interruptions: 3,
 };
 
-/// Runs `check` once per backend, each time on a new, empty store that lives only for that check.
-async fn for_each_backend<F, Fut>(check: F)
-where
-    F: Fn(Arc<dyn Store>) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(&dir.path().join("jobs.db"))
-        .await
-        .unwrap();
-    check(Arc::new(sqlite)).await;
+/// Generous: a deadline only matters when something is broken.
+const DEADLINE: Duration = Duration::from_secs(30);
 
-    let Ok(admin_url) = std::env::var("QUEUECTL_TEST_DATABASE_URL") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "QUEUECTL_TEST_DATABASE_URL is not set; .ci/run sets it"
-        );
-        return;
-    };
-    let name = format!(
-        "queuectl_store_{}_{}",
-        std::process::id(),
-        clock::now().rem_euclid(1_000_000_000)
-    );
-    let admin = async |statement: String| {
-        let mut conn = sqlx::PgConnection::connect(&admin_url).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
-            .execute(&mut conn)
+/// Which database a check runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A check's store, on a database that lives only for that check.
+struct Ctx {
+    store: Arc<dyn Store>,
+    backend: Backend,
+    /// Where the database is; dropped after `store` (fields drop in order), which deletes it.
+    place: Place,
+}
+
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDatabase),
+}
+
+impl Ctx {
+    async fn sqlite() -> Ctx {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("jobs.db"))
             .await
             .unwrap();
-    };
-    admin(format!("CREATE DATABASE {name}")).await;
-    let (base, _) = admin_url.rsplit_once('/').unwrap();
-    let postgres = PgStore::open(&format!("{base}/{name}"), Duration::from_secs(30))
-        .await
-        .unwrap();
-    check(Arc::new(postgres)).await;
-    admin(format!("DROP DATABASE {name} WITH (FORCE)")).await;
+        Ctx {
+            store: Arc::new(store),
+            backend: Backend::Sqlite,
+            place: Place::Sqlite(dir),
+        }
+    }
+
+    /// A store on a new PostgreSQL database, or `None` (said on stderr) when QUEUECTL_TEST_DATABASE_URL is not
+    /// set; under CI that fails the test instead.
+    async fn postgres(test: &str) -> Option<Ctx> {
+        let database = TestDatabase::create(test)?;
+        let store = PgStore::open(&database.url, Duration::from_secs(30))
+            .await
+            .unwrap();
+        Some(Ctx {
+            store: Arc::new(store),
+            backend: Backend::Postgres,
+            place: Place::Postgres(database),
+        })
+    }
+
+    /// The SQLite database file.
+    fn sqlite_path(&self) -> PathBuf {
+        match &self.place {
+            Place::Sqlite(dir) => dir.path().join("jobs.db"),
+            Place::Postgres(_) => panic!("not a SQLite store"),
+        }
+    }
+
+    /// Another PostgreSQL store on the same database, as another server would open it, with its own lease.
+    async fn postgres_store(&self, lease: Duration) -> PgStore {
+        match &self.place {
+            Place::Postgres(database) => PgStore::open(&database.url, lease).await.unwrap(),
+            Place::Sqlite(_) => panic!("not a PostgreSQL store"),
+        }
+    }
+
+    /// Another store on the same database, as a restarted server would open it.
+    async fn reopen(&self) -> Arc<dyn Store> {
+        match self.backend {
+            Backend::Sqlite => Arc::new(SqliteStore::open(&self.sqlite_path()).await.unwrap()),
+            Backend::Postgres => Arc::new(self.postgres_store(Duration::from_secs(30)).await),
+        }
+    }
+}
+
+/// A PostgreSQL database of its own for one test, dropped at the end (also when the test fails).
+struct TestDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    fn create(test: &str) -> Option<TestDatabase> {
+        let Ok(admin_url) = std::env::var("QUEUECTL_TEST_DATABASE_URL") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "QUEUECTL_TEST_DATABASE_URL is not set; .ci/run sets it"
+            );
+            // Straight to stderr, not through eprintln!, which the test harness swallows for a passing test.
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipping {test}: set QUEUECTL_TEST_DATABASE_URL to run the PostgreSQL tests"
+            );
+            return None;
+        };
+        let name = format!(
+            "queuectl_store_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+                % 1_000_000_000_000
+        );
+        admin(&admin_url, format!("CREATE DATABASE {name}")).unwrap();
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .expect("a URL ending in /database");
+        let url = format!("{base}/{name}");
+        Some(TestDatabase {
+            admin_url,
+            name,
+            url,
+        })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = admin(
+            &self.admin_url,
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// Runs `statement` on the admin database, on a thread and runtime of its own (so that it also works from a
+/// `Drop` inside a test's runtime).
+fn admin(url: &str, statement: String) -> Result<(), String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut conn = sqlx::PgConnection::connect(&url)
+                .await
+                .map_err(|error| error.to_string())?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&mut conn)
+                .await
+                .map_err(|error| error.to_string())?;
+            Ok(())
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// One test per backend for each check: `<check>::sqlite` and `<check>::postgres`.
+macro_rules! conformance {
+    ($($check:ident),* $(,)?) => {$(
+        mod $check {
+            #[tokio::test]
+            async fn sqlite() {
+                super::$check(super::Ctx::sqlite().await).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                let test = concat!(stringify!($check), "::postgres");
+                if let Some(ctx) = super::Ctx::postgres(test).await {
+                    super::$check(ctx).await;
+                }
+            }
+        }
+    )*};
+}
+
+/// Checks of the `Cluster` capability, which only PostgreSQL has: `<check>::postgres`.
+macro_rules! cluster_conformance {
+    ($($check:ident),* $(,)?) => {$(
+        mod $check {
+            #[tokio::test]
+            async fn postgres() {
+                let test = concat!(stringify!($check), "::postgres");
+                if let Some(ctx) = super::Ctx::postgres(test).await {
+                    super::$check(ctx).await;
+                }
+            }
+        }
+    )*};
+}
+
+/// Polls `probe` until it yields a value, failing the test with `what` after [`DEADLINE`]. Time only ever passes
+/// here: what the test then asserts is decided by the values, never by how long it slept.
+async fn eventually<T>(what: &str, mut probe: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 fn new_job(id: &str, priority: u8) -> NewJob {
@@ -128,8 +295,8 @@ async fn update(store: &dyn Store, update: GuardedUpdate, now: Micros) -> bool {
 }
 
 /// A run that was recovered and claimed again cannot settle the job: its report is rejected and changes nothing.
-async fn a_stale_report_is_rejected(store: Arc<dyn Store>) {
-    let store = store.as_ref();
+async fn a_stale_report_is_rejected(t: Ctx) {
+    let store = t.store.as_ref();
     enqueue_at(store, vec![vec![new_job("a", 5)]], clock::now()).await;
     let first = claim(store, 1, clock::now(), OWNER)
         .await
@@ -180,8 +347,8 @@ async fn a_stale_report_is_rejected(store: Arc<dyn Store>) {
 
 /// One batch can enqueue, record starts, settle runs and claim: claims come last, so they see what the batch
 /// enqueued; two reports of the same run in one batch apply once; generated ids follow request order.
-async fn one_batch_does_everything_in_order(store: Arc<dyn Store>) {
-    let store = store.as_ref();
+async fn one_batch_does_everything_in_order(t: Ctx) {
+    let store = t.store.as_ref();
     let generated = |priority| NewJob {
         id: None,
         ..new_job("unused", priority)
@@ -264,8 +431,8 @@ async fn one_batch_does_everything_in_order(store: Arc<dyn Store>) {
 }
 
 /// A duplicate id refuses its own request whole and leaves the other requests of the batch stored.
-async fn a_duplicate_id_rolls_back_only_its_request(store: Arc<dyn Store>) {
-    let store = store.as_ref();
+async fn a_duplicate_id_rolls_back_only_its_request(t: Ctx) {
+    let store = t.store.as_ref();
     enqueue_at(store, vec![vec![new_job("taken", 5)]], clock::now()).await;
     let outcome = enqueue_at(
         store,
@@ -316,8 +483,8 @@ async fn a_duplicate_id_rolls_back_only_its_request(store: Arc<dyn Store>) {
 }
 
 /// Claims take the best priority first, FIFO within a priority; a failed job waits for its backoff.
-async fn claims_follow_priority_and_fifo(store: Arc<dyn Store>) {
-    let store = store.as_ref();
+async fn claims_follow_priority_and_fifo(t: Ctx) {
+    let store = t.store.as_ref();
     for (id, priority) in [("low", 9), ("mid-a", 5), ("mid-b", 5), ("high", 1)] {
         enqueue_at(store, vec![vec![new_job(id, priority)]], clock::now()).await;
     }
@@ -406,8 +573,8 @@ async fn aging_lets_old_jobs_overtake_on_sqlite() {
 }
 
 /// Listing pages by priority then insertion order, without gaps or repeats, with and without a state filter.
-async fn listing_pages_through_every_job_once(store: Arc<dyn Store>) {
-    let store = store.as_ref();
+async fn listing_pages_through_every_job_once(t: Ctx) {
+    let store = t.store.as_ref();
     let jobs: Vec<NewJob> = (0..25)
         .map(|n| new_job(&format!("j{n:02}"), 1 + (n % 3) as u8))
         .collect();
@@ -454,35 +621,10 @@ async fn listing_pages_through_every_job_once(store: Arc<dyn Store>) {
     }
 }
 
-#[tokio::test]
-async fn stale_reports_are_rejected() {
-    for_each_backend(a_stale_report_is_rejected).await;
-}
-
-#[tokio::test]
-async fn duplicate_ids_roll_back_only_their_request() {
-    for_each_backend(a_duplicate_id_rolls_back_only_its_request).await;
-}
-
-#[tokio::test]
-async fn one_batch_enqueues_starts_settles_and_claims() {
-    for_each_backend(one_batch_does_everything_in_order).await;
-}
-
-#[tokio::test]
-async fn claim_order_follows_priority_and_fifo() {
-    for_each_backend(claims_follow_priority_and_fifo).await;
-}
-
-#[tokio::test]
-async fn listing_pages() {
-    for_each_backend(listing_pages_through_every_job_once).await;
-}
-
 /// Runs a job's server died under are counted and stored; the last one allowed buries the job, and a claim after
 /// an abandoned run hands out the stored count.
-async fn abandoned_runs_are_counted_until_the_job_is_dead(store: Arc<dyn Store>) {
-    let store = store.as_ref();
+async fn abandoned_runs_are_counted_until_the_job_is_dead(t: Ctx) {
+    let store = t.store.as_ref();
     enqueue_at(store, vec![vec![new_job("pill", 1)]], clock::now()).await;
     for expected in 1..=POLICY.max_interruptions {
         let running = claim(store, 1, clock::now(), OWNER)
@@ -513,13 +655,9 @@ async fn abandoned_runs_are_counted_until_the_job_is_dead(store: Arc<dyn Store>)
     );
 }
 
-#[tokio::test]
-async fn abandoned_runs_are_counted() {
-    for_each_backend(abandoned_runs_are_counted_until_the_job_is_dead).await;
-}
-
 /// A restarted server seeds its clock with the newest stamp in the store: the last change of any job.
-async fn the_newest_time_is_the_last_change_of_any_job(store: Arc<dyn Store>) {
+async fn the_newest_time_is_the_last_change_of_any_job(t: Ctx) {
+    let store = t.store.clone();
     assert_eq!(store.newest_time().await.unwrap(), None, "an empty store");
     let now = clock::now();
     enqueue_at(&*store, vec![vec![new_job("a", 5), new_job("b", 5)]], now).await;
@@ -539,7 +677,1159 @@ async fn the_newest_time_is_the_last_change_of_any_job(store: Arc<dyn Store>) {
     assert_eq!(store.newest_time().await.unwrap(), Some(newest));
 }
 
-#[tokio::test]
-async fn newest_time() {
-    for_each_backend(the_newest_time_is_the_last_change_of_any_job).await;
+// ---- Helpers of the checks below.
+
+/// A job the store names (`jobN`).
+fn generated(priority: u8) -> NewJob {
+    NewJob {
+        id: None,
+        ..new_job("unused", priority)
+    }
 }
+
+fn ids(jobs: &[job::Job]) -> Vec<&str> {
+    jobs.iter().map(|job| job.id.as_str()).collect()
+}
+
+/// The ids each request of `outcome` stored, or its refusal.
+fn enqueued_ids(outcome: &WriteOutcome) -> Vec<Result<Vec<String>, EnqueueRejected>> {
+    outcome
+        .enqueued
+        .iter()
+        .map(|request| {
+            request
+                .as_ref()
+                .map(|jobs| jobs.iter().map(|job| job.id.clone()).collect())
+                .map_err(Clone::clone)
+        })
+        .collect()
+}
+
+/// Enqueues one job on its own under `policy` and returns it as stored.
+async fn enqueue_one(store: &dyn Store, job: NewJob, policy: Policy) -> job::Job {
+    let batch = WriteBatch {
+        enqueues: vec![vec![job]],
+        durable: true,
+        ..WriteBatch::default()
+    };
+    let mut outcome = store.write(&batch, clock::now(), policy).await.unwrap();
+    outcome.enqueued.pop().unwrap().unwrap().pop().unwrap()
+}
+
+/// Claims up to `limit` jobs now for [`OWNER`] under `policy`.
+async fn claim_under(store: &dyn Store, limit: u32, policy: Policy) -> Vec<job::Job> {
+    let batch = WriteBatch {
+        claims: vec![limit],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    let mut outcome = store.write(&batch, clock::now(), policy).await.unwrap();
+    outcome.claimed.pop().unwrap()
+}
+
+/// Claims the one job `id` (the only ready one) now and returns it.
+async fn claim_one(store: &dyn Store, id: &str) -> job::Job {
+    let claimed = claim(store, 1, clock::now(), OWNER).await.unwrap();
+    assert_eq!(ids(&claimed), [id]);
+    claimed.into_iter().next().unwrap()
+}
+
+/// Ends `job`'s current run with `outcome` under `policy`, reporting `output`.
+fn end_run(
+    job: &job::Job,
+    outcome: Outcome,
+    policy: Policy,
+    worker: u32,
+    output: &[u8],
+    truncated: bool,
+) -> GuardedUpdate {
+    let now = clock::now();
+    GuardedUpdate {
+        job_id: job.id.clone(),
+        expect_state: JobState::Processing,
+        expect_runs: job.runs,
+        settled: job::settle(job, &outcome, policy, now),
+        ended: Some(RunEnded {
+            worker,
+            outcome: outcome.to_string(),
+            output: output.to_vec(),
+            truncated,
+        }),
+    }
+}
+
+fn counts_of(pairs: &[(JobState, u64)]) -> [u64; 5] {
+    let mut counts = [0; 5];
+    for (state, count) in pairs {
+        counts[*state as usize] = *count;
+    }
+    counts
+}
+
+/// No backoff: a failed job is ready again at once.
+const NO_BACKOFF: Policy = Policy {
+    backoff_base: 0,
+    ..POLICY
+};
+
+/// Waits for `wanted` on `signals`, passing over the other signals that arrive meanwhile.
+async fn wait_for_signal(
+    signals: &mut tokio::sync::mpsc::UnboundedReceiver<Signal>,
+    wanted: Signal,
+) {
+    let start = Instant::now();
+    loop {
+        let left = DEADLINE.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, signals.recv()).await {
+            Ok(Some(signal)) if signal == wanted => return,
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the signal stream ended before {wanted:?}"),
+            Err(_) => panic!("no {wanted:?} within {DEADLINE:?}"),
+        }
+    }
+}
+
+// ---- write: enqueues.
+
+/// Generated ids never take an id that is already there: a chosen "job1" in the same batch as a generated id is
+/// the duplicate (the generated one is stored first), and a generated id steps past a chosen "job2".
+async fn generated_ids_never_collide_with_chosen_ones(t: Ctx) {
+    let store = t.store.as_ref();
+    let outcome = enqueue_at(
+        store,
+        vec![vec![generated(5)], vec![new_job("job1", 5)]],
+        clock::now(),
+    )
+    .await;
+    assert_eq!(
+        enqueued_ids(&outcome),
+        [
+            Ok(vec!["job1".to_owned()]),
+            Err(EnqueueRejected::DuplicateId("job1".into()))
+        ]
+    );
+    assert_eq!(
+        store.get("job1").await.unwrap().unwrap().command,
+        "echo unused",
+        "job1 is the generated job"
+    );
+
+    // A person takes job2, the next generated id: the generator steps past it.
+    enqueue_at(store, vec![vec![new_job("job2", 5)]], clock::now()).await;
+    let outcome = enqueue_at(store, vec![vec![generated(5), generated(5)]], clock::now()).await;
+    let stored = outcome.enqueued[0].as_ref().expect("stored");
+    let stored_ids = ids(stored);
+    assert_eq!(stored_ids.len(), 2);
+    assert_ne!(stored_ids[0], stored_ids[1]);
+    for id in &stored_ids {
+        assert!(
+            id.starts_with("job") && !["job1", "job2"].contains(id),
+            "{id}"
+        );
+        assert_eq!(store.get(id).await.unwrap().unwrap().command, "echo unused");
+    }
+    assert_eq!(
+        store.get("job2").await.unwrap().unwrap().command,
+        "echo job2",
+        "the chosen job2 is untouched"
+    );
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Pending, 4)])
+    );
+
+    // A chosen id repeated inside one request refuses that request alone, even when it matches a generated one.
+    let outcome = enqueue_at(
+        store,
+        vec![
+            vec![new_job("x", 5), new_job("job1", 5)],
+            vec![new_job("y", 5)],
+        ],
+        clock::now(),
+    )
+    .await;
+    assert_eq!(
+        enqueued_ids(&outcome),
+        [
+            Err(EnqueueRejected::DuplicateId("job1".into())),
+            Ok(vec!["y".to_owned()])
+        ]
+    );
+    assert!(store.get("x").await.unwrap().is_none());
+}
+
+// ---- write: starts and guarded updates.
+
+/// A start records the run (worker, no end yet) and the job's process group; a start for a run the job is not on,
+/// or for a job that does not exist, is ignored.
+async fn starts_record_the_run_and_its_process_group(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(
+        store,
+        vec![vec![new_job("a", 1), new_job("b", 2)]],
+        clock::now(),
+    )
+    .await;
+    let claimed = claim(store, 2, clock::now(), OWNER).await.unwrap();
+    assert_eq!(ids(&claimed), ["a", "b"]);
+    let start = |id: &str, run, pgid| RunStarted {
+        job_id: id.to_owned(),
+        run,
+        worker: 2,
+        pgid: Some(pgid),
+        started_at: clock::now(),
+    };
+    let batch = WriteBatch {
+        starts: vec![
+            start("a", 1, 777),
+            start("b", 2, 888),
+            start("missing", 1, 999),
+        ],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    assert!(outcome.applied.is_empty() && outcome.claimed.is_empty());
+
+    let mut in_flight: Vec<(String, Option<i64>)> = store
+        .in_flight(OWNER)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|running| (running.job.id, running.pgid))
+        .collect();
+    in_flight.sort();
+    assert_eq!(
+        in_flight,
+        [("a".to_owned(), Some(777)), ("b".to_owned(), None)]
+    );
+    let runs = store.runs("a").await.unwrap();
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!((run.run, run.worker), (1, 2));
+    assert_eq!(
+        (run.finished_at, run.outcome.as_deref(), run.truncated),
+        (None, None, false)
+    );
+    assert!(run.output.is_empty());
+    assert!(
+        store.runs("b").await.unwrap().is_empty(),
+        "b is on run 1, not 2"
+    );
+    assert!(store.get("missing").await.unwrap().is_none());
+}
+
+/// Updates of one batch apply in order: a job updated twice is checked the second time against what the first
+/// update made of it, and an update whose guard no longer matches, or for a job that does not exist, is refused.
+async fn guarded_updates_apply_in_order(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(store, vec![vec![new_job("a", 5)]], clock::now()).await;
+    let running = claim_one(store, "a").await;
+    let now = clock::now();
+    let interrupted = GuardedUpdate {
+        ended: None,
+        ..finish(&running, Outcome::Interrupted, now)
+    };
+    // A second update of the same job in the same batch, guarded on the state the first one leaves.
+    let cancel = GuardedUpdate {
+        job_id: "a".into(),
+        expect_state: JobState::Pending,
+        expect_runs: 1,
+        settled: Settled {
+            state: JobState::Dead,
+            attempts: 0,
+            interruptions: 0,
+            run_after: now,
+            queue_key: now,
+            last_error: Some("cancelled".into()),
+        },
+        ended: None,
+    };
+    // Guarded on the state the job was in before the batch: stale after the first update.
+    let stale = finish(&running, Outcome::Succeeded, now);
+    let missing = GuardedUpdate {
+        job_id: "missing".into(),
+        ..finish(&running, Outcome::Succeeded, now)
+    };
+    let batch = WriteBatch {
+        updates: vec![interrupted, cancel, stale, missing],
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    assert_eq!(outcome.applied, [true, true, false, false]);
+    let job = store.get("a").await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.runs, job.last_error.as_deref()),
+        (JobState::Dead, 1, Some("cancelled"))
+    );
+    assert!(
+        store.runs("a").await.unwrap().is_empty(),
+        "no applied update ended a run"
+    );
+    assert!(store.get("missing").await.unwrap().is_none());
+}
+
+// ---- write: claims.
+
+/// Claims come after everything else in the batch (they take a job the batch enqueued or returned to the queue),
+/// and the jobs claimed are dealt best first to the batch's claims, in order, each up to its limit.
+async fn claims_come_last_and_are_dealt_in_order(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(store, vec![vec![new_job("x", 5)]], clock::now()).await;
+    let x = claim_one(store, "x").await;
+    for (id, priority) in [("p1", 1), ("p2", 2), ("p3", 3), ("p4", 4)] {
+        enqueue_at(store, vec![vec![new_job(id, priority)]], clock::now()).await;
+    }
+    let now = clock::now();
+    let batch = WriteBatch {
+        enqueues: vec![vec![new_job("first", 1)]],
+        updates: vec![GuardedUpdate {
+            ended: None,
+            ..finish(&x, Outcome::Interrupted, now)
+        }],
+        claims: vec![2, 0, 4],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    assert_eq!(outcome.applied, [true]);
+    let dealt: Vec<Vec<&str>> = outcome.claimed.iter().map(|jobs| ids(jobs)).collect();
+    assert_eq!(
+        dealt,
+        [vec!["p1", "first"], vec![], vec!["p2", "p3", "p4", "x"]],
+        "best first: priority 1 by age, then 2, 3, 4, then x (priority 5)"
+    );
+    for job in outcome.claimed.iter().flatten() {
+        assert_eq!(job.state, JobState::Processing, "{}", job.id);
+    }
+    let x = store.get("x").await.unwrap().unwrap();
+    assert_eq!((x.state, x.runs), (JobState::Processing, 2));
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Processing, 6)])
+    );
+}
+
+/// A claim of limit 0 takes nothing, alone or beside other claims.
+async fn a_claim_of_zero_takes_nothing(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(
+        store,
+        vec![vec![new_job("a", 5), new_job("b", 5)]],
+        clock::now(),
+    )
+    .await;
+    let batch = WriteBatch {
+        claims: vec![0],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    assert_eq!(outcome.claimed.len(), 1);
+    assert!(outcome.claimed[0].is_empty());
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Pending, 2)])
+    );
+
+    let batch = WriteBatch {
+        claims: vec![0, 1, 0],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let dealt: Vec<Vec<&str>> = outcome.claimed.iter().map(|jobs| ids(jobs)).collect();
+    assert_eq!(dealt, [vec![], vec!["a"], vec![]]);
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Pending, 1), (JobState::Processing, 1)])
+    );
+}
+
+// ---- Reads.
+
+/// next_due: nothing when no job waits (none at all, or only running and finished ones), zero when a job is
+/// ready, and the time left when the earliest waiting job is a failed one waiting for its backoff.
+async fn next_due_is_the_earliest_waiting_job(t: Ctx) {
+    let store = t.store.as_ref();
+    assert_eq!(store.next_due(clock::now()).await.unwrap(), None);
+    enqueue_at(
+        store,
+        vec![vec![new_job("done", 5), new_job("running", 5)]],
+        clock::now(),
+    )
+    .await;
+    let done = claim_one(store, "done").await;
+    assert!(
+        update(
+            store,
+            finish(&done, Outcome::Succeeded, clock::now()),
+            clock::now()
+        )
+        .await
+    );
+    claim_one(store, "running").await;
+    assert_eq!(
+        store.next_due(clock::now()).await.unwrap(),
+        None,
+        "none waits"
+    );
+
+    enqueue_at(store, vec![vec![new_job("retry", 5)]], clock::now()).await;
+    assert_eq!(
+        store.next_due(clock::now()).await.unwrap(),
+        Some(Duration::ZERO),
+        "one is due now"
+    );
+    let retry = claim_one(store, "retry").await;
+    let failed = finish(&retry, Outcome::Failed(job::Failure::Exit(1)), clock::now());
+    assert!(update(store, failed, clock::now()).await);
+    let due = store
+        .next_due(clock::now())
+        .await
+        .unwrap()
+        .expect("a job waits");
+    assert!(
+        due > Duration::from_millis(1000) && due <= Duration::from_secs(2),
+        "a failed job is due after its 2 s backoff: {due:?}"
+    );
+
+    enqueue_at(store, vec![vec![new_job("fresh", 5)]], clock::now()).await;
+    assert_eq!(
+        store.next_due(clock::now()).await.unwrap(),
+        Some(Duration::ZERO),
+        "the earliest waiting job counts"
+    );
+}
+
+/// in_flight lists the processing jobs with their process groups, for recovery. A SQLite database has one server,
+/// so every processing job is its own; on PostgreSQL only the jobs `owner` claimed are.
+async fn in_flight_lists_the_running_jobs(t: Ctx) {
+    let store = t.store.as_ref();
+    assert!(store.in_flight(OWNER).await.unwrap().is_empty());
+    enqueue_at(
+        store,
+        vec![vec![
+            new_job("mine", 1),
+            new_job("other", 2),
+            new_job("done", 3),
+            new_job("waiting", 4),
+        ]],
+        clock::now(),
+    )
+    .await;
+    let mine = claim_one(store, "mine").await;
+    let other = claim(store, 1, clock::now(), "another-server")
+        .await
+        .unwrap();
+    assert_eq!(ids(&other), ["other"]);
+    let done = claim_one(store, "done").await;
+    assert!(
+        update(
+            store,
+            finish(&done, Outcome::Succeeded, clock::now()),
+            clock::now()
+        )
+        .await
+    );
+    let batch = WriteBatch {
+        starts: vec![RunStarted {
+            job_id: "mine".into(),
+            run: mine.runs,
+            worker: 0,
+            pgid: Some(4242),
+            started_at: clock::now(),
+        }],
+        ..WriteBatch::default()
+    };
+    store.write(&batch, clock::now(), POLICY).await.unwrap();
+
+    let mut found: Vec<(String, JobState, u32, Option<i64>)> = store
+        .in_flight(OWNER)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|running| {
+            (
+                running.job.id,
+                running.job.state,
+                running.job.runs,
+                running.pgid,
+            )
+        })
+        .collect();
+    found.sort();
+    let mut expected = vec![("mine".to_owned(), JobState::Processing, 1, Some(4242))];
+    if t.backend == Backend::Sqlite {
+        expected.push(("other".to_owned(), JobState::Processing, 1, None));
+    }
+    assert_eq!(found, expected);
+}
+
+/// get returns a job with every field as stored, and nothing for an unknown id.
+async fn get_returns_the_job_as_stored(t: Ctx) {
+    let store = t.store.as_ref();
+    assert_eq!(store.get("a").await.unwrap(), None);
+    let before = clock::now();
+    enqueue_at(
+        store,
+        vec![vec![NewJob {
+            id: Some("a".into()),
+            command: "echo 'a b' && exit 3".into(),
+            priority: 7,
+            max_retries: 4,
+            timeout_secs: Some(30),
+        }]],
+        before,
+    )
+    .await;
+    let job = store.get("a").await.unwrap().expect("stored");
+    assert_eq!(job.id, "a");
+    assert_eq!(job.command, "echo 'a b' && exit 3");
+    assert_eq!(
+        (job.state, job.priority, job.max_retries, job.timeout_secs),
+        (JobState::Pending, 7, 4, Some(30))
+    );
+    assert_eq!((job.attempts, job.runs, job.interruptions), (0, 0, 0));
+    assert_eq!(job.last_error, None);
+    assert_eq!(job.created_at, job.updated_at);
+    assert_eq!(job.created_at, job.run_after);
+    // PostgreSQL stamps the database's clock, which is this machine's.
+    assert!(
+        (job.created_at - before).abs() < 5 * MICROS_PER_SEC,
+        "created at {}, enqueued at {before}",
+        job.created_at
+    );
+    assert_eq!(store.get("A").await.unwrap(), None, "ids are exact");
+}
+
+/// Listing's edges: an empty store, a page that ends exactly at the last job, and a state no job is in.
+async fn listing_ends_where_the_jobs_end(t: Ctx) {
+    let store = t.store.as_ref();
+    let all = |limit| ListFilter {
+        state: None,
+        after: None,
+        limit,
+    };
+    let page = store.list(&all(10)).await.unwrap();
+    assert!(page.jobs.is_empty() && page.next.is_none());
+
+    let jobs: Vec<NewJob> = ["d", "c", "b", "a"]
+        .iter()
+        .map(|id| new_job(id, 5))
+        .collect();
+    enqueue_at(store, vec![jobs], clock::now()).await;
+    let page = store.list(&all(4)).await.unwrap();
+    assert_eq!(ids(&page.jobs), ["d", "c", "b", "a"], "insertion order");
+    assert_eq!(page.next, None, "nothing follows the last job");
+
+    let page = store.list(&all(3)).await.unwrap();
+    assert_eq!(ids(&page.jobs), ["d", "c", "b"]);
+    let rest = store
+        .list(&ListFilter {
+            after: Some(page.next.expect("a job follows")),
+            ..all(3)
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest.jobs), ["a"]);
+    assert_eq!(rest.next, None);
+
+    let completed = store
+        .list(&ListFilter {
+            state: Some(JobState::Completed),
+            ..all(10)
+        })
+        .await
+        .unwrap();
+    assert!(completed.jobs.is_empty() && completed.next.is_none());
+}
+
+/// counts tallies the jobs in every state.
+async fn counts_tally_every_state(t: Ctx) {
+    let store = t.store.as_ref();
+    assert_eq!(store.counts().await.unwrap(), [0; 5]);
+    let no_retries = NewJob {
+        max_retries: 0,
+        ..new_job("dead", 1)
+    };
+    enqueue_at(
+        store,
+        vec![vec![
+            no_retries,
+            new_job("failed", 2),
+            new_job("completed", 3),
+            new_job("processing", 4),
+            new_job("pending", 5),
+            new_job("pending-too", 5),
+        ]],
+        clock::now(),
+    )
+    .await;
+    let dead = claim_one(store, "dead").await;
+    let failed = claim_one(store, "failed").await;
+    let completed = claim_one(store, "completed").await;
+    claim_one(store, "processing").await;
+    let now = clock::now();
+    let batch = WriteBatch {
+        updates: vec![
+            finish(&dead, Outcome::Failed(job::Failure::Exit(1)), now),
+            finish(&failed, Outcome::Failed(job::Failure::Exit(1)), now),
+            finish(&completed, Outcome::Succeeded, now),
+        ],
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    assert_eq!(outcome.applied, [true, true, true]);
+    assert_eq!(
+        store.get("dead").await.unwrap().unwrap().state,
+        JobState::Dead
+    );
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[
+            (JobState::Pending, 2),
+            (JobState::Processing, 1),
+            (JobState::Failed, 1),
+            (JobState::Completed, 1),
+            (JobState::Dead, 1),
+        ])
+    );
+}
+
+/// oldest_pending is when the longest-waiting pending job was enqueued; jobs in other states do not count.
+async fn oldest_pending_is_the_longest_waiting_job(t: Ctx) {
+    let store = t.store.as_ref();
+    assert_eq!(store.oldest_pending().await.unwrap(), None);
+    let first = enqueue_one(store, new_job("first", 5), POLICY).await;
+    let second = enqueue_one(store, new_job("second", 5), POLICY).await;
+    assert!(second.created_at >= first.created_at);
+    assert_eq!(
+        store.oldest_pending().await.unwrap(),
+        Some(first.created_at)
+    );
+    claim_one(store, "first").await;
+    assert_eq!(
+        store.oldest_pending().await.unwrap(),
+        Some(second.created_at),
+        "a running job does not wait"
+    );
+    let second = claim_one(store, "second").await;
+    let failed = finish(
+        &second,
+        Outcome::Failed(job::Failure::Exit(1)),
+        clock::now(),
+    );
+    assert!(update(store, failed, clock::now()).await);
+    assert_eq!(
+        store.oldest_pending().await.unwrap(),
+        None,
+        "a failed job is not pending"
+    );
+}
+
+/// runs lists every attempt of a job, oldest first, with its worker, outcome, output and truncation.
+async fn runs_record_every_attempt_oldest_first(t: Ctx) {
+    let store = t.store.as_ref();
+    assert!(store.runs("a").await.unwrap().is_empty(), "no such job");
+    enqueue_one(store, new_job("a", 5), NO_BACKOFF).await;
+    assert!(store.runs("a").await.unwrap().is_empty(), "not run yet");
+    let run1 = claim_one(store, "a").await;
+    let ended = end_run(
+        &run1,
+        Outcome::Failed(job::Failure::Exit(1)),
+        NO_BACKOFF,
+        1,
+        b"first",
+        false,
+    );
+    assert!(update(store, ended, clock::now()).await);
+    let run2 = claim_one(store, "a").await;
+    let ended = end_run(
+        &run2,
+        Outcome::Failed(job::Failure::Timeout),
+        NO_BACKOFF,
+        2,
+        b"\x00second\xff",
+        true,
+    );
+    assert!(update(store, ended, clock::now()).await);
+    let run3 = claim_one(store, "a").await;
+    let batch = WriteBatch {
+        starts: vec![RunStarted {
+            job_id: "a".into(),
+            run: 3,
+            worker: 3,
+            pgid: None,
+            started_at: clock::now(),
+        }],
+        ..WriteBatch::default()
+    };
+    store.write(&batch, clock::now(), NO_BACKOFF).await.unwrap();
+    let open = store.runs("a").await.unwrap();
+    assert_eq!(open.len(), 3);
+    assert_eq!((open[2].run, open[2].outcome.as_deref()), (3, None));
+    assert_eq!(open[2].finished_at, None, "run 3 is still going");
+
+    let ended = end_run(&run3, Outcome::Succeeded, NO_BACKOFF, 3, b"", false);
+    assert!(update(store, ended, clock::now()).await);
+    let runs = store.runs("a").await.unwrap();
+    let summary: Vec<_> = runs
+        .iter()
+        .map(|run| {
+            (
+                run.run,
+                run.worker,
+                run.outcome.as_deref(),
+                run.output.as_slice(),
+                run.truncated,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (1, 1, Some("exit:1"), &b"first"[..], false),
+            (2, 2, Some("timeout"), &b"\x00second\xff"[..], true),
+            (3, 3, Some("ok"), &b""[..], false),
+        ]
+    );
+    for run in &runs {
+        let finished = run.finished_at.expect("every run ended");
+        assert!(finished >= run.started_at, "run {}", run.run);
+    }
+    assert!(runs[0].started_at <= runs[1].started_at && runs[1].started_at <= runs[2].started_at);
+    let job = store.get("a").await.unwrap().unwrap();
+    assert_eq!(
+        (job.state, job.runs, job.attempts),
+        (JobState::Completed, 3, 2)
+    );
+}
+
+/// Settings are stored and replaced by key; saving one re-keys the waiting jobs with the policy it brings, so the
+/// aging order changes at once.
+async fn settings_are_stored_and_re_key_waiting_jobs(t: Ctx) {
+    let store = t.store.as_ref();
+    assert!(store.load_config().await.unwrap().is_empty());
+    let no_aging = Policy {
+        aging_interval_secs: 0,
+        ..POLICY
+    };
+
+    // With 60 s aging, a priority-1 job enqueued after a priority-3 one runs first...
+    enqueue_one(store, new_job("old-low", 3), POLICY).await;
+    enqueue_one(store, new_job("new-high", 1), POLICY).await;
+    // ...until aging is set to 0: then only age counts.
+    store
+        .save_config("aging_interval", "0", no_aging)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&claim_under(store, 2, no_aging).await),
+        ["old-low", "new-high"]
+    );
+
+    // And back: saving 60 s makes priority count again for the jobs that wait.
+    enqueue_one(store, new_job("old-low-2", 3), no_aging).await;
+    enqueue_one(store, new_job("new-high-2", 1), no_aging).await;
+    store
+        .save_config("aging_interval", "60", POLICY)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&claim_under(store, 2, POLICY).await),
+        ["new-high-2", "old-low-2"]
+    );
+
+    store
+        .save_config("backoff_base", "3", POLICY)
+        .await
+        .unwrap();
+    let mut config = store.load_config().await.unwrap();
+    config.sort();
+    assert_eq!(
+        config,
+        [
+            ("aging_interval".to_owned(), "60".to_owned()),
+            ("backoff_base".to_owned(), "3".to_owned()),
+        ]
+    );
+}
+
+/// reset deletes every job, run and setting, says how many jobs it deleted, and generated ids start at job1 again.
+async fn reset_deletes_everything(t: Ctx) {
+    let store = t.store.as_ref();
+    assert_eq!(store.reset().await.unwrap(), 0, "an empty store");
+    enqueue_at(
+        store,
+        vec![vec![generated(5), generated(5), new_job("chosen", 5)]],
+        clock::now(),
+    )
+    .await;
+    let job1 = claim_one(store, "job1").await;
+    let ended = end_run(&job1, Outcome::Succeeded, POLICY, 0, b"old run", false);
+    assert!(update(store, ended, clock::now()).await);
+    assert_eq!(store.runs("job1").await.unwrap().len(), 1);
+    store
+        .save_config("backoff_base", "3", POLICY)
+        .await
+        .unwrap();
+
+    assert_eq!(store.reset().await.unwrap(), 3);
+    for id in ["job1", "job2", "chosen"] {
+        assert_eq!(store.get(id).await.unwrap(), None, "{id}");
+    }
+    assert_eq!(store.counts().await.unwrap(), [0; 5]);
+    assert!(store.load_config().await.unwrap().is_empty());
+    assert_eq!(store.newest_time().await.unwrap(), None);
+    assert_eq!(store.oldest_pending().await.unwrap(), None);
+    assert_eq!(store.next_due(clock::now()).await.unwrap(), None);
+    let page = store
+        .list(&ListFilter {
+            state: None,
+            after: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert!(page.jobs.is_empty());
+
+    let outcome = enqueue_at(store, vec![vec![generated(5)]], clock::now()).await;
+    assert_eq!(enqueued_ids(&outcome), [Ok(vec!["job1".to_owned()])]);
+    assert!(
+        store.runs("job1").await.unwrap().is_empty(),
+        "the old job1's runs are gone"
+    );
+}
+
+/// Aging by the store's own clock: an old low-priority job overtakes a new high-priority one once it waited one
+/// aging interval per level. PostgreSQL stamps the database's clock, so the test waits for a second to pass on
+/// it (seen in the stamps of jobs it enqueues meanwhile) with a 1 s aging interval set through save_config.
+async fn aging_lets_an_old_job_overtake_a_new_better_one(t: Ctx) {
+    let store = t.store.as_ref();
+    let fast = Policy {
+        aging_interval_secs: 1,
+        ..POLICY
+    };
+    store
+        .save_config("aging_interval", "1", fast)
+        .await
+        .unwrap();
+    // Priority 2: one level to age, 1 s.
+    let old = enqueue_one(store, new_job("old-low", 2), fast).await;
+    let early = enqueue_one(store, new_job("early-high", 1), fast).await;
+    let old_key = old.created_at + MICROS_PER_SEC;
+    // Ticks of the lowest priority (9 s behind) show the store's clock without getting in the way.
+    let mut ticks = 0;
+    eventually("a second to pass on the store's clock", async || {
+        ticks += 1;
+        let tick = enqueue_one(store, new_job(&format!("tick{ticks}"), 10), fast).await;
+        (tick.created_at > old_key).then_some(())
+    })
+    .await;
+    let late = enqueue_one(store, new_job("late-high", 1), fast).await;
+    assert!(late.created_at > old_key);
+
+    let claimed = claim_under(store, 3, fast).await;
+    // The early job came within the second (unless the machine stalled): it had not been overtaken yet.
+    let expected = if early.created_at < old_key {
+        ["early-high", "old-low", "late-high"]
+    } else {
+        ["old-low", "early-high", "late-high"]
+    };
+    assert_eq!(ids(&claimed), expected);
+}
+
+/// SQLite copies itself into a file that opens as a store holding the jobs; PostgreSQL has its own tools, so it
+/// says it cannot and refuses.
+async fn backup_copies_the_database_where_it_can(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(
+        store,
+        vec![vec![new_job("a", 5), new_job("b", 3)]],
+        clock::now(),
+    )
+    .await;
+    claim_one(store, "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("backup.db");
+    std::fs::File::create(&path).unwrap();
+    match t.backend {
+        Backend::Sqlite => {
+            assert!(store.can_backup());
+            let size = store.backup(&path).await.unwrap();
+            assert!(size > 0);
+            assert_eq!(size, std::fs::metadata(&path).unwrap().len());
+            let copy = SqliteStore::open(&path).await.unwrap();
+            for id in ["a", "b"] {
+                assert_eq!(
+                    copy.get(id).await.unwrap(),
+                    store.get(id).await.unwrap(),
+                    "{id}"
+                );
+            }
+            assert_eq!(
+                copy.counts().await.unwrap(),
+                counts_of(&[(JobState::Pending, 1), (JobState::Processing, 1)])
+            );
+        }
+        Backend::Postgres => {
+            assert!(!store.can_backup());
+            assert!(store.backup(&path).await.is_err());
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                0,
+                "nothing written"
+            );
+        }
+    }
+}
+
+/// close leaves the database whole: a store opened on it afterwards finds every job. For SQLite the log is
+/// checkpointed into the database file, so that file alone, copied elsewhere, holds them.
+async fn close_leaves_the_database_whole(t: Ctx) {
+    let store = t.store.as_ref();
+    let jobs: Vec<NewJob> = (0..50).map(|n| new_job(&format!("j{n}"), 5)).collect();
+    enqueue_at(store, vec![jobs], clock::now()).await;
+    store.close().await.unwrap();
+    let reopened = t.reopen().await;
+    assert_eq!(
+        reopened.counts().await.unwrap(),
+        counts_of(&[(JobState::Pending, 50)])
+    );
+    if t.backend == Backend::Sqlite {
+        let database = t.sqlite_path();
+        let wal = PathBuf::from(format!("{}-wal", database.display()));
+        assert_eq!(
+            std::fs::metadata(&wal).map_or(0, |metadata| metadata.len()),
+            0,
+            "the log is checkpointed and truncated"
+        );
+        let elsewhere = tempfile::tempdir().unwrap();
+        let copy = elsewhere.path().join("copy.db");
+        std::fs::copy(&database, &copy).unwrap();
+        let copy = SqliteStore::open(&copy).await.unwrap();
+        assert_eq!(
+            copy.counts().await.unwrap(),
+            counts_of(&[(JobState::Pending, 50)])
+        );
+        assert_eq!(copy.get("j49").await.unwrap().unwrap().command, "echo j49");
+    }
+}
+
+/// Only PostgreSQL, which several servers share, has the cluster capability.
+async fn only_a_shared_database_has_the_cluster_capability(t: Ctx) {
+    match t.backend {
+        Backend::Sqlite => assert!(t.store.cluster().is_none()),
+        Backend::Postgres => {
+            let cluster = t.store.cluster().expect("PostgreSQL is shared");
+            assert_eq!(cluster.lease(), Duration::from_secs(30), "as opened");
+        }
+    }
+}
+
+conformance!(
+    a_stale_report_is_rejected,
+    one_batch_does_everything_in_order,
+    a_duplicate_id_rolls_back_only_its_request,
+    generated_ids_never_collide_with_chosen_ones,
+    starts_record_the_run_and_its_process_group,
+    guarded_updates_apply_in_order,
+    claims_come_last_and_are_dealt_in_order,
+    a_claim_of_zero_takes_nothing,
+    claims_follow_priority_and_fifo,
+    abandoned_runs_are_counted_until_the_job_is_dead,
+    next_due_is_the_earliest_waiting_job,
+    in_flight_lists_the_running_jobs,
+    get_returns_the_job_as_stored,
+    listing_pages_through_every_job_once,
+    listing_ends_where_the_jobs_end,
+    counts_tally_every_state,
+    the_newest_time_is_the_last_change_of_any_job,
+    oldest_pending_is_the_longest_waiting_job,
+    runs_record_every_attempt_oldest_first,
+    settings_are_stored_and_re_key_waiting_jobs,
+    reset_deletes_everything,
+    aging_lets_an_old_job_overtake_a_new_better_one,
+    backup_copies_the_database_where_it_can,
+    close_leaves_the_database_whole,
+    only_a_shared_database_has_the_cluster_capability,
+);
+
+// ---- The Cluster capability (PostgreSQL).
+
+/// A short lease, so that the checks see one run out.
+const LEASE: Duration = Duration::from_secs(2);
+
+fn server_record(id: &str, job: Option<&str>) -> ServerRecord {
+    ServerRecord {
+        id: id.to_owned(),
+        host: "test-host".to_owned(),
+        pid: 4000,
+        worker_count: 1,
+        workers: vec![WorkerRecord {
+            index: 0,
+            job_id: job.map(str::to_owned),
+            command: job.map(|id| format!("echo {id}")),
+            started_at: Some(12),
+            stopping: false,
+        }],
+        seen_at: 0,
+    }
+}
+
+/// A store reports the lease it was opened with.
+async fn the_lease_is_the_one_opened_with(t: Ctx) {
+    let store = t.postgres_store(LEASE).await;
+    assert_eq!(store.cluster().unwrap().lease(), LEASE);
+}
+
+/// A heartbeat renews the leases of the jobs its own server runs only, and returns the jobs whose lease ran out
+/// (with their process groups), for the caller to rescue.
+async fn heartbeats_renew_their_own_leases_and_find_expired_ones(t: Ctx) {
+    let a = t.postgres_store(LEASE).await;
+    let b = t.postgres_store(LEASE).await;
+    let (server_a, server_b) = (
+        server_record("server-a", Some("mine")),
+        server_record("server-b", Some("theirs")),
+    );
+    enqueue_at(
+        &a,
+        vec![vec![new_job("mine", 1), new_job("theirs", 2)]],
+        clock::now(),
+    )
+    .await;
+    let mine = claim(&a, 1, clock::now(), "server-a").await.unwrap();
+    assert_eq!(ids(&mine), ["mine"]);
+    let theirs = claim(&b, 1, clock::now(), "server-b").await.unwrap();
+    assert_eq!(ids(&theirs), ["theirs"]);
+    let batch = WriteBatch {
+        starts: vec![RunStarted {
+            job_id: "theirs".into(),
+            run: 1,
+            worker: 0,
+            pgid: Some(5150),
+            started_at: clock::now(),
+        }],
+        owner: "server-b".into(),
+        ..WriteBatch::default()
+    };
+    b.write(&batch, clock::now(), POLICY).await.unwrap();
+
+    let cluster_a = a.cluster().unwrap();
+    let cluster_b = b.cluster().unwrap();
+    assert!(
+        cluster_a.heartbeat(&server_a).await.unwrap().is_empty(),
+        "no lease ran out yet"
+    );
+    // Server B falls silent; A beats on until B's lease runs out.
+    let rescued = eventually("server-b's lease to run out", async || {
+        let expired = cluster_a.heartbeat(&server_a).await.unwrap();
+        (!expired.is_empty()).then_some(expired)
+    })
+    .await;
+    let rescued: Vec<(&str, JobState, Option<i64>)> = rescued
+        .iter()
+        .map(|running| (running.job.id.as_str(), running.job.state, running.pgid))
+        .collect();
+    assert_eq!(rescued, [("theirs", JobState::Processing, Some(5150))]);
+    // "mine" was claimed before "theirs", so without renewal its lease would have run out first.
+    assert!(
+        cluster_b.heartbeat(&server_b).await.unwrap().is_empty(),
+        "server-a renewed its own lease"
+    );
+
+    // Now A falls silent and B beats: B's heartbeat renewed "theirs", and finds "mine" once A's lease runs out.
+    let rescued = eventually("server-a's lease to run out", async || {
+        let expired = cluster_b.heartbeat(&server_b).await.unwrap();
+        (!expired.is_empty()).then_some(expired)
+    })
+    .await;
+    assert_eq!(
+        rescued
+            .iter()
+            .map(|running| running.job.id.as_str())
+            .collect::<Vec<_>>(),
+        ["mine"]
+    );
+    assert!(
+        cluster_a.heartbeat(&server_a).await.unwrap().is_empty(),
+        "server-b's heartbeat renewed its lease on theirs"
+    );
+}
+
+/// servers lists what each server published in its last heartbeat, for as long as that is within a lease.
+async fn servers_are_those_seen_within_a_lease(t: Ctx) {
+    let a = t.postgres_store(LEASE).await;
+    let b = t.postgres_store(LEASE).await;
+    let cluster_a = a.cluster().unwrap();
+    assert!(cluster_a.servers().await.unwrap().is_empty());
+    let server_a = server_record("server-a", Some("mine"));
+    let server_b = server_record("server-b", None);
+    let before = clock::now();
+    cluster_a.heartbeat(&server_a).await.unwrap();
+    b.cluster().unwrap().heartbeat(&server_b).await.unwrap();
+
+    let seen = cluster_a.servers().await.unwrap();
+    for record in &seen {
+        assert!(
+            (record.seen_at - before).abs() < 5 * MICROS_PER_SEC,
+            "seen at {}, beat at {before}",
+            record.seen_at
+        );
+    }
+    let published: Vec<ServerRecord> = seen
+        .into_iter()
+        .map(|record| ServerRecord {
+            seen_at: 0,
+            ..record
+        })
+        .collect();
+    assert_eq!(published, [server_a.clone(), server_b.clone()]);
+
+    // B falls silent; A beats on and, a lease later, is the only one listed.
+    let alone = eventually("server-b to drop out of the list", async || {
+        cluster_a.heartbeat(&server_a).await.unwrap();
+        let ids: Vec<String> = cluster_a
+            .servers()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|record| record.id)
+            .collect();
+        (ids.len() < 2).then_some(ids)
+    })
+    .await;
+    assert_eq!(alone, ["server-a"]);
+}
+
+/// What one server announces arrives on another's signal stream: a worker count, new jobs, a changed setting.
+async fn announcements_reach_the_other_servers(t: Ctx) {
+    let a = t.postgres_store(LEASE).await;
+    let b = t.postgres_store(LEASE).await;
+    let mut signals = b
+        .cluster()
+        .unwrap()
+        .signals()
+        .expect("the first caller takes the stream");
+    assert!(
+        b.cluster().unwrap().signals().is_none(),
+        "there is one stream"
+    );
+
+    a.cluster().unwrap().broadcast_workers(7).await.unwrap();
+    wait_for_signal(&mut signals, Signal::Workers(7)).await;
+
+    enqueue_at(&a, vec![vec![new_job("a", 5)]], clock::now()).await;
+    wait_for_signal(&mut signals, Signal::Jobs).await;
+
+    a.save_config("backoff_base", "3", POLICY).await.unwrap();
+    wait_for_signal(&mut signals, Signal::Config).await;
+}
+
+cluster_conformance!(
+    the_lease_is_the_one_opened_with,
+    heartbeats_renew_their_own_leases_and_find_expired_ones,
+    servers_are_those_seen_within_a_lease,
+    announcements_reach_the_other_servers,
+);
