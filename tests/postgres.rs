@@ -486,8 +486,8 @@ fn health(home: &Home) -> String {
 }
 
 /// A server cut off from the database cannot renew its claims, and another server may take its jobs once the
-/// lease runs out. So it stops them itself before then (two thirds into the lease), says NOT_SERVING meanwhile, and
-/// serves again once the database answers.
+/// lease runs out. So it stops them itself before then (two thirds into the lease), says NOT_SERVING meanwhile,
+/// fails requests within seconds instead of hanging on the database, and serves again once the database answers.
 #[test]
 fn a_server_that_cannot_renew_its_lease_stops_its_jobs_before_the_lease_runs_out() {
     let Some(database) = TestDatabase::create() else {
@@ -529,6 +529,19 @@ fn a_server_that_cannot_renew_its_lease_stops_its_jobs_before_the_lease_runs_out
     wait_until("health says NOT_SERVING", DEADLINE, || {
         health(&home).contains("NOT_SERVING")
     });
+    // Requests that need the database fail within seconds, saying why, instead of hanging on it.
+    for request in [&["status"][..], &["enqueue", r#"{"command":"true"}"#]] {
+        let asked = std::time::Instant::now();
+        let output = home.try_queuectl(request);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{request:?}: {stderr}");
+        assert!(stderr.contains("unavailable"), "{request:?}: {stderr}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(15),
+            "{request:?} took {:?}",
+            asked.elapsed()
+        );
+    }
 
     proxy.pause(false);
     wait_until("health says SERVING again", DEADLINE, || {

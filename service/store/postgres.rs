@@ -27,6 +27,24 @@ const WORKERS_CHANNEL: &str = "queuectl_workers";
 /// How long connecting to the database, or waiting for a free connection, may take before it is an error.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
+/// How long a request's statements may go unanswered before it fails as unavailable: a database that does not
+/// answer (a partition, a stopped host) must not hold every request until TCP gives up. Bulk work (a reset, the
+/// re-keying of every waiting job) gets longer.
+const ANSWER_LIMIT: Duration = Duration::from_secs(5);
+const BULK_LIMIT: Duration = Duration::from_secs(120);
+
+async fn within<T>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "the database did not answer within {}s",
+            limit.as_secs()
+        )))
+    })
+}
+
 pub struct PgStore {
     pool: PgPool,
     lease: Duration,
@@ -85,19 +103,23 @@ impl PgStore {
     async fn transaction<T>(
         &self,
         durable: bool,
+        limit: Duration,
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        if !durable {
-            // Losing this commit to a crash of the database host only reruns a job: skip the WAL flush wait.
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?;
-        }
-        let value = work(&mut tx).await.map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(value)
+        within(limit, async {
+            let mut tx = self.pool.begin().await.map_err(classify)?;
+            if !durable {
+                // Losing this commit to a crash of the database host only reruns a job: skip the WAL flush wait.
+                sqlx::query("SET LOCAL synchronous_commit = off")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(classify)?;
+            }
+            let value = work(&mut tx).await.map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+            Ok(value)
+        })
+        .await
     }
 
     fn lease_micros(&self) -> i64 {
@@ -374,7 +396,7 @@ impl Store for PgStore {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
         let lease = self.lease_micros();
-        self.transaction(batch.durable, async |conn| {
+        self.transaction(batch.durable, ANSWER_LIMIT, async |conn| {
             let mut statements = PgStatements {
                 conn,
                 owner: &batch.owner,
@@ -386,27 +408,33 @@ impl Store for PgStore {
     }
 
     async fn next_due(&self, _now: Micros) -> Result<Option<Duration>, StoreError> {
-        let wait: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(run_after) - queuectl_now() FROM jobs WHERE state IN ('pending', 'failed')",
-        )
-        .fetch_one(&self.pool)
+        within(ANSWER_LIMIT, async {
+            let wait: Option<i64> = sqlx::query_scalar(
+                "SELECT MIN(run_after) - queuectl_now() FROM jobs WHERE state IN ('pending', 'failed')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+            Ok(wait.map(|wait| super::due_in(wait, 0)))
+        })
         .await
-        .map_err(classify)?;
-        Ok(wait.map(|wait| super::due_in(wait, 0)))
     }
 
     async fn in_flight(&self, owner: &str) -> Result<Vec<InFlight>, StoreError> {
-        const SQL: &str = concat!(
-            "SELECT ",
-            job_columns!(),
-            ", pgid FROM jobs WHERE state = 'processing' AND owner = $1"
-        );
-        let rows = sqlx::query(SQL)
-            .bind(owner)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        row::in_flight(&rows, classify)
+        within(ANSWER_LIMIT, async {
+            const SQL: &str = concat!(
+                "SELECT ",
+                job_columns!(),
+                ", pgid FROM jobs WHERE state = 'processing' AND owner = $1"
+            );
+            let rows = sqlx::query(SQL)
+                .bind(owner)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+            row::in_flight(&rows, classify)
+        })
+        .await
     }
 
     fn cluster(&self) -> Option<&dyn Cluster> {
@@ -414,76 +442,97 @@ impl Store for PgStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<Job>, StoreError> {
-        let row: Option<JobRow> = sqlx::query_as(sql::GET_JOB)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(classify)?;
-        row.map(Job::try_from).transpose()
+        within(ANSWER_LIMIT, async {
+            let row: Option<JobRow> = sqlx::query_as(sql::GET_JOB)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(classify)?;
+            row.map(Job::try_from).transpose()
+        })
+        .await
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
-        let after = filter.after.unwrap_or(Cursor {
-            priority: 0,
-            seq: 0,
-        });
-        let sql = if filter.state.is_some() {
-            sql::LIST_JOBS_IN_STATE
-        } else {
-            sql::LIST_JOBS
-        };
-        let mut query = sqlx::query(sql)
-            .bind(i64::from(after.priority))
-            .bind(after.seq)
-            .bind(i64::from(filter.limit) + 1);
-        if let Some(state) = filter.state {
-            query = query.bind(state.as_str());
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
-        row::page(&rows, filter.limit, classify)
+        within(ANSWER_LIMIT, async {
+            let after = filter.after.unwrap_or(Cursor {
+                priority: 0,
+                seq: 0,
+            });
+            let sql = if filter.state.is_some() {
+                sql::LIST_JOBS_IN_STATE
+            } else {
+                sql::LIST_JOBS
+            };
+            let mut query = sqlx::query(sql)
+                .bind(i64::from(after.priority))
+                .bind(after.seq)
+                .bind(i64::from(filter.limit) + 1);
+            if let Some(state) = filter.state {
+                query = query.bind(state.as_str());
+            }
+            let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
+            row::page(&rows, filter.limit, classify)
+        })
+        .await
     }
 
     async fn counts(&self) -> Result<StateCounts, StoreError> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-                .fetch_all(&self.pool)
-                .await
-                .map_err(classify)?;
-        row::counts(rows)
+        within(ANSWER_LIMIT, async {
+            let rows: Vec<(String, i64)> =
+                sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(classify)?;
+            row::counts(rows)
+        })
+        .await
     }
 
     async fn newest_time(&self) -> Result<Option<Micros>, StoreError> {
-        sqlx::query_scalar(sql::NEWEST_TIME)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)
+        within(ANSWER_LIMIT, async {
+            sqlx::query_scalar(sql::NEWEST_TIME)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)
+        })
+        .await
     }
 
     async fn oldest_pending(&self) -> Result<Option<Micros>, StoreError> {
-        sqlx::query_scalar(sql::OLDEST_PENDING)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)
+        within(ANSWER_LIMIT, async {
+            sqlx::query_scalar(sql::OLDEST_PENDING)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)
+        })
+        .await
     }
 
     async fn runs(&self, id: &str) -> Result<Vec<RunRecord>, StoreError> {
-        let rows: Vec<RunRow> = sqlx::query_as(sql::RUNS_OF_JOB)
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        rows.into_iter().map(RunRecord::try_from).collect()
+        within(ANSWER_LIMIT, async {
+            let rows: Vec<RunRow> = sqlx::query_as(sql::RUNS_OF_JOB)
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+            rows.into_iter().map(RunRecord::try_from).collect()
+        })
+        .await
     }
 
     async fn load_config(&self) -> Result<Vec<(String, String)>, StoreError> {
-        sqlx::query_as(sql::LOAD_CONFIG)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)
+        within(ANSWER_LIMIT, async {
+            sqlx::query_as(sql::LOAD_CONFIG)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)
+        })
+        .await
     }
 
     async fn save_config(&self, key: &str, value: &str, policy: Policy) -> Result<(), StoreError> {
-        self.transaction(true, async |conn| {
+        self.transaction(true, BULK_LIMIT, async |conn| {
             sqlx::query(sql::SAVE_CONFIG)
                 .bind(key)
                 .bind(value)
@@ -500,7 +549,7 @@ impl Store for PgStore {
     }
 
     async fn reset(&self) -> Result<u64, StoreError> {
-        self.transaction(true, async |conn| {
+        self.transaction(true, BULK_LIMIT, async |conn| {
             let deleted = sqlx::query(sql::DELETE_ALL_JOBS)
                 .execute(&mut *conn)
                 .await?
@@ -525,86 +574,95 @@ impl Cluster for PgStore {
     }
 
     async fn heartbeat(&self, server: &ServerRecord) -> Result<Vec<InFlight>, StoreError> {
-        const EXPIRED: &str = concat!(
-            "SELECT ",
-            job_columns!(),
-            ", pgid FROM jobs
-             WHERE state = 'processing' AND lease_expires_at < queuectl_now()"
-        );
-        let workers = serde_json::to_string(&server.workers)
-            .map_err(|error| StoreError::Internal(error.to_string()))?;
-        let lease = self.lease_micros();
-        let running: Vec<&str> = server
-            .workers
-            .iter()
-            .filter_map(|worker| worker.job_id.as_deref())
-            .collect();
-        self.transaction(false, async |conn| {
-            sqlx::query(
-                "INSERT INTO servers (id, host, pid, worker_count, workers, seen_at)
-                 VALUES ($1, $2, $3, $4, $5, queuectl_now())
-                 ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
-                     worker_count = excluded.worker_count, workers = excluded.workers, seen_at = excluded.seen_at",
-            )
-            .bind(&server.id)
-            .bind(&server.host)
-            .bind(i64::from(server.pid))
-            .bind(i64::from(server.worker_count))
-            .bind(&workers)
-            .execute(&mut *conn)
+        within(ANSWER_LIMIT, async {
+            const EXPIRED: &str = concat!(
+                "SELECT ",
+                job_columns!(),
+                ", pgid FROM jobs
+                 WHERE state = 'processing' AND lease_expires_at < queuectl_now()"
+            );
+            let workers = serde_json::to_string(&server.workers)
+                .map_err(|error| StoreError::Internal(error.to_string()))?;
+            let lease = self.lease_micros();
+            let running: Vec<&str> = server
+                .workers
+                .iter()
+                .filter_map(|worker| worker.job_id.as_deref())
+                .collect();
+            self.transaction(false, ANSWER_LIMIT, async |conn| {
+                sqlx::query(
+                    "INSERT INTO servers (id, host, pid, worker_count, workers, seen_at)
+                     VALUES ($1, $2, $3, $4, $5, queuectl_now())
+                     ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,
+                         worker_count = excluded.worker_count, workers = excluded.workers, seen_at = excluded.seen_at",
+                )
+                .bind(&server.id)
+                .bind(&server.host)
+                .bind(i64::from(server.pid))
+                .bind(i64::from(server.worker_count))
+                .bind(&workers)
+                .execute(&mut *conn)
+                .await?;
+                // Only the jobs its workers run: a claim whose reply never arrived runs nowhere, and must expire.
+                sqlx::query(
+                    "UPDATE jobs SET lease_expires_at = queuectl_now() + $2
+                     WHERE state = 'processing' AND owner = $1 AND id = ANY($3)",
+                )
+                .bind(&server.id)
+                .bind(lease)
+                .bind(running)
+                .execute(conn)
+                .await?;
+                Ok(())
+            })
             .await?;
-            // Only the jobs its workers run: a claim whose reply never arrived runs nowhere, and must expire.
-            sqlx::query(
-                "UPDATE jobs SET lease_expires_at = queuectl_now() + $2
-                 WHERE state = 'processing' AND owner = $1 AND id = ANY($3)",
-            )
-            .bind(&server.id)
-            .bind(lease)
-            .bind(running)
-            .execute(conn)
-            .await?;
-            Ok(())
+            let rows = sqlx::query(EXPIRED)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+            row::in_flight(&rows, classify)
         })
-        .await?;
-        let rows = sqlx::query(EXPIRED)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
-        row::in_flight(&rows, classify)
+        .await
     }
 
     async fn servers(&self) -> Result<Vec<ServerRecord>, StoreError> {
-        let rows: Vec<(String, String, i64, i64, String, i64)> = sqlx::query_as(
-            "SELECT id, host, pid, worker_count, workers, seen_at FROM servers
-             WHERE seen_at > queuectl_now() - $1 ORDER BY host, id",
-        )
-        .bind(self.lease_micros())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(classify)?;
-        rows.into_iter()
-            .map(|(id, host, pid, worker_count, workers, seen_at)| {
-                Ok(ServerRecord {
-                    id,
-                    host,
-                    pid: u32::try_from(pid).unwrap_or_default(),
-                    worker_count: u32::try_from(worker_count).unwrap_or_default(),
-                    workers: serde_json::from_str(&workers)
-                        .map_err(|error| StoreError::Internal(error.to_string()))?,
-                    seen_at,
+        within(ANSWER_LIMIT, async {
+            let rows: Vec<(String, String, i64, i64, String, i64)> = sqlx::query_as(
+                "SELECT id, host, pid, worker_count, workers, seen_at FROM servers
+                 WHERE seen_at > queuectl_now() - $1 ORDER BY host, id",
+            )
+            .bind(self.lease_micros())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+            rows.into_iter()
+                .map(|(id, host, pid, worker_count, workers, seen_at)| {
+                    Ok(ServerRecord {
+                        id,
+                        host,
+                        pid: u32::try_from(pid).unwrap_or_default(),
+                        worker_count: u32::try_from(worker_count).unwrap_or_default(),
+                        workers: serde_json::from_str(&workers)
+                            .map_err(|error| StoreError::Internal(error.to_string()))?,
+                        seen_at,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(WORKERS_CHANNEL)
-            .bind(count.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(classify)?;
-        Ok(())
+        within(ANSWER_LIMIT, async {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(WORKERS_CHANNEL)
+                .bind(count.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
     }
 
     fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
