@@ -661,7 +661,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn finish_and_claim_queues_its_update_before_its_claim_in_one_batch() {
+    async fn finish_and_claim_shares_one_batch() {
         let store = FakeStore::new();
         let (writer, _) = writer_for(&store, 64);
         let primer = hold_write_task(&store, &writer).await;
@@ -684,6 +684,48 @@ mod tests {
         assert_eq!(batches[1].updates.len(), 1);
         assert_eq!(batches[1].claims, [1]);
         assert!(!batches[1].durable);
+    }
+
+    #[tokio::test]
+    async fn finish_and_claim_queues_its_update_before_its_claim() {
+        // A writer whose queue the test reads itself, in the write task's place.
+        let (ops, mut receiver) = mpsc::channel(4);
+        let writer = Writer {
+            ops,
+            faults: watch::channel(Faults::default()).1,
+        };
+        let finish = tokio::spawn(async move {
+            writer
+                .finish_and_claim(update("u1", JobState::Completed))
+                .await
+        });
+        let first = tokio::time::timeout(PATIENCE, receiver.recv())
+            .await
+            .unwrap();
+        let Some(Op::Update {
+            update,
+            durable: false,
+            reply: update_reply,
+        }) = first
+        else {
+            panic!("the update comes first, not durable");
+        };
+        assert_eq!(update.job_id, "u1");
+        let second = tokio::time::timeout(PATIENCE, receiver.recv())
+            .await
+            .unwrap();
+        let Some(Op::Claim {
+            limit: 1,
+            reply: claim_reply,
+        }) = second
+        else {
+            panic!("a claim of one job comes second");
+        };
+        update_reply.send(Ok(true)).unwrap();
+        claim_reply.send(Ok(Vec::new())).unwrap();
+        let (applied, claimed) = finish.await.unwrap();
+        assert!(applied.unwrap());
+        assert!(claimed.unwrap().is_empty());
     }
 
     #[tokio::test]
