@@ -420,3 +420,268 @@ impl Gated {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capture(limit: usize) -> Capture {
+        Capture {
+            kept: Vec::new(),
+            limit,
+            dropped: 0,
+        }
+    }
+
+    #[test]
+    fn capture_keeps_the_first_bytes_and_marks_how_many_it_dropped() {
+        let mut capture = capture(5);
+        assert_eq!(capture.push(b"abc"), b"abc");
+        assert_eq!(capture.push(b"defg"), b"de");
+        assert_eq!(capture.push(b"hijkl"), b"");
+        let (output, truncated) = capture.finish();
+        assert!(truncated);
+        assert_eq!(
+            String::from_utf8(output).unwrap(),
+            "abcde\n[queuectl: output truncated, 7 bytes dropped]\n"
+        );
+    }
+
+    #[test]
+    fn capture_within_its_limit_is_kept_whole_without_a_marker() {
+        let mut whole = capture(6);
+        assert_eq!(whole.push(b"abc"), b"abc");
+        assert_eq!(whole.push(b"def"), b"def");
+        assert_eq!(whole.finish(), (b"abcdef".to_vec(), false));
+
+        let mut nothing = capture(0);
+        assert_eq!(nothing.push(b""), b"");
+        assert_eq!(nothing.finish(), (Vec::new(), false));
+    }
+
+    #[cfg(unix)]
+    mod unix {
+        use std::path::Path;
+
+        use super::super::*;
+
+        /// How long a test waits for something that should happen at once.
+        const PATIENCE: Duration = Duration::from_secs(10);
+
+        fn status_of(script: &str) -> ExitStatus {
+            std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(script)
+                .status()
+                .expect("/bin/sh runs")
+        }
+
+        #[test]
+        fn exit_statuses_map_to_outcomes() {
+            assert_eq!(outcome_of(status_of("exit 0")), Outcome::Succeeded);
+            assert_eq!(
+                outcome_of(status_of("exit 3")),
+                Outcome::Failed(Failure::Exit(3))
+            );
+            assert_eq!(
+                outcome_of(status_of("kill -9 $$")),
+                Outcome::Failed(Failure::Signal(9))
+            );
+        }
+
+        fn spec<'a>(command: &'a str, tag: &'a str, timeout: Option<Duration>) -> RunSpec<'a> {
+            RunSpec {
+                command,
+                tag,
+                timeout,
+                max_output: 64 * 1024,
+            }
+        }
+
+        fn gated(spec: RunSpec<'_>) -> Gated {
+            match spawn(spec) {
+                Ok(gated) => gated,
+                Err(report) => panic!("the shell did not start: {}", report.outcome),
+            }
+        }
+
+        /// Runs `command` to its end, without timeout or abort; the report and the chunks `on_output` saw.
+        async fn run_to_end(command: &str, tag: &str) -> (Report, Vec<u8>) {
+            let (_abort, abort_seen) = watch::channel(false);
+            let mut seen = Vec::new();
+            let report = gated(spec(command, tag, None))
+                .run(abort_seen, |chunk| seen.extend_from_slice(chunk))
+                .await;
+            (report, seen)
+        }
+
+        /// Whether process `pid` still runs (a zombie does not: it only waits to be reaped).
+        fn alive(pid: i32) -> bool {
+            #[cfg(target_os = "linux")]
+            {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    let state = stat
+                        .rsplit_once(')')
+                        .and_then(|(_, rest)| rest.split_whitespace().next());
+                    !matches!(state, Some("Z" | "X") | None)
+                })
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                // SAFETY: kill(2) with signal 0 only checks that the process exists.
+                unsafe { libc::kill(pid, 0) == 0 }
+            }
+        }
+
+        /// Waits for process `pid` to be gone; kills it if it outlives the patience, and says whether it did.
+        async fn outlived(pid: i32) -> bool {
+            let deadline = Instant::now() + PATIENCE;
+            while alive(pid) {
+                if Instant::now() >= deadline {
+                    // SAFETY: kill(2) only sends a signal.
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+
+        /// Waits for the file at `path` to exist, and returns its contents.
+        async fn appears(path: &Path) -> String {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if let Ok(text) = std::fs::read_to_string(path) {
+                    return text;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} did not appear in time",
+                    path.display()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        /// A command that leaves `sleep 30` running in the background, writes its pid to `pid_file` (whole, by a
+        /// rename), and waits for it.
+        fn with_background_sleep(pid_file: &Path) -> String {
+            let path = pid_file.display();
+            format!("sleep 30 & echo $! > '{path}.tmp' && mv '{path}.tmp' '{path}'; wait")
+        }
+
+        fn pid_in(text: &str) -> i32 {
+            text.trim().parse().expect("a pid")
+        }
+
+        #[tokio::test]
+        async fn a_run_captures_stdout_and_stderr() {
+            let (report, seen) = run_to_end("echo to-stdout; echo to-stderr >&2", "job1#1").await;
+            assert_eq!(report.outcome, Outcome::Succeeded);
+            assert!(!report.truncated);
+            let output = String::from_utf8(report.output).unwrap();
+            assert!(output.contains("to-stdout\n"), "{output:?}");
+            assert!(output.contains("to-stderr\n"), "{output:?}");
+            assert_eq!(output.len(), "to-stdout\nto-stderr\n".len(), "{output:?}");
+            assert_eq!(seen, output.as_bytes(), "on_output saw what was kept");
+        }
+
+        #[tokio::test]
+        async fn a_run_reports_its_exit_status_and_truncates_its_output() {
+            let (_abort, abort_seen) = watch::channel(false);
+            let mut spec = spec("printf 0123456789; exit 3", "job1#1", None);
+            spec.max_output = 4;
+            let mut seen = Vec::new();
+            let report = gated(spec)
+                .run(abort_seen, |chunk| seen.extend_from_slice(chunk))
+                .await;
+            assert_eq!(report.outcome, Outcome::Failed(Failure::Exit(3)));
+            assert!(report.truncated);
+            assert_eq!(
+                String::from_utf8(report.output).unwrap(),
+                "0123\n[queuectl: output truncated, 6 bytes dropped]\n"
+            );
+            assert_eq!(seen, b"0123", "on_output saw only what was kept");
+        }
+
+        #[tokio::test]
+        async fn a_timeout_kills_the_whole_process_group() {
+            let dir = tempfile::tempdir().unwrap();
+            let pid_file = dir.path().join("pid");
+            let command = with_background_sleep(&pid_file);
+            let (_abort, abort_seen) = watch::channel(false);
+            let report = gated(spec(&command, "job1#1", Some(Duration::from_secs(1))))
+                .run(abort_seen, |_| {})
+                .await;
+            assert_eq!(report.outcome, Outcome::Failed(Failure::Timeout));
+            let text = std::fs::read_to_string(&pid_file)
+                .expect("the command wrote its background pid before its timeout");
+            assert!(
+                !outlived(pid_in(&text)).await,
+                "the background process outlived the timeout"
+            );
+        }
+
+        #[tokio::test]
+        async fn an_abort_interrupts_the_run_and_kills_its_group() {
+            let dir = tempfile::tempdir().unwrap();
+            let pid_file = dir.path().join("pid");
+            let command = with_background_sleep(&pid_file);
+            let (abort, abort_seen) = watch::channel(false);
+            let running = gated(spec(&command, "job1#1", None)).run(abort_seen, |_| {});
+            let aborting = async {
+                let pid = pid_in(&appears(&pid_file).await);
+                abort.send_replace(true);
+                pid
+            };
+            let (report, pid) =
+                tokio::time::timeout(PATIENCE, async { tokio::join!(running, aborting) })
+                    .await
+                    .expect("the abort ended the run");
+            assert_eq!(report.outcome, Outcome::Interrupted);
+            assert!(
+                !outlived(pid).await,
+                "the background process outlived the abort"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_job_carries_its_tag_but_not_the_servers_secrets() {
+            // SAFETY: tests of this crate set no other variable, and std's own readers take its environment lock.
+            unsafe {
+                std::env::set_var("QUEUECTL_TOKEN", "server-secret");
+            }
+            assert_eq!(std::env::var("QUEUECTL_TOKEN").unwrap(), "server-secret");
+            let (report, _) = run_to_end(
+                r#"printf '%s|%s' "$QUEUECTL_JOB" "${QUEUECTL_TOKEN-unset}""#,
+                "job7#2",
+            )
+            .await;
+            assert_eq!(report.outcome, Outcome::Succeeded);
+            assert_eq!(String::from_utf8(report.output).unwrap(), "job7#2|unset");
+        }
+
+        #[tokio::test]
+        async fn a_command_waits_at_its_gate_until_run() {
+            let dir = tempfile::tempdir().unwrap();
+            let marker = dir.path().join("ran");
+            let command = format!("touch '{}'", marker.display());
+            let gated = gated(spec(&command, "job1#1", None));
+            let pgid = gated.pgid().expect("the shell has a process group");
+            // Its process group is led by the shell, which is alive and held.
+            assert!(alive(i32::try_from(pgid).unwrap()));
+            let deadline = Instant::now() + Duration::from_millis(300);
+            while Instant::now() < deadline {
+                assert!(!marker.exists(), "the command ran before its gate opened");
+                assert!(alive(i32::try_from(pgid).unwrap()), "the held shell ended");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let (_abort, abort_seen) = watch::channel(false);
+            let report = gated.run(abort_seen, |_| {}).await;
+            assert_eq!(report.outcome, Outcome::Succeeded);
+            assert!(marker.exists(), "the command ran once its gate opened");
+        }
+    }
+}
