@@ -81,6 +81,9 @@ impl FromStr for JobState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     pub id: String,
+    /// The job's row in its database: never the same for two jobs there, even when a reset lets an id come back,
+    /// so reports are fenced on it (on SQLite, whose reset reuses rows, only after every run has ended).
+    pub seq: i64,
     pub command: String,
     pub state: JobState,
     /// Failed attempts so far.
@@ -336,6 +339,7 @@ mod tests {
     fn processing_job(attempts: u32, max_retries: u32) -> Job {
         Job {
             id: "job1".into(),
+            seq: 1,
             command: "false".into(),
             state: JobState::Processing,
             attempts,

@@ -217,6 +217,7 @@ impl Queue {
         })?;
         let update = GuardedUpdate {
             job_id: job.id.clone(),
+            seq: job.seq,
             expect_state: JobState::Dead,
             expect_runs: job.runs,
             settled,

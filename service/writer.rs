@@ -457,6 +457,7 @@ mod tests {
     fn job(id: &str, command: &str, state: JobState) -> Job {
         Job {
             id: id.into(),
+            seq: 1,
             command: command.into(),
             state,
             attempts: 0,
@@ -485,6 +486,7 @@ mod tests {
     fn start(job_id: &str) -> RunStarted {
         RunStarted {
             job_id: job_id.into(),
+            seq: 1,
             run: 1,
             worker: 0,
             pgid: Some(4242),
@@ -496,6 +498,7 @@ mod tests {
     fn update(job_id: &str, state: JobState) -> GuardedUpdate {
         GuardedUpdate {
             job_id: job_id.into(),
+            seq: 1,
             expect_state: JobState::Processing,
             expect_runs: 1,
             settled: Settled {

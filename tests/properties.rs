@@ -55,6 +55,7 @@ fn any_job(state: JobState) -> impl Strategy<Value = Job> {
     )
         .prop_map(move |(attempts, max_retries, priority, runs, at)| Job {
             id: "job1".into(),
+            seq: 1,
             command: "true".into(),
             state,
             attempts,

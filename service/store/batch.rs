@@ -300,6 +300,7 @@ mod tests {
     fn claims_are_dealt_in_order_up_to_each_limit() {
         let job = |id: &str| Job {
             id: id.into(),
+            seq: 1,
             command: "true".into(),
             state: JobState::Processing,
             attempts: 0,

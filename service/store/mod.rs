@@ -44,6 +44,8 @@ pub enum EnqueueRejected {
 #[derive(Debug, Clone)]
 pub struct RunStarted {
     pub job_id: String,
+    /// [`Job::seq`] of the job.
+    pub seq: i64,
     pub run: u32,
     pub worker: u32,
     pub pgid: Option<i64>,
@@ -59,10 +61,12 @@ pub struct RunEnded {
     pub truncated: bool,
 }
 
-/// Moves a job to `settled`, only if it is still in `expect_state` at run `expect_runs`.
+/// Moves a job to `settled`, only if it is still the same job (`seq`), in `expect_state` at run `expect_runs`.
 #[derive(Debug, Clone)]
 pub struct GuardedUpdate {
     pub job_id: String,
+    /// [`Job::seq`] of the job: a report about an earlier job with the same id matches nothing.
+    pub seq: i64,
     pub expect_state: JobState,
     pub expect_runs: u32,
     pub settled: Settled,

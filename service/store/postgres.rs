@@ -286,17 +286,19 @@ async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Resul
     sqlx::query(
         "WITH started AS (
              UPDATE jobs SET pgid = s.pgid
-             FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS s (id, run, worker, pgid)
-             WHERE jobs.id = s.id AND jobs.state = 'processing' AND jobs.runs = s.run
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::text[])
+                  AS s (seq, run, worker, pgid, id)
+             WHERE jobs.seq = s.seq AND jobs.id = s.id AND jobs.state = 'processing' AND jobs.runs = s.run
              RETURNING jobs.seq, s.run, s.worker)
          INSERT INTO job_runs (job_seq, run, worker, started_at)
          SELECT seq, run, worker, queuectl_now() FROM started
          ON CONFLICT (job_seq, run) DO NOTHING",
     )
-    .bind(starts.iter().map(|start| start.job_id.as_str()).collect::<Vec<_>>())
+    .bind(starts.iter().map(|start| start.seq).collect::<Vec<_>>())
     .bind(starts.iter().map(|start| i64::from(start.run)).collect::<Vec<_>>())
     .bind(starts.iter().map(|start| i64::from(start.worker)).collect::<Vec<_>>())
     .bind(starts.iter().map(|start| start.pgid).collect::<Vec<_>>())
+    .bind(starts.iter().map(|start| start.job_id.as_str()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -313,12 +315,13 @@ async fn apply_updates(
                              queue_key = queuectl_now() + u.queue_offset, last_error = u.last_error,
                              interruptions = u.interruptions, updated_at = queuectl_now(), pgid = NULL,
                              owner = NULL, lease_expires_at = NULL
-             FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
+             FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
                          $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[],
-                         $13::bytea[], $14::boolean[])
-                  AS u (position, id, expect_state, expect_runs, state, attempts, ready_in, queue_offset,
-                        last_error, interruptions, worker, outcome, output, truncated)
-             WHERE jobs.id = u.id AND jobs.state = u.expect_state AND jobs.runs = u.expect_runs
+                         $13::bytea[], $14::boolean[], $15::text[])
+                  AS u (position, seq, expect_state, expect_runs, state, attempts, ready_in, queue_offset,
+                        last_error, interruptions, worker, outcome, output, truncated, id)
+             WHERE jobs.seq = u.seq AND jobs.id = u.id AND jobs.state = u.expect_state
+               AND jobs.runs = u.expect_runs
              RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.output, u.truncated),
          ended AS (
              INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
@@ -330,7 +333,7 @@ async fn apply_updates(
          SELECT position FROM settled",
     )
     .bind((0..updates.len()).map(|position| position as i64).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.job_id.as_str()).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.seq).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.expect_state.as_str()).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| i64::from(u.update.expect_runs)).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.settled.state.as_str()).collect::<Vec<_>>())
@@ -343,6 +346,7 @@ async fn apply_updates(
     .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| ended.outcome.as_str())).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| ended.output.as_slice())).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.ended.as_ref().is_some_and(|ended| ended.truncated)).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.update.job_id.as_str()).collect::<Vec<_>>())
     .fetch_all(conn)
     .await?;
     let mut applied = vec![false; updates.len()];

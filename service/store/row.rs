@@ -11,7 +11,7 @@ use super::{Cursor, InFlight, Page, RunRecord, StateCounts, StoreError};
 macro_rules! job_columns {
     () => {
         "id, command, state, priority, attempts, max_retries, timeout_secs, runs, created_at, updated_at, \
-         run_after, last_error, interruptions"
+         run_after, last_error, interruptions, seq"
     };
 }
 pub(crate) use job_columns;
@@ -19,6 +19,7 @@ pub(crate) use job_columns;
 #[derive(sqlx::FromRow, serde::Deserialize)]
 pub struct JobRow {
     pub id: String,
+    pub seq: i64,
     pub command: String,
     pub state: String,
     pub priority: i64,
@@ -57,6 +58,7 @@ impl TryFrom<JobRow> for Job {
             runs: column("runs", row.runs)?,
             interruptions: column("interruptions", row.interruptions)?,
             id: row.id,
+            seq: row.seq,
             command: row.command,
             created_at: row.created_at,
             updated_at: row.updated_at,
@@ -120,7 +122,7 @@ where
         .collect()
 }
 
-/// A page of jobs from `limit + 1` rows of [`job_columns!`] plus `seq`: the extra row only says more follow.
+/// A page of jobs from `limit + 1` rows of [`job_columns!`]: the extra row only says more follow.
 pub fn page<'r, R>(
     rows: &'r [R],
     limit: u32,
@@ -139,7 +141,7 @@ where
         let job: Job = JobRow::from_row(row).map_err(classify)?.try_into()?;
         last = Some(Cursor {
             priority: job.priority,
-            seq: row.try_get("seq").map_err(classify)?,
+            seq: job.seq,
         });
         jobs.push(job);
     }

@@ -8,14 +8,14 @@ pub const GET_JOB: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE i
 pub const LIST_JOBS: &str = concat!(
     "SELECT ",
     job_columns!(),
-    ", seq FROM jobs WHERE (priority, seq) > ($1, $2) ORDER BY priority, seq LIMIT $3"
+    " FROM jobs WHERE (priority, seq) > ($1, $2) ORDER BY priority, seq LIMIT $3"
 );
 
 /// As [`LIST_JOBS`], of the jobs in state `$4`.
 pub const LIST_JOBS_IN_STATE: &str = concat!(
     "SELECT ",
     job_columns!(),
-    ", seq FROM jobs WHERE (priority, seq) > ($1, $2) AND state = $4 ORDER BY priority, seq LIMIT $3"
+    " FROM jobs WHERE (priority, seq) > ($1, $2) AND state = $4 ORDER BY priority, seq LIMIT $3"
 );
 
 pub const RUNS_OF_JOB: &str =

@@ -315,6 +315,7 @@ impl Statements for SqliteStatements<'_> {
 #[derive(serde::Serialize)]
 struct StartRow<'a> {
     id: &'a str,
+    seq: i64,
     run: u32,
     worker: u32,
     pgid: Option<i64>,
@@ -325,6 +326,7 @@ impl<'a> StartRow<'a> {
     fn of(start: &'a RunStarted) -> Self {
         StartRow {
             id: &start.job_id,
+            seq: start.seq,
             run: start.run,
             worker: start.worker,
             pgid: start.pgid,
@@ -337,6 +339,7 @@ impl<'a> StartRow<'a> {
 #[derive(serde::Serialize)]
 struct UpdateRow<'a> {
     id: &'a str,
+    seq: i64,
     expect_state: &'a str,
     expect_runs: u32,
     state: &'a str,
@@ -360,6 +363,7 @@ impl<'a> UpdateRow<'a> {
         let ended = update.ended.as_ref();
         UpdateRow {
             id: &update.job_id,
+            seq: update.seq,
             expect_state: update.expect_state.as_str(),
             expect_runs: update.expect_runs,
             state: settled.state.as_str(),
@@ -416,12 +420,13 @@ const WORKER_SCRIPT: &str = concat!(
 
      UPDATE jobs SET pgid = s.value ->> 'pgid'
      FROM json_each(?1, '$.starts') AS s
-     WHERE jobs.id = s.value ->> 'id' AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run';
+     WHERE jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
+       AND jobs.runs = s.value ->> 'run';
      INSERT INTO job_runs (job_seq, run, worker, started_at)
      SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
      FROM json_each(?1, '$.starts') AS s
-     CROSS JOIN jobs ON jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
-                    AND jobs.runs = s.value ->> 'run'
+     CROSS JOIN jobs ON jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id'
+                    AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run'
      WHERE true
      ON CONFLICT (job_seq, run) DO NOTHING;
 
@@ -431,7 +436,8 @@ const WORKER_SCRIPT: &str = concat!(
             u.value ->> 'worker',
             u.value ->> 'outcome', unhex(u.value ->> 'output'), u.value ->> 'truncated'
      FROM json_each(?1, '$.updates') AS u
-     CROSS JOIN jobs ON jobs.id = u.value ->> 'id' AND jobs.state = u.value ->> 'expect_state'
+     CROSS JOIN jobs ON jobs.seq = u.value ->> 'seq' AND jobs.id = u.value ->> 'id'
+                    AND jobs.state = u.value ->> 'expect_state'
                     AND jobs.runs = u.value ->> 'expect_runs';
      UPDATE jobs SET state = s.state, attempts = s.attempts, run_after = s.run_after, queue_key = s.queue_key,
                      last_error = s.last_error, interruptions = s.interruptions, updated_at = (?1 ->> 'now'),
@@ -449,7 +455,7 @@ const WORKER_SCRIPT: &str = concat!(
                         'id', id, 'command', command, 'state', state, 'priority', priority, 'attempts', attempts,
                         'max_retries', max_retries, 'timeout_secs', timeout_secs, 'runs', runs,
                         'created_at', created_at, 'updated_at', updated_at, 'run_after', run_after,
-                        'last_error', last_error, 'interruptions', interruptions))
+                        'last_error', last_error, 'interruptions', interruptions, 'seq', seq))
              FROM (", claim_candidates!(), "));
      UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = (?1 ->> 'now'), pgid = NULL
      WHERE seq IN (SELECT seq FROM (", claim_candidates!(), "));"

@@ -65,6 +65,7 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     let state = settled.state;
     let update = GuardedUpdate {
         job_id: job.id.clone(),
+        seq: job.seq,
         expect_state: JobState::Processing,
         expect_runs: job.runs,
         settled,
@@ -131,6 +132,7 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
         .writer
         .started(RunStarted {
             job_id: job.id.clone(),
+            seq: job.seq,
             run: job.runs,
             worker,
             pgid: pgid.map(i64::from),

@@ -188,6 +188,7 @@ impl Shared {
         let policy = self.settings.read().expect("settings lock").policy();
         let update = GuardedUpdate {
             job_id: job.id.clone(),
+            seq: job.seq,
             expect_state: JobState::Processing,
             expect_runs: job.runs,
             settled: job::settle(job, &outcome, policy, clock::now()),
