@@ -266,10 +266,18 @@ impl Queue {
         Ok(runs)
     }
 
-    /// Stops the workers, ends running jobs, deletes every job and restores the default settings.
+    /// Stops the workers, ends running jobs, deletes every job and restores the default settings. On a shared
+    /// database that means every server's: each is told to stop, and the tables are cleared only once no job runs
+    /// anywhere, so that no late report can land on a new job.
     pub async fn reset(&self) -> Result<u64, QueueError> {
         let _change = self.config_change.lock().await;
+        if let Some(cluster) = self.store.cluster() {
+            cluster.broadcast_reset().await?;
+        }
         self.supervisor.abort_all().await;
+        if let Some(cluster) = self.store.cluster() {
+            self.wait_until_nothing_runs(cluster.lease()).await?;
+        }
         let deleted = self.store.reset().await?;
         *self.settings.write().expect("settings lock") = Settings::default();
         Ok(deleted)
@@ -293,6 +301,26 @@ impl Queue {
     /// Stops starting jobs and gives running ones the shutdown grace to finish, then interrupts them.
     pub async fn drain(&self) {
         self.supervisor.drain(self.shutdown_grace()).await;
+    }
+
+    /// Waits until no job of the shared database is processing: the other servers ended theirs, and the jobs of
+    /// servers that died were rescued once their lease ran out.
+    async fn wait_until_nothing_runs(&self, lease: std::time::Duration) -> Result<(), QueueError> {
+        // A dead server's claims run out after a lease; rescuing them takes up to a third more.
+        let deadline = tokio::time::Instant::now() + lease * 2 + RESET_GRACE;
+        loop {
+            let running = self.store.counts().await?[JobState::Processing as usize];
+            if running == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QueueError::FailedPrecondition(format!(
+                    "{running} jobs still run on other servers; their workers were stopped, so try the reset again \
+                     in a moment (nothing was deleted)"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     pub fn request_shutdown(&self) {
@@ -355,6 +383,9 @@ impl Queue {
     }
 }
 
+/// How long a reset waits, beyond the lease, for other servers to end their jobs (their kill grace included).
+const RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How long between attempts to return a previous server's interrupted jobs, while the database refuses writes.
 const RECOVERY_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -389,6 +420,12 @@ async fn follow_signals(
         match signal {
             Signal::Jobs => wake.notify_one(),
             Signal::Workers(count) => supervisor.set_workers(count),
+            Signal::Reset => {
+                tracing::warn!(
+                    "a reset through another server: stopping the workers and ending running jobs"
+                );
+                supervisor.abort_all().await;
+            }
             Signal::Config => match store.load_config().await {
                 Ok(stored) => {
                     *settings.write().expect("settings lock") = Settings::from_stored(

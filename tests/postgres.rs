@@ -553,3 +553,38 @@ fn a_server_that_cannot_renew_its_lease_stops_its_jobs_before_the_lease_runs_out
             .is_ok_and(|again| again.trim().parse::<u32>().is_ok_and(|again| again != pid))
     });
 }
+
+/// A reset through one server means the whole cluster: the other servers stop their workers and end their running
+/// jobs, and the tables are cleared only after that, so no run of an old job goes on beside the new jobs.
+#[test]
+fn a_reset_through_one_server_stops_the_jobs_of_every_server_first() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let mut a = Home::new();
+    let mut b = Home::new();
+    start(&mut a, &database, 0);
+    start(&mut b, &database, 1);
+    let pid_file = b.file("job.pid");
+    a.enqueue(&format!(
+        r#"{{"command":"echo $$ > {}; sleep 120"}}"#,
+        pid_file.display()
+    ));
+    wait_until("the job runs on B", DEADLINE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
+    });
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    a.ok(&["reset", "--yes"]);
+    assert!(
+        !common::alive(pid),
+        "the job still ran on B after the reset through A"
+    );
+    assert_eq!(b.count("pending") + b.count("processing"), 0);
+    let status = b.ok(&["status"]);
+    assert!(status.contains("Workers: 0 (0 busy)"), "{status}");
+}

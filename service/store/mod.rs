@@ -179,6 +179,8 @@ pub enum Signal {
     Config,
     /// Every server is asked to run this many workers.
     Workers(u32),
+    /// A reset is under way: every server stops its workers and ends its running jobs.
+    Reset,
 }
 
 /// One attempt of a job as stored.
@@ -277,6 +279,9 @@ pub trait Cluster: Send + Sync {
 
     /// Asks every server of the database to run `count` workers.
     async fn broadcast_workers(&self, count: u32) -> Result<(), StoreError>;
+
+    /// Asks every server of the database to stop its workers and end its running jobs, before a reset.
+    async fn broadcast_reset(&self) -> Result<(), StoreError>;
 
     /// Changes made through other servers; the first caller takes the stream.
     fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;

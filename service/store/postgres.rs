@@ -23,6 +23,7 @@ use crate::job::{self, Job, Micros, Policy};
 const JOBS_CHANNEL: &str = "queuectl_jobs";
 const CONFIG_CHANNEL: &str = "queuectl_config";
 const WORKERS_CHANNEL: &str = "queuectl_workers";
+const RESET_CHANNEL: &str = "queuectl_reset";
 
 /// How long connecting to the database, or waiting for a free connection, may take before it is an error.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
@@ -88,7 +89,7 @@ impl PgStore {
             .map_err(|error| StoreError::Internal(format!("migrating the database: {error}")))?;
         let mut listener = PgListener::connect_with(&pool).await.map_err(classify)?;
         listener
-            .listen_all([JOBS_CHANNEL, CONFIG_CHANNEL, WORKERS_CHANNEL])
+            .listen_all([JOBS_CHANNEL, CONFIG_CHANNEL, WORKERS_CHANNEL, RESET_CHANNEL])
             .await
             .map_err(classify)?;
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -142,6 +143,7 @@ async fn forward_notifications(mut listener: PgListener, signals: mpsc::Unbounde
         let signal = match notification.channel() {
             JOBS_CHANNEL => Signal::Jobs,
             CONFIG_CHANNEL => Signal::Config,
+            RESET_CHANNEL => Signal::Reset,
             WORKERS_CHANNEL => match notification.payload().parse() {
                 Ok(count) => Signal::Workers(count),
                 Err(_) => continue,
@@ -661,6 +663,18 @@ impl Cluster for PgStore {
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(WORKERS_CHANNEL)
                 .bind(count.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn broadcast_reset(&self) -> Result<(), StoreError> {
+        within(ANSWER_LIMIT, async {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(RESET_CHANNEL)
                 .execute(&self.pool)
                 .await
                 .map_err(classify)?;
