@@ -588,3 +588,49 @@ fn a_reset_through_one_server_stops_the_jobs_of_every_server_first() {
     let status = b.ok(&["status"]);
     assert!(status.contains("Workers: 0 (0 busy)"), "{status}");
 }
+
+/// A database that holds someone else's tables is refused before anything is created in it, and a database that
+/// does not exist is named as such; neither message carries the driver's noise ("at line 1454").
+#[test]
+fn a_foreign_or_missing_database_is_refused_with_one_clear_line_and_nothing_created() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    admin(
+        &database.url,
+        "CREATE TABLE jobs (id INT PRIMARY KEY, owner TEXT)",
+    );
+    let (base, _) = database.url.rsplit_once('/').unwrap();
+    let missing = format!("{base}/queuectl_no_such_database");
+    let home = Home::new();
+    for (url, expected) in [
+        (
+            database.url.as_str(),
+            "already holds tables queuectl did not create (jobs)",
+        ),
+        (missing.as_str(), "does not exist: create it"),
+    ] {
+        let mut command = home.server_command(0);
+        command.env("QUEUECTL_DATABASE_URL", url);
+        let output = common::output_within(&mut command, DEADLINE);
+        assert!(!output.status.success(), "{url}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.contains(expected), "{url}: {stderr}");
+        assert!(!stderr.contains("at line"), "{url}: {stderr}");
+    }
+    common::runtime().block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(
+            tables,
+            ["jobs"],
+            "nothing was added to the foreign database"
+        );
+    });
+}

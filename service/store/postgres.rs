@@ -83,10 +83,17 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(classify)?;
+        refuse_foreign_tables(&pool).await?;
         sqlx::migrate!("service/store/migrations/postgres")
             .run(&pool)
             .await
-            .map_err(|error| StoreError::Internal(format!("migrating the database: {error}")))?;
+            .map_err(|error| {
+                let cause = match error {
+                    sqlx::migrate::MigrateError::Execute(error) => classify(error).to_string(),
+                    other => other.to_string(),
+                };
+                StoreError::Internal(format!("migrating the database: {cause}"))
+            })?;
         let mut listener = PgListener::connect_with(&pool).await.map_err(classify)?;
         listener
             .listen_all([JOBS_CHANNEL, CONFIG_CHANNEL, WORKERS_CHANNEL, RESET_CHANNEL])
@@ -156,13 +163,38 @@ async fn forward_notifications(mut listener: PgListener, signals: mpsc::Unbounde
     }
 }
 
-/// Maps a driver error to what it means for a client, by SQLSTATE class.
+/// Refuses a database that holds tables queuectl did not make: migrating it would fail halfway (a table of the
+/// same name) or mix queuectl's tables into someone else's schema.
+async fn refuse_foreign_tables(pool: &PgPool) -> Result<(), StoreError> {
+    let (ours, tables): (bool, Option<String>) = sqlx::query_as(
+        "SELECT to_regclass('_sqlx_migrations') IS NOT NULL,
+                (SELECT string_agg(tablename, ', ' ORDER BY tablename) FROM pg_tables
+                 WHERE schemaname = current_schema())",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(classify)?;
+    match tables {
+        Some(tables) if !ours => Err(StoreError::Broken(format!(
+            "the database already holds tables queuectl did not create ({tables}); give queuectl a database of \
+             its own (createdb queuectl) and point --database-url at it"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Maps a driver error to what it means for a client, by SQLSTATE class. Only the database's message is kept: the
+/// rest of the driver's text (the line of PostgreSQL's source that raised it) means nothing to a user.
 fn classify(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             match code.as_ref() {
                 "53100" => StoreError::Full(db.message().to_owned()),
+                "3D000" => StoreError::Unavailable(format!(
+                    "{}: create it (createdb) or fix the database URL",
+                    db.message()
+                )),
                 // connection exceptions, insufficient resources, operator intervention, read-only transactions
                 c if c.starts_with("08")
                     || c.starts_with("53")
@@ -171,7 +203,7 @@ fn classify(error: sqlx::Error) -> StoreError {
                 {
                     StoreError::Unavailable(db.message().to_owned())
                 }
-                _ => StoreError::Internal(error.to_string()),
+                _ => StoreError::Internal(format!("{} (SQLSTATE {code})", db.message())),
             }
         }
         sqlx::Error::Io(_)
