@@ -396,8 +396,19 @@ fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
 /// network partition would, and the connections stay open.
 struct Proxy {
     port: u16,
-    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    faults: std::sync::Arc<Faults>,
     _runtime: tokio::runtime::Runtime,
+}
+
+/// What the proxy does to the traffic now.
+#[derive(Default)]
+struct Faults {
+    /// Forward nothing, either way.
+    paused: std::sync::atomic::AtomicBool,
+    /// Forward the next COMMIT to the database, then cut that connection before its reply comes back.
+    cut_after_commit: std::sync::atomic::AtomicBool,
+    /// How many connections were cut so.
+    cuts: std::sync::atomic::AtomicUsize,
 }
 
 impl Proxy {
@@ -426,8 +437,8 @@ impl Proxy {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let port = listener.local_addr().unwrap().port();
-        let paused = std::sync::Arc::new(AtomicBool::new(false));
-        let gate = paused.clone();
+        let faults = std::sync::Arc::new(Faults::default());
+        let shared = faults.clone();
         runtime.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
@@ -435,35 +446,62 @@ impl Proxy {
                 };
                 let (client_read, client_write) = client.into_split();
                 let (server_read, server_write) = server.into_split();
-                tokio::spawn(pump(client_read, server_write, gate.clone()));
-                tokio::spawn(pump(server_read, client_write, gate.clone()));
+                let cut = std::sync::Arc::new(AtomicBool::new(false));
+                tokio::spawn(pump(
+                    client_read,
+                    server_write,
+                    shared.clone(),
+                    cut.clone(),
+                    true,
+                ));
+                tokio::spawn(pump(server_read, client_write, shared.clone(), cut, false));
             }
         });
         Proxy {
             port,
-            paused,
+            faults,
             _runtime: runtime,
         }
     }
 
-    /// `url` with the proxy's address in place of the database's.
+    /// `url` with the proxy's address in place of the database's, without TLS, so that the proxy can read the
+    /// statements it forwards.
     fn url(&self, url: &str) -> String {
         let (scheme_user, rest) = url.split_once('@').unwrap();
         let (_, database) = rest.split_once('/').unwrap();
-        format!("{scheme_user}@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "{scheme_user}@127.0.0.1:{}/{database}?sslmode=disable",
+            self.port
+        )
     }
 
     fn pause(&self, paused: bool) {
-        self.paused
+        self.faults
+            .paused
             .store(paused, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn cut_after_next_commit(&self) {
+        self.faults
+            .cut_after_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn cuts(&self) -> usize {
+        self.faults.cuts.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
+/// Forwards one direction of one connection. `cut` is that connection's: once set, neither direction forwards
+/// anything more, and both close.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    faults: std::sync::Arc<Faults>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    to_database: bool,
 ) {
+    use std::sync::atomic::Ordering::SeqCst;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = vec![0u8; 16384];
     loop {
@@ -471,10 +509,21 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
-        while paused.load(std::sync::atomic::Ordering::SeqCst) {
+        while faults.paused.load(SeqCst) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if to.write_all(&buffer[..read]).await.is_err() {
+        if cut.load(SeqCst) {
+            return;
+        }
+        let chunk = &buffer[..read];
+        let commit = to_database
+            && chunk.windows(6).any(|window| window == b"COMMIT")
+            && faults.cut_after_commit.swap(false, SeqCst);
+        if commit {
+            cut.store(true, SeqCst);
+            faults.cuts.fetch_add(1, SeqCst);
+        }
+        if to.write_all(chunk).await.is_err() || commit {
             return;
         }
     }
@@ -633,4 +682,35 @@ fn a_foreign_or_missing_database_is_refused_with_one_clear_line_and_nothing_crea
             "nothing was added to the foreign database"
         );
     });
+}
+
+/// A claim whose COMMIT reached the database but whose reply did not reach the server (the connection was cut in
+/// between) is a claim that no worker runs. The server's heartbeat renews only what its workers run, so that claim
+/// runs out within a lease and the job runs after all, instead of staying `processing` until a restart.
+#[test]
+fn a_claim_whose_commit_reply_is_lost_runs_after_all() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let proxy = Proxy::to_postgres(&database);
+    let mut home = Home::new();
+    let mut command = home.server_command(0);
+    command
+        .env("QUEUECTL_DATABASE_URL", proxy.url(&database.url))
+        .env("QUEUECTL_LEASE_TIMEOUT", "4");
+    home.start_server_with(command);
+    for index in 0..4 {
+        home.enqueue(&format!(r#"{{"id":"job-{index}","command":"true"}}"#));
+    }
+    proxy.cut_after_next_commit();
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    wait_until("a COMMIT was cut", DEADLINE, || proxy.cuts() == 1);
+    wait_until("every job completed", DEADLINE, || {
+        home.count("completed") == 4
+    });
+    let log = std::fs::read_to_string(home.file("test-server.log")).unwrap_or_default();
+    assert!(
+        log.contains("claiming jobs failed") || log.contains("claiming the next job failed"),
+        "the cut hit a claim: {log}"
+    );
 }
