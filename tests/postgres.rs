@@ -714,3 +714,43 @@ fn a_claim_whose_commit_reply_is_lost_runs_after_all() {
         "the cut hit a claim: {log}"
     );
 }
+
+/// A server that was stopped (SIGSTOP) longer than its lease has had its job taken by another server meanwhile;
+/// its own copy of the job went on running while it was stopped. The moment it runs again it finds it has not
+/// renewed for too long and stops that copy, instead of letting the two run side by side to the end.
+#[test]
+fn a_server_woken_after_its_lease_ran_out_stops_its_copy_of_the_job_at_once() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let mut a = Home::new();
+    let mut b = Home::new();
+    start(&mut a, &database, 1);
+    start(&mut b, &database, 0);
+    let pids = a.file("pids");
+    a.enqueue(&format!(
+        r#"{{"command":"echo $$ >> {}; sleep 120"}}"#,
+        pids.display()
+    ));
+    let runs = || -> Vec<u32> {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|pid| pid.parse().ok())
+            .collect()
+    };
+    wait_until("the job runs on A", DEADLINE, || runs().len() == 1);
+    let first = runs()[0];
+    let server_a = a.server().id();
+    common::signal(server_a, "STOP");
+    b.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    wait_until("B runs the job once A's lease ran out", DEADLINE, || {
+        runs().len() == 2
+    });
+    assert!(common::alive(first), "A's copy runs on while A is stopped");
+    common::signal(server_a, "CONT");
+    wait_until("A stops its copy once it runs again", DEADLINE, || {
+        !common::alive(first)
+    });
+    assert!(common::alive(runs()[1]), "B's copy goes on");
+}

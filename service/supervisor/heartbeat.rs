@@ -3,9 +3,10 @@
 //!
 //! A claim holds for a lease after its last renewal; then any server may rescue its job. So a server that has not
 //! renewed for two thirds of a lease stops its jobs (kills their process groups) and takes no new ones until a
-//! renewal works again: by the time another server can take a job, it no longer runs here. That holds as long as
-//! the servers' monotonic clocks run at the same rate within a third of a lease, which a pause of the whole server
-//! (SIGSTOP, a frozen VM) cannot break either: the renewal it misses is counted when it wakes.
+//! renewal works again: by the time another server can take a job, it no longer runs here. That holds while this
+//! server runs, and as long as the servers' clocks run at the same rate within a third of a lease. A server that
+//! is itself stopped (SIGSTOP, starved) cannot stop anything, while its jobs' processes go on: then a job can run
+//! twice from the end of the lease until this server runs again, when it stops its copy at once.
 
 use std::sync::Arc;
 use std::time::Duration;
