@@ -24,6 +24,28 @@ pub struct Insert<'a> {
     pub queue_offset: i64,
 }
 
+impl Insert<'_> {
+    /// The job as an insert at `now` stored it in row `seq`.
+    pub fn stored(&self, seq: i64, now: Micros) -> Job {
+        Job {
+            id: self.id.clone(),
+            seq,
+            command: self.command.to_owned(),
+            state: JobState::Pending,
+            attempts: 0,
+            max_retries: self.max_retries,
+            priority: self.priority,
+            timeout_secs: self.timeout_secs.and_then(|secs| u64::try_from(secs).ok()),
+            runs: 0,
+            interruptions: 0,
+            created_at: now,
+            updated_at: now,
+            run_after: now,
+            last_error: None,
+        }
+    }
+}
+
 /// A guarded update with its times as delays from the batch's `now`.
 #[derive(Debug, Clone)]
 pub struct Settle<'a> {

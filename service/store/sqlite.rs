@@ -270,24 +270,46 @@ impl Statements for SqliteStatements<'_> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT, not to a join.
-        const SQL: &str = concat!(
+        // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT, not to a join. No RETURNING:
+        // sqlx hands a statement's rows over one at a time, which would cost more than the insert itself.
+        let inserted = sqlx::query(
             "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
                                updated_at, run_after)
              SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
                     r.value ->> 'max_retries', r.value ->> 'timeout_secs', ?2 + (r.value ->> 'queue_offset'),
                     ?2, ?2, ?2
              FROM json_each(?1) AS r WHERE true
-             ON CONFLICT (id) DO NOTHING
-             RETURNING ",
-            job_columns!()
-        );
-        let rows: Vec<JobRow> = sqlx::query_as(SQL)
-            .bind(to_json(jobs)?)
-            .bind(self.now)
-            .fetch_all(&mut *self.conn)
-            .await?;
-        row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(to_json(jobs)?)
+        .bind(self.now)
+        .execute(&mut *self.conn)
+        .await?;
+        // The writer holds the database's write lock, and SQLite numbers the rows one statement inserts one after
+        // another, in the order it reads them: the inserted rows are the last `count` numbers.
+        let count = i64::try_from(inserted.rows_affected()).unwrap_or(i64::MAX);
+        let first = inserted.last_insert_rowid() - count + 1;
+        if count == i64::try_from(jobs.len()).unwrap_or(i64::MAX) {
+            return Ok(jobs
+                .iter()
+                .zip(first..)
+                .map(|(insert, seq)| insert.stored(seq, self.now))
+                .collect());
+        }
+        // Some ids were taken: which ones were stored, for the rules to undo.
+        let stored: Vec<(String, i64)> =
+            sqlx::query_as("SELECT id, seq FROM jobs WHERE seq BETWEEN ?1 AND ?2")
+                .bind(first)
+                .bind(first + count - 1)
+                .fetch_all(&mut *self.conn)
+                .await?;
+        Ok(stored
+            .into_iter()
+            .filter_map(|(id, seq)| {
+                let insert = jobs.iter().find(|insert| insert.id == id)?;
+                Some(insert.stored(seq, self.now))
+            })
+            .collect())
     }
 
     async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error> {
