@@ -529,6 +529,25 @@ async fn pump(
     }
 }
 
+/// Enqueues through `through` a job that writes its shell's pid into a file of `runner`'s home, then sleeps for two
+/// minutes; waits until it runs. Returns the file and the pid.
+fn run_a_long_job(through: &Home, runner: &Home) -> (std::path::PathBuf, u32) {
+    let pid_file = runner.file("job.pid");
+    through.enqueue(&format!(
+        r#"{{"command":"echo $$ > {}; sleep 120"}}"#,
+        pid_file.display()
+    ));
+    wait_until("the long job runs", DEADLINE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
+    });
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (pid_file, pid)
+}
+
 fn health(home: &Home) -> String {
     let output = home.try_queuectl(&["health"]);
     String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
@@ -549,19 +568,7 @@ fn a_server_that_cannot_renew_its_lease_stops_its_jobs_before_the_lease_runs_out
         .env("QUEUECTL_DATABASE_URL", proxy.url(&database.url))
         .env("QUEUECTL_LEASE_TIMEOUT", "6");
     home.start_server_with(command);
-    let pid_file = home.file("job.pid");
-    home.enqueue(&format!(
-        r#"{{"command":"echo $$ > {}; sleep 120"}}"#,
-        pid_file.display()
-    ));
-    wait_until("the job runs", DEADLINE, || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
-    });
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (pid_file, pid) = run_a_long_job(&home, &home);
     assert!(health(&home).contains("SERVING") && !health(&home).contains("NOT_SERVING"));
 
     let cut = std::time::Instant::now();
@@ -614,19 +621,7 @@ fn a_reset_through_one_server_stops_the_jobs_of_every_server_first() {
     let mut b = Home::new();
     start(&mut a, &database, 0);
     start(&mut b, &database, 1);
-    let pid_file = b.file("job.pid");
-    a.enqueue(&format!(
-        r#"{{"command":"echo $$ > {}; sleep 120"}}"#,
-        pid_file.display()
-    ));
-    wait_until("the job runs on B", DEADLINE, || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
-    });
-    let pid: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (_, pid) = run_a_long_job(&a, &b);
 
     a.ok(&["reset", "--yes"]);
     assert!(
