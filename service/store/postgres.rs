@@ -15,8 +15,8 @@ use super::batch::{self, Insert, Settle, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql;
 use super::{
-    Cluster, Cursor, InFlight, ListFilter, Page, RunRecord, RunStarted, ServerRecord, Signal,
-    StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+    Cluster, InFlight, ListFilter, Page, RunRecord, RunStarted, ServerRecord, Signal, StateCounts,
+    Store, StoreError, WriteBatch, WriteOutcome,
 };
 use crate::job::{self, Job, Micros, Policy};
 
@@ -493,15 +493,7 @@ impl Store for PgStore {
 
     async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
         within(ANSWER_LIMIT, async {
-            let after = filter.after.unwrap_or(Cursor {
-                priority: 0,
-                seq: 0,
-            });
-            let sql = if filter.state.is_some() {
-                sql::LIST_JOBS_IN_STATE
-            } else {
-                sql::LIST_JOBS
-            };
+            let (sql, after) = sql::listing(filter);
             let mut query = sqlx::query(sql)
                 .bind(i64::from(after.priority))
                 .bind(after.seq)

@@ -1,6 +1,7 @@
 //! Statement text both backends run as it is: `$N` parameters, which SQLite and PostgreSQL both read.
 
 use super::row::job_columns;
+use super::{Cursor, ListFilter};
 
 pub const GET_JOB: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1");
 
@@ -17,6 +18,20 @@ pub const LIST_JOBS_IN_STATE: &str = concat!(
     job_columns!(),
     " FROM jobs WHERE (priority, seq) > ($1, $2) AND state = $4 ORDER BY priority, seq LIMIT $3"
 );
+
+/// The statement that lists what `filter` asks for, and the position it resumes after (`$1`, `$2`).
+pub fn listing(filter: &ListFilter) -> (&'static str, Cursor) {
+    let statement = if filter.state.is_some() {
+        LIST_JOBS_IN_STATE
+    } else {
+        LIST_JOBS
+    };
+    let after = filter.after.unwrap_or(Cursor {
+        priority: 0,
+        seq: 0,
+    });
+    (statement, after)
+}
 
 pub const RUNS_OF_JOB: &str =
     "SELECT r.run, r.worker, r.started_at, r.finished_at, r.outcome, r.output, r.truncated

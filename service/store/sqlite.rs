@@ -17,8 +17,8 @@ use super::sql;
 
 use super::batch::{self, Insert, Settle, Statements};
 use super::{
-    Cursor, InFlight, ListFilter, Page, RunRecord, RunStarted, StateCounts, Store, StoreError,
-    WriteBatch, WriteOutcome,
+    InFlight, ListFilter, Page, RunRecord, RunStarted, StateCounts, Store, StoreError, WriteBatch,
+    WriteOutcome,
 };
 use crate::job::{self, Job, JobState, Micros, Policy};
 
@@ -585,15 +585,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
-        let after = filter.after.unwrap_or(Cursor {
-            priority: 0,
-            seq: 0,
-        });
-        let sql = if filter.state.is_some() {
-            sql::LIST_JOBS_IN_STATE
-        } else {
-            sql::LIST_JOBS
-        };
+        let (sql, after) = sql::listing(filter);
         let mut query = sqlx::query(sql)
             .bind(i64::from(after.priority))
             .bind(after.seq)
