@@ -365,6 +365,11 @@ fn a_job_that_kills_its_server_goes_dead_after_three_interruptions() {
             std::thread::sleep(Duration::from_millis(20));
         };
         if !died {
+            // The last job wrote its line before its finish was written: wait for that too, or the kill below
+            // interrupts it.
+            wait_until("the jobs completed", DEADLINE, || {
+                home.count("completed") == 20
+            });
             let _ = server.kill();
             let _ = server.wait();
             break;
