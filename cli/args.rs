@@ -10,6 +10,7 @@ Examples:
   queuectl status
   queuectl list --state dead --output table
   queuectl dlq retry job7
+  queuectl cancel job9
   queuectl config set backoff_base 3
 
 The server (queuectld) is started in the background on first use, with no workers, and listens
@@ -48,14 +49,26 @@ pub enum StateArg {
     Failed,
     Completed,
     Dead,
+    Cancelled,
+}
+
+/// The states `clean` may delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FinalStateArg {
+    Completed,
+    Dead,
+    Cancelled,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Add a job, given as JSON: command (required), id, priority (1-10), max_retries, timeout (seconds).
+    /// Add a job, given as JSON: command (required), id, priority (1-10), max_retries, timeout (seconds),
+    /// run_at (RFC 3339 time or Unix seconds) or delay (seconds, or e.g. "10m", "1h 30m").
     #[command(
         after_help = "Examples:\n  queuectl enqueue '{\"command\":\"echo hi\"}'\n  \
-                            queuectl enqueue '{\"command\":\"make\",\"priority\":1,\"max-retries\":2,\"timeout\":300}'"
+                            queuectl enqueue '{\"command\":\"make\",\"priority\":1,\"max-retries\":2,\"timeout\":300}'\n  \
+                            queuectl enqueue '{\"command\":\"./report.sh\",\"run_at\":\"2026-12-01T02:00:00Z\"}'\n  \
+                            queuectl enqueue '{\"command\":\"./retry-later.sh\",\"delay\":\"10m\"}'"
     )]
     Enqueue {
         /// The job as a JSON object.
@@ -99,7 +112,7 @@ pub enum Command {
         #[arg(long, value_enum)]
         output: Option<Format>,
     },
-    /// Wait until jobs are completed or dead; exit 1 if any ended dead.
+    /// Wait until jobs are final (completed, dead or cancelled); exit 1 if any did not complete.
     #[command(after_help = "Examples:
   queuectl wait job1 job2
   queuectl wait                       # every job that is not final yet
@@ -124,6 +137,44 @@ pub enum Command {
     /// Print the man page (roff).
     #[command(after_help = "Example:\n  queuectl man > /usr/local/share/man/man1/queuectl.1")]
     Man,
+    /// Cancel jobs: a waiting job never runs; a running one is killed (its whole process group).
+    #[command(after_help = "Examples:\n  queuectl cancel job7\n  queuectl cancel job7 job8 job9")]
+    Cancel {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Send a dead or cancelled job back to the queue with its attempts reset to 0.
+    #[command(after_help = "Example:\n  queuectl retry job5")]
+    Retry { id: String },
+    /// Delete final jobs (completed, dead or cancelled) and their logs.
+    #[command(after_help = "Examples:\n  queuectl remove job3\n  queuectl remove job3 job4")]
+    Remove {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Delete final jobs in bulk (completed ones unless --state says otherwise) and print how many.
+    #[command(
+        after_help = "The settings completed_retention (default 7 days) and dead_retention (default: keep)
+make the server do this by itself.
+
+Examples:
+  queuectl clean
+  queuectl clean --state dead --state cancelled --older-than 7d"
+    )]
+    Clean {
+        /// Which final jobs; repeat for several (default: completed).
+        #[arg(long, value_enum)]
+        state: Vec<FinalStateArg>,
+        /// Only jobs that ended at least this long ago (e.g. 90s, 12h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+    },
+    /// Stop starting jobs, on every server of the queue; running jobs finish. Holds across restarts.
+    #[command(after_help = "Example:\n  queuectl pause && queuectl status")]
+    Pause,
+    /// Start jobs again after `queuectl pause`.
+    #[command(after_help = "Example:\n  queuectl resume")]
+    Resume,
     /// The dead letter queue: jobs that failed every attempt.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -187,6 +238,8 @@ pub enum ConfigCommand {
     #[command(after_help = "Settings:
   aging_interval       seconds a waiting job needs to gain one priority level (default 60)
   backoff_base         a failed job waits backoff_base ^ attempts seconds before its retry (default 2)
+  completed_retention  completed jobs older than this are deleted; 0 = keep (default 604800, 7 days)
+  dead_retention       dead and cancelled jobs older than this are deleted; 0 = keep (default 0)
   default_max_retries  retries of jobs that give no max_retries (default 3)
   job_timeout          seconds an attempt may run, for jobs that give no timeout; 0 = no limit (default 0)
   max_output_bytes     output kept per attempt (default 1048576)

@@ -8,11 +8,12 @@ use queuectl::pb;
 use serde_json::Value;
 use tokio_stream::StreamExt;
 
-use crate::args::{Format, StateArg};
+use crate::args::{FinalStateArg, Format, StateArg};
 use crate::client::{self, Client};
 use crate::output;
 
-const JOB_KEYS: &str = "command, id, priority, max_retries (or max-retries), timeout";
+const JOB_KEYS: &str =
+    "command, id, priority, max_retries (or max-retries), timeout, run_at (or run-at), delay";
 
 /// Reads an integer field of the job JSON.
 fn integer<T: TryFrom<i64>>(key: &str, value: &Value, range: &str) -> anyhow::Result<T> {
@@ -42,6 +43,62 @@ fn seconds(value: &Value) -> anyhow::Result<i64> {
         .map_err(|_| anyhow::anyhow!("timeout must be 0-604800 seconds, got {text:?}"))
 }
 
+/// A `run_at`: an RFC 3339 time (`2026-12-01T02:00:00Z`) or Unix seconds.
+fn run_at(value: &Value) -> anyhow::Result<prost_types::Timestamp> {
+    let (seconds, nanos) = match value {
+        Value::String(text) => {
+            let time = humantime::parse_rfc3339_weak(text).map_err(|error| {
+                anyhow::anyhow!(
+                    "run_at {text:?} is not a time ({error}); use e.g. \"2026-12-01T02:00:00Z\" or Unix seconds"
+                )
+            })?;
+            let since = time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| anyhow::anyhow!("run_at must be after 1970, got {text:?}"))?;
+            (
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+                i32::try_from(since.subsec_nanos()).unwrap_or_default(),
+            )
+        }
+        Value::Number(number) => {
+            let seconds = number
+                .as_f64()
+                .filter(|seconds| seconds.is_finite() && *seconds >= 0.0);
+            let Some(seconds) = seconds else {
+                bail!("run_at must be a time after 1970, got {number}");
+            };
+            let whole = seconds.trunc();
+            // Whole-number floats up to 2^63 convert exactly enough; the server refuses absurd ones.
+            (whole as i64, ((seconds - whole) * 1e9) as i32)
+        }
+        other => bail!("run_at must be an RFC 3339 time or Unix seconds, got {other}"),
+    };
+    Ok(prost_types::Timestamp { seconds, nanos })
+}
+
+/// A `delay`: whole seconds, or a duration a person writes (`90s`, `10m`, `1h 30m`).
+fn delay(value: &Value) -> anyhow::Result<prost_types::Duration> {
+    let seconds: i64 = match value {
+        Value::String(text) => {
+            let duration = humantime::parse_duration(text).map_err(|error| {
+                anyhow::anyhow!(
+                    "delay {text:?} is not a duration ({error}); use e.g. 300, \"90s\" or \"1h 30m\""
+                )
+            })?;
+            if duration.subsec_nanos() != 0 {
+                bail!("delay must be whole seconds, got {text:?}");
+            }
+            i64::try_from(duration.as_secs())
+                .map_err(|_| anyhow::anyhow!("delay is too long, got {text:?}"))?
+        }
+        other => integer("delay", other, "0 or more seconds")?,
+    };
+    if seconds < 0 {
+        bail!("delay must be 0 or more seconds, got {seconds}");
+    }
+    Ok(prost_types::Duration { seconds, nanos: 0 })
+}
+
 /// Parses the job JSON of `queuectl enqueue` into a request; the server checks the values' ranges.
 pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
     let value: Value = serde_json::from_str(json)
@@ -69,11 +126,21 @@ pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
                 request.max_retries = Some(integer(key, value, "0-1000")?);
             }
             "timeout" => request.timeout = Some(seconds(value)?),
+            "run_at" | "run-at" => {
+                if request.run_at.is_some() {
+                    bail!("give run_at or run-at, not both");
+                }
+                request.run_at = Some(run_at(value)?);
+            }
+            "delay" => request.delay = Some(delay(value)?),
             unknown => bail!("unknown key {unknown:?} in the job: expected {JOB_KEYS}"),
         }
     }
     request.command =
         command.context("the job needs a \"command\", e.g. {\"command\":\"echo hi\"}")?;
+    if request.run_at.is_some() && request.delay.is_some() {
+        bail!("give run_at or delay, not both: run_at is a time, delay a wait from now");
+    }
     Ok(request)
 }
 
@@ -106,6 +173,7 @@ fn state_filter(state: Option<StateArg>) -> pb::JobState {
         Some(StateArg::Failed) => pb::JobState::Failed,
         Some(StateArg::Completed) => pb::JobState::Completed,
         Some(StateArg::Dead) => pb::JobState::Dead,
+        Some(StateArg::Cancelled) => pb::JobState::Cancelled,
     }
 }
 
@@ -170,8 +238,13 @@ fn fell_behind(status: &tonic::Status) -> bool {
 fn is_final(state: i32) -> bool {
     matches!(
         pb::JobState::try_from(state),
-        Ok(pb::JobState::Completed | pb::JobState::Dead)
+        Ok(pb::JobState::Completed | pb::JobState::Dead | pb::JobState::Cancelled)
     )
+}
+
+/// Whether a final job ended without completing.
+fn ended_badly(state: i32) -> bool {
+    is_final(state) && state != i32::from(pb::JobState::Completed)
 }
 
 pub async fn logs(
@@ -328,7 +401,7 @@ async fn subscribe(
         .into_inner())
 }
 
-/// Moves the jobs of `waiting` that are final now out of it, and the dead ones into `dead`.
+/// Moves the jobs of `waiting` that are final now out of it, and those that did not complete into `dead`.
 async fn recheck(
     client: &mut Client,
     waiting: &mut BTreeSet<String>,
@@ -341,9 +414,9 @@ async fn recheck(
             .into_inner()
             .job;
         match job.map(|job| job.state) {
-            Some(state) if state == i32::from(pb::JobState::Dead) => {
+            Some(state) if ended_badly(state) => {
                 waiting.remove(&id);
-                dead.push(id);
+                dead.push(format!("{id} ({})", output::state_name(state)));
             }
             Some(state) if is_final(state) => {
                 waiting.remove(&id);
@@ -354,7 +427,7 @@ async fn recheck(
     Ok(())
 }
 
-/// Blocks until every job in `ids` (or every unfinished job) is completed or dead; fails if one ended dead.
+/// Blocks until every job in `ids` (or every unfinished job) is final; fails if one did not complete.
 pub async fn wait(
     client: &mut Client,
     ids: Vec<String>,
@@ -414,8 +487,12 @@ pub async fn wait(
             && is_final(finished.state)
             && waiting.remove(&finished.job_id)
         {
-            if finished.state == i32::from(pb::JobState::Dead) {
-                dead.push(finished.job_id);
+            if ended_badly(finished.state) {
+                dead.push(format!(
+                    "{} ({})",
+                    finished.job_id,
+                    output::state_name(finished.state)
+                ));
             }
             progress.inc(1);
         }
@@ -423,11 +500,105 @@ pub async fn wait(
     progress.finish_and_clear();
     if !dead.is_empty() {
         bail!(
-            "{} of {} jobs ended dead: {}",
+            "{} of {} jobs did not complete: {}",
             dead.len(),
             ids.len(),
             dead.join(", ")
         );
+    }
+    Ok(())
+}
+
+/// Who cancels, for the job's `last_error`: the user of this command on this machine.
+fn canceller() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .unwrap_or_else(|_| "a user".into());
+    let host = gethostname::gethostname().to_string_lossy().into_owned();
+    format!("{user}@{host} (queuectl cancel)")
+}
+
+/// Runs `each` on every id, printing each outcome; fails at the end if any failed, after trying them all.
+async fn for_each_id<F>(client: &mut Client, ids: Vec<String>, mut each: F) -> anyhow::Result<()>
+where
+    F: AsyncFnMut(&mut Client, String) -> Result<String, tonic::Status>,
+{
+    let total = ids.len();
+    let mut failed = 0;
+    for id in ids {
+        match each(client, id).await {
+            Ok(line) => println!("{line}"),
+            Err(status) if total == 1 => return Err(status.into()),
+            Err(status) => {
+                failed += 1;
+                eprintln!("error: {}", status.message());
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {total} jobs failed");
+    }
+    Ok(())
+}
+
+pub async fn cancel(client: &mut Client, ids: Vec<String>) -> anyhow::Result<()> {
+    let reason = canceller();
+    for_each_id(client, ids, async |client, id| {
+        let request = pb::CancelJobRequest {
+            id: id.clone(),
+            reason: reason.clone(),
+        };
+        client.cancel_job(request).await?;
+        Ok(format!("Cancelled job {id}"))
+    })
+    .await
+}
+
+pub async fn remove(client: &mut Client, ids: Vec<String>) -> anyhow::Result<()> {
+    for_each_id(client, ids, async |client, id| {
+        client
+            .delete_job(pb::DeleteJobRequest { id: id.clone() })
+            .await?;
+        Ok(format!("Removed job {id}"))
+    })
+    .await
+}
+
+pub async fn clean(
+    client: &mut Client,
+    states: Vec<FinalStateArg>,
+    older_than: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let states = states
+        .into_iter()
+        .map(|state| {
+            i32::from(match state {
+                FinalStateArg::Completed => pb::JobState::Completed,
+                FinalStateArg::Dead => pb::JobState::Dead,
+                FinalStateArg::Cancelled => pb::JobState::Cancelled,
+            })
+        })
+        .collect();
+    let older_than = older_than.map(|age| prost_types::Duration {
+        seconds: i64::try_from(age.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(age.subsec_nanos()).unwrap_or_default(),
+    });
+    let deleted = client
+        .purge_jobs(pb::PurgeJobsRequest { states, older_than })
+        .await?
+        .into_inner()
+        .jobs_deleted;
+    println!("Removed {deleted} jobs");
+    Ok(())
+}
+
+pub async fn pause(client: &mut Client, paused: bool) -> anyhow::Result<()> {
+    if paused {
+        client.pause_queue(pb::PauseQueueRequest {}).await?;
+        println!("Queue paused: no job starts until `queuectl resume`; running jobs finish");
+    } else {
+        client.resume_queue(pb::ResumeQueueRequest {}).await?;
+        println!("Queue resumed");
     }
     Ok(())
 }

@@ -51,7 +51,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(DlqCommand::List { output }) => {
             commands::list(client, Some(args::StateArg::Dead), output, None).await
         }
-        Command::Dlq(DlqCommand::Retry { id }) => commands::dlq_retry(client, id).await,
+        Command::Dlq(DlqCommand::Retry { id }) | Command::Retry { id } => {
+            commands::dlq_retry(client, id).await
+        }
+        Command::Cancel { ids } => commands::cancel(client, ids).await,
+        Command::Remove { ids } => commands::remove(client, ids).await,
+        Command::Clean { state, older_than } => commands::clean(client, state, older_than).await,
+        Command::Pause => commands::pause(client, true).await,
+        Command::Resume => commands::pause(client, false).await,
         Command::Config(ConfigCommand::Get { key, output }) => {
             commands::config_get(client, key, output).await
         }

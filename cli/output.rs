@@ -15,6 +15,7 @@ pub fn state_name(state: i32) -> &'static str {
         Ok(pb::JobState::Failed) => "failed",
         Ok(pb::JobState::Completed) => "completed",
         Ok(pb::JobState::Dead) => "dead",
+        Ok(pb::JobState::Cancelled) => "cancelled",
         Ok(pb::JobState::Unspecified) | Err(_) => "unknown",
     }
 }
@@ -152,6 +153,8 @@ pub fn status_json(status: &pb::StatusResponse) -> String {
         "failed": status.failed,
         "completed": status.completed,
         "dead": status.dead,
+        "cancelled": status.cancelled,
+        "paused": status.paused,
         "worker_count": status.worker_count,
         "workers": status.workers.iter().map(worker_json).collect::<Vec<_>>(),
         "server_pid": status.server_pid,
@@ -213,9 +216,18 @@ pub fn job_row(job: &pb::Job) -> String {
 
 pub fn status_text(status: &pb::StatusResponse) -> String {
     let mut text = format!(
-        "Job states:\n  pending: {}\n  processing: {}\n  failed: {}\n  completed: {}\n  dead: {}\n",
-        status.pending, status.processing, status.failed, status.completed, status.dead
+        "Job states:\n  pending: {}\n  processing: {}\n  failed: {}\n  completed: {}\n  dead: {}\n  \
+         cancelled: {}\n",
+        status.pending,
+        status.processing,
+        status.failed,
+        status.completed,
+        status.dead,
+        status.cancelled
     );
+    if status.paused {
+        text.push_str("Queue: paused (no job starts until `queuectl resume`)\n");
+    }
     let busy = status
         .workers
         .iter()

@@ -2,7 +2,7 @@
 
 use std::ops::RangeInclusive;
 
-use crate::job::Policy;
+use crate::job::{JobState, Policy};
 
 /// One setting: a name a person types, its default and the values it accepts.
 pub struct Key {
@@ -14,8 +14,14 @@ pub struct Key {
     pub help: &'static str,
 }
 
+/// Ten years: the longest a retention may be short of forever (0).
+const MAX_RETENTION_SECS: u64 = 3650 * 86_400;
+
+/// The stored key of the queue's pause: kept beside the settings, changed only by pausing and resuming.
+pub const PAUSED_KEY: &str = "paused";
+
 /// Every setting, in name order.
-pub const KEYS: [Key; 7] = [
+pub const KEYS: [Key; 9] = [
     Key {
         name: "aging_interval",
         seconds: true,
@@ -29,6 +35,21 @@ pub const KEYS: [Key; 7] = [
         default: 2,
         range: 1..=1000,
         help: "a failed job waits backoff_base ^ attempts seconds (at most a day) before it runs again",
+    },
+    Key {
+        name: "completed_retention",
+        seconds: true,
+        default: 604_800,
+        range: 0..=MAX_RETENTION_SECS,
+        help: "completed jobs older than this are deleted with their logs, in the background (0: kept forever)",
+    },
+    Key {
+        name: "dead_retention",
+        seconds: true,
+        default: 0,
+        range: 0..=MAX_RETENTION_SECS,
+        help: "dead and cancelled jobs older than this are deleted with their logs, in the background (0: kept \
+               forever, as the dead letter queue is there to be looked at)",
     },
     Key {
         name: "default_max_retries",
@@ -123,12 +144,15 @@ pub fn parse_value(key: &'static Key, value: &str) -> Result<u64, ConfigError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     values: [u64; KEYS.len()],
+    /// Whether the queue is paused: no server starts jobs.
+    paused: bool,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             values: KEYS.map(|key| key.default),
+            paused: false,
         }
     }
 }
@@ -138,6 +162,10 @@ impl Settings {
     pub fn from_stored<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
         let mut settings = Settings::default();
         for (name, value) in pairs {
+            if name == PAUSED_KEY {
+                settings.paused = value == "1";
+                continue;
+            }
             if let Err(error) = settings.set(name, value) {
                 tracing::warn!(%error, "ignoring stored setting");
             }
@@ -188,6 +216,24 @@ impl Settings {
 
     pub fn shutdown_grace_secs(&self) -> u64 {
         self.value("shutdown_grace")
+    }
+
+    /// How long jobs stay in each final state before the server deletes them; `None` keeps them forever.
+    pub fn retention(&self) -> [(JobState, Option<u64>); 3] {
+        let keep = |key| Some(self.value(key)).filter(|secs| *secs > 0);
+        [
+            (JobState::Completed, keep("completed_retention")),
+            (JobState::Dead, keep("dead_retention")),
+            (JobState::Cancelled, keep("dead_retention")),
+        ]
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
     }
 }
 
@@ -244,7 +290,8 @@ mod tests {
         assert_eq!(
             error.to_string(),
             "unknown config key 'max_retries': expected one of aging_interval, backoff_base, \
-             default_max_retries, job_timeout, max_interruptions, max_output_bytes, shutdown_grace"
+             completed_retention, dead_retention, default_max_retries, job_timeout, max_interruptions, \
+             max_output_bytes, shutdown_grace"
         );
     }
 
@@ -263,6 +310,14 @@ mod tests {
             error,
             "job_timeout must be an integer in 0-604800 seconds (or e.g. 90s, 5m), got '8d'"
         );
+    }
+
+    #[test]
+    fn the_pause_is_stored_beside_the_settings_but_is_not_one() {
+        let settings = Settings::from_stored([(PAUSED_KEY, "1"), ("backoff_base", "3")]);
+        assert!(settings.paused());
+        assert!(settings.entries().all(|(name, _)| name != PAUSED_KEY));
+        assert!(Settings::default().set(PAUSED_KEY, "1").is_err());
     }
 
     #[test]

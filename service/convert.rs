@@ -6,7 +6,7 @@ use crate::error::QueueError;
 use crate::event::Event;
 use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, Outcome, PRIORITY_RANGE};
 use crate::pb;
-use crate::queue::JobSpec;
+use crate::queue::{JobSpec, Start};
 use crate::store::{Cursor, RunRecord, ServerRecord, WorkerRecord};
 
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
@@ -15,6 +15,10 @@ pub const MAX_RETRIES: i32 = 1000;
 /// A week: a longer limit is almost certainly a unit mistake.
 pub const MAX_TIMEOUT_SECS: i64 = 604_800;
 pub const MAX_BATCH_JOBS: usize = 10_000;
+/// How far ahead a job may be scheduled: further is almost certainly a unit mistake (milliseconds for seconds).
+pub const MAX_SCHEDULE_AHEAD_SECS: i64 = 366 * 86_400;
+/// The longest `reason` a cancel may give.
+pub const MAX_CANCEL_REASON_BYTES: usize = 200;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
@@ -96,14 +100,120 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
                     })
             })
             .transpose()?;
+        let start = match (request.run_at, request.delay) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "give run_at or delay, not both: run_at is a time, delay a wait from now"
+                        .into(),
+                ));
+            }
+            (Some(at), None) => Start::At(run_at(&at)?),
+            (None, Some(wait)) => Start::After(delay(&wait)?),
+            (None, None) => Start::Now,
+        };
         Ok(JobSpec {
             id: request.id,
             command,
             priority,
             max_retries,
             timeout_secs,
+            start,
         })
     }
+}
+
+/// A `run_at` as microseconds since the epoch: a real time, at most [`MAX_SCHEDULE_AHEAD_SECS`] ahead.
+fn run_at(at: &Timestamp) -> Result<Micros, QueueError> {
+    let micros = at
+        .seconds
+        .checked_mul(MICROS_PER_SEC)
+        .and_then(|micros| micros.checked_add(i64::from(at.nanos / 1000)))
+        .filter(|_| at.seconds >= 0 && (0..1_000_000_000).contains(&at.nanos))
+        .ok_or_else(|| {
+            invalid(format!(
+                "run_at must be a time after 1970, got {}s {}ns",
+                at.seconds, at.nanos
+            ))
+        })?;
+    let latest = crate::clock::now().saturating_add(MAX_SCHEDULE_AHEAD_SECS * MICROS_PER_SEC);
+    if micros > latest {
+        return Err(invalid(format!(
+            "run_at must be at most a year ahead, got Unix time {} (milliseconds given as seconds?)",
+            at.seconds
+        )));
+    }
+    Ok(micros)
+}
+
+/// A `delay` as microseconds: 0 to [`MAX_SCHEDULE_AHEAD_SECS`].
+fn delay(wait: &prost_types::Duration) -> Result<Micros, QueueError> {
+    let valid = wait.seconds >= 0
+        && wait.nanos >= 0
+        && wait.nanos < 1_000_000_000
+        && wait.seconds <= MAX_SCHEDULE_AHEAD_SECS;
+    if !valid {
+        return Err(invalid(format!(
+            "delay must be 0 to {MAX_SCHEDULE_AHEAD_SECS} seconds (a year), got {}s {}ns",
+            wait.seconds, wait.nanos
+        )));
+    }
+    Ok(wait.seconds * MICROS_PER_SEC + i64::from(wait.nanos / 1000))
+}
+
+/// Who cancels a job, as its `last_error` names them: `by <reason>`.
+pub fn cancelled_by(reason: &str) -> Result<String, QueueError> {
+    if reason.is_empty() {
+        return Ok("by request".into());
+    }
+    if reason.len() > MAX_CANCEL_REASON_BYTES {
+        return Err(invalid(format!(
+            "reason must be at most {MAX_CANCEL_REASON_BYTES} bytes, got {}",
+            reason.len()
+        )));
+    }
+    if reason.chars().any(char::is_control) {
+        return Err(invalid(
+            "reason must be one line of text, without control characters".into(),
+        ));
+    }
+    Ok(format!("by {reason}"))
+}
+
+/// The final states and the age a purge asks for: completed jobs of any age when it names none.
+pub fn purge_filter(request: pb::PurgeJobsRequest) -> Result<(Vec<JobState>, Micros), QueueError> {
+    let mut states = Vec::new();
+    for state in request.states {
+        match state_filter(state)? {
+            Some(state) if state.is_final() => {
+                if !states.contains(&state) {
+                    states.push(state);
+                }
+            }
+            other => {
+                return Err(invalid(format!(
+                    "states may name only final states (completed, dead, cancelled), got {}",
+                    other.map_or("unspecified", JobState::as_str)
+                )));
+            }
+        }
+    }
+    if states.is_empty() {
+        states.push(JobState::Completed);
+    }
+    let older_than = match request.older_than {
+        None => 0,
+        Some(age) if age.seconds >= 0 && (0..1_000_000_000).contains(&age.nanos) => age
+            .seconds
+            .saturating_mul(MICROS_PER_SEC)
+            .saturating_add(i64::from(age.nanos / 1000)),
+        Some(age) => {
+            return Err(invalid(format!(
+                "older_than must not be negative, got {}s {}ns",
+                age.seconds, age.nanos
+            )));
+        }
+    };
+    Ok((states, older_than))
 }
 
 pub fn job_state(state: JobState) -> pb::JobState {
@@ -113,6 +223,7 @@ pub fn job_state(state: JobState) -> pb::JobState {
         JobState::Failed => pb::JobState::Failed,
         JobState::Completed => pb::JobState::Completed,
         JobState::Dead => pb::JobState::Dead,
+        JobState::Cancelled => pb::JobState::Cancelled,
     }
 }
 
@@ -125,6 +236,7 @@ pub fn state_filter(state: i32) -> Result<Option<JobState>, QueueError> {
         Ok(pb::JobState::Failed) => Ok(Some(JobState::Failed)),
         Ok(pb::JobState::Completed) => Ok(Some(JobState::Completed)),
         Ok(pb::JobState::Dead) => Ok(Some(JobState::Dead)),
+        Ok(pb::JobState::Cancelled) => Ok(Some(JobState::Cancelled)),
         Err(_) => Err(invalid(format!("state {state} is not a job state"))),
     }
 }
@@ -292,7 +404,7 @@ mod tests {
         assert_eq!(spec.priority, 5);
         assert_eq!(spec.max_retries, None);
         assert_eq!(
-            spec.resolve(&Settings::default()).max_retries,
+            spec.resolve(&Settings::default(), 0).max_retries,
             3,
             "default_max_retries applies"
         );

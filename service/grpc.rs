@@ -118,7 +118,7 @@ impl QueueService for Grpc {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let [pending, processing, failed, completed, dead] = self.queue.counts().await?;
+        let [pending, processing, failed, completed, dead, cancelled] = self.queue.counts().await?;
         let servers = self.queue.servers().await?;
         let this = &servers[0];
         let (worker_count, workers) = (this.worker_count, this.workers.clone());
@@ -133,7 +133,54 @@ impl QueueService for Grpc {
             server_pid: std::process::id(),
             server_version: env!("CARGO_PKG_VERSION").into(),
             servers: servers.into_iter().map(Into::into).collect(),
+            cancelled,
+            paused: self.queue.paused(),
         }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let request = request.into_inner();
+        let by = convert::cancelled_by(&request.reason)?;
+        let job = self.queue.cancel(&request.id, &by).await?;
+        Ok(Response::new(pb::CancelJobResponse {
+            job: Some(job.into()),
+        }))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
+        self.queue.delete(&request.into_inner().id).await?;
+        Ok(Response::new(pb::DeleteJobResponse {}))
+    }
+
+    async fn purge_jobs(
+        &self,
+        request: Request<pb::PurgeJobsRequest>,
+    ) -> Result<Response<pb::PurgeJobsResponse>, Status> {
+        let (states, older_than) = convert::purge_filter(request.into_inner())?;
+        let jobs_deleted = self.queue.purge(&states, older_than).await?;
+        Ok(Response::new(pb::PurgeJobsResponse { jobs_deleted }))
+    }
+
+    async fn pause_queue(
+        &self,
+        _request: Request<pb::PauseQueueRequest>,
+    ) -> Result<Response<pb::PauseQueueResponse>, Status> {
+        self.queue.pause(true).await?;
+        Ok(Response::new(pb::PauseQueueResponse {}))
+    }
+
+    async fn resume_queue(
+        &self,
+        _request: Request<pb::ResumeQueueRequest>,
+    ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
+        self.queue.pause(false).await?;
+        Ok(Response::new(pb::ResumeQueueResponse {}))
     }
 
     async fn dlq_retry(

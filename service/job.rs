@@ -34,16 +34,27 @@ pub enum JobState {
     Completed,
     /// Out of retries: in the dead letter queue.
     Dead,
+    /// Someone cancelled it, or a job it was to run after ended without completing. It never runs again unless
+    /// it is retried.
+    Cancelled,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 5] = [
+    pub const ALL: [JobState; 6] = [
         JobState::Pending,
         JobState::Processing,
         JobState::Failed,
         JobState::Completed,
         JobState::Dead,
+        JobState::Cancelled,
     ];
+
+    /// The states a job ends in: nothing moves it on but a person (a retry), and only these may be deleted.
+    pub const FINAL: [JobState; 3] = [JobState::Completed, JobState::Dead, JobState::Cancelled];
+
+    pub fn is_final(self) -> bool {
+        JobState::FINAL.contains(&self)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -52,6 +63,7 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Completed => "completed",
             JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
         }
     }
 }
@@ -63,7 +75,9 @@ impl fmt::Display for JobState {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown job state '{0}': expected one of pending, processing, failed, completed, dead")]
+#[error(
+    "unknown job state '{0}': expected one of pending, processing, failed, completed, dead, cancelled"
+)]
 pub struct UnknownState(pub String);
 
 impl FromStr for JobState {
@@ -111,6 +125,8 @@ pub struct NewJob {
     pub priority: u8,
     pub max_retries: u32,
     pub timeout_secs: Option<u64>,
+    /// How long after it is stored the job becomes ready (0: at once).
+    pub delay: Micros,
 }
 
 /// Why an attempt did not succeed.
@@ -151,6 +167,8 @@ pub enum Outcome {
     /// The server could not start the attempt for want of resources (descriptors, processes, memory). That is the
     /// server's fault, not the job's: the attempt is not counted and the job runs again shortly.
     NotStarted(String),
+    /// Someone cancelled the job while it ran: its processes were ended. The text says who.
+    Cancelled(String),
 }
 
 impl fmt::Display for Outcome {
@@ -162,6 +180,7 @@ impl fmt::Display for Outcome {
             Outcome::NotStarted(reason) => {
                 write!(f, "not started: {reason}; the server retries it")
             }
+            Outcome::Cancelled(by) => write!(f, "cancelled {by}"),
         }
     }
 }
@@ -173,8 +192,10 @@ pub enum Event {
     Claim,
     /// An attempt ended.
     Finish(Outcome),
-    /// A person sends a dead job back to the queue.
-    DlqRetry,
+    /// A person sends a dead or cancelled job back to the queue.
+    Retry,
+    /// Someone cancels a job that waits (a running one is cancelled by ending its run: `Outcome::Cancelled`).
+    Cancel,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -224,7 +245,9 @@ pub fn next_state(
         }
         (JobState::Processing, Event::Finish(Outcome::Failed(_))) => JobState::Failed,
         (JobState::Processing, Event::Finish(Outcome::Abandoned)) => JobState::Pending,
-        (JobState::Dead, Event::DlqRetry) => JobState::Pending,
+        (JobState::Processing, Event::Finish(Outcome::Cancelled(_))) => JobState::Cancelled,
+        (JobState::Dead | JobState::Cancelled, Event::Retry) => JobState::Pending,
+        (JobState::Pending | JobState::Failed, Event::Cancel) => JobState::Cancelled,
         (from, event) => {
             return Err(IllegalTransition {
                 from,
@@ -247,7 +270,10 @@ pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Sett
             interruptions = interruptions.saturating_add(1);
             interruptions >= policy.max_interruptions
         }
-        Outcome::Succeeded | Outcome::Interrupted | Outcome::NotStarted(_) => false,
+        Outcome::Succeeded
+        | Outcome::Interrupted
+        | Outcome::NotStarted(_)
+        | Outcome::Cancelled(_) => false,
     };
     let event = Event::Finish(outcome.clone());
     // A finish always follows a claim, so `processing` is the only state a caller can hand in.
@@ -268,9 +294,10 @@ pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Sett
         Outcome::Abandoned if state == JobState::Dead => Some(format!(
             "interrupted: its server died under it {interruptions} times (max_interruptions)"
         )),
-        Outcome::Interrupted | Outcome::Abandoned | Outcome::NotStarted(_) => {
-            Some(outcome.to_string())
-        }
+        Outcome::Interrupted
+        | Outcome::Abandoned
+        | Outcome::NotStarted(_)
+        | Outcome::Cancelled(_) => Some(outcome.to_string()),
     };
     Settled {
         state,
@@ -282,9 +309,9 @@ pub fn settle(job: &Job, outcome: &Outcome, policy: Policy, now: Micros) -> Sett
     }
 }
 
-/// The state fields of a dead job sent back to the queue: pending, attempts 0, ready now.
+/// The state fields of a dead or cancelled job sent back to the queue: pending, attempts 0, ready now.
 pub fn revive(job: &Job, policy: Policy, now: Micros) -> Result<Settled, IllegalTransition> {
-    let state = next_state(job.state, &Event::DlqRetry, false)?;
+    let state = next_state(job.state, &Event::Retry, false)?;
     Ok(Settled {
         state,
         attempts: 0,
@@ -292,6 +319,19 @@ pub fn revive(job: &Job, policy: Policy, now: Micros) -> Result<Settled, Illegal
         run_after: now,
         queue_key: queue_key(now, job.priority, policy.aging_interval_secs),
         last_error: job.last_error.clone(),
+    })
+}
+
+/// The state fields of a waiting job that someone cancelled, `by` saying who: it keeps its attempts.
+pub fn cancel(job: &Job, by: &str, now: Micros) -> Result<Settled, IllegalTransition> {
+    let state = next_state(job.state, &Event::Cancel, false)?;
+    Ok(Settled {
+        state,
+        attempts: job.attempts,
+        interruptions: job.interruptions,
+        run_after: now,
+        queue_key: now,
+        last_error: Some(Outcome::Cancelled(by.to_owned()).to_string()),
     })
 }
 
@@ -477,14 +517,14 @@ mod tests {
     }
 
     #[test]
-    fn only_dead_jobs_can_be_revived() {
+    fn only_dead_and_cancelled_jobs_can_be_revived() {
         for state in JobState::ALL {
             let job = Job {
                 state,
                 ..processing_job(3, 2)
             };
             let revived = revive(&job, POLICY, 100);
-            if state == JobState::Dead {
+            if matches!(state, JobState::Dead | JobState::Cancelled) {
                 let settled = revived.unwrap();
                 assert_eq!((settled.state, settled.attempts), (JobState::Pending, 0));
             } else {
@@ -508,6 +548,33 @@ mod tests {
             let finished = next_state(state, &Event::Finish(Outcome::Succeeded), false);
             assert_eq!(finished.is_ok(), state == JobState::Processing, "{state}");
         }
+    }
+
+    #[test]
+    fn only_waiting_jobs_are_cancelled_directly_and_a_running_one_by_its_run() {
+        for state in JobState::ALL {
+            let job = Job {
+                state,
+                ..processing_job(1, 3)
+            };
+            let cancelled = cancel(&job, "by alice", 5);
+            if matches!(state, JobState::Pending | JobState::Failed) {
+                let settled = cancelled.unwrap();
+                assert_eq!((settled.state, settled.attempts), (JobState::Cancelled, 1));
+                assert_eq!(settled.last_error.as_deref(), Some("cancelled by alice"));
+            } else {
+                assert_eq!(cancelled.unwrap_err().from, state);
+            }
+        }
+        let ended = settle(
+            &processing_job(0, 0),
+            &Outcome::Cancelled("by bob".into()),
+            POLICY,
+            0,
+        );
+        assert_eq!(ended.state, JobState::Cancelled);
+        assert_eq!(ended.attempts, 0, "a cancel is not a failed attempt");
+        assert_eq!(ended.last_error.as_deref(), Some("cancelled by bob"));
     }
 
     #[test]

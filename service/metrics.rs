@@ -135,7 +135,8 @@ impl Metrics {
                             self.failed_attempts.inc();
                             self.dead.inc()
                         }
-                        JobState::Pending | JobState::Processing => 0,
+                        // Cancels show in the jobs gauge; most of them never ran.
+                        JobState::Pending | JobState::Processing | JobState::Cancelled => 0,
                     };
                 }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}

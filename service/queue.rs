@@ -4,13 +4,13 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 
-use crate::config::{self, Settings};
+use crate::config::{self, PAUSED_KEY, Settings};
 use crate::error::QueueError;
-use crate::job::{self, Job, JobState, NewJob};
+use crate::job::{self, Job, JobState, Micros, NewJob};
 use crate::metrics::Metrics;
 use crate::store::{
-    EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord, Signal, StateCounts,
-    Store, StoreError,
+    CancelRequest, EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord,
+    Signal, StateCounts, Store, StoreError,
 };
 use crate::supervisor::Supervisor;
 use crate::writer::Writer;
@@ -23,10 +23,27 @@ pub struct JobSpec {
     pub priority: u8,
     pub max_retries: Option<u32>,
     pub timeout_secs: Option<u64>,
+    pub start: Start,
+}
+
+/// When a new job may run first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Now,
+    /// At this time (a time past means at once).
+    At(Micros),
+    /// This long after it is stored.
+    After(Micros),
 }
 
 impl JobSpec {
-    pub fn resolve(self, settings: &Settings) -> NewJob {
+    /// The job to store at `now` under `settings`.
+    pub fn resolve(self, settings: &Settings, now: Micros) -> NewJob {
+        let delay = match self.start {
+            Start::Now => 0,
+            Start::At(at) => at.saturating_sub(now).max(0),
+            Start::After(delay) => delay,
+        };
         NewJob {
             id: self.id,
             command: self.command,
@@ -35,6 +52,7 @@ impl JobSpec {
                 .max_retries
                 .unwrap_or_else(|| settings.default_max_retries()),
             timeout_secs: self.timeout_secs,
+            delay,
         }
     }
 }
@@ -50,6 +68,8 @@ pub struct Queue {
     shutdown: Arc<Notify>,
     /// Turns `true` when the server stops; long-lived streams end then.
     closing: watch::Sender<bool>,
+    /// Wakes the background purge when a retention setting changed.
+    retention_changed: Arc<Notify>,
 }
 
 impl Queue {
@@ -74,6 +94,7 @@ impl Queue {
                 );
             }
         }
+        let paused = settings.read().expect("settings lock").paused();
         let wake = Arc::new(Notify::new());
         let writer = Writer::spawn(
             store.clone(),
@@ -88,6 +109,7 @@ impl Queue {
             settings.clone(),
             wake.clone(),
         );
+        supervisor.pause(paused);
         // A server that cannot write yet (a full disk) still starts and serves reads; it keeps trying, and its
         // workers start claiming once the jobs a previous server left are back in the queue.
         {
@@ -97,6 +119,12 @@ impl Queue {
                 supervisor.start();
             });
         }
+        let retention_changed = Arc::new(Notify::new());
+        tokio::spawn(purge_expired(
+            store.clone(),
+            settings.clone(),
+            retention_changed.clone(),
+        ));
         let metrics = Arc::new(Metrics::default());
         tokio::spawn(metrics.clone().follow(supervisor.subscribe()));
         supervisor.set_workers(workers);
@@ -118,6 +146,7 @@ impl Queue {
             metrics,
             shutdown: Arc::new(Notify::new()),
             closing: watch::Sender::new(false),
+            retention_changed,
         })
     }
 
@@ -132,9 +161,10 @@ impl Queue {
             return Err(failing.into());
         }
         let settings = self.settings();
+        let now = crate::clock::now();
         let jobs = specs
             .into_iter()
-            .map(|spec| spec.resolve(&settings))
+            .map(|spec| spec.resolve(&settings, now))
             .collect();
         match self.writer.enqueue(jobs).await? {
             Ok(jobs) => {
@@ -205,20 +235,20 @@ impl Queue {
         Ok(())
     }
 
-    /// Sends a dead job back to the queue with its attempts reset.
+    /// Sends a dead or cancelled job back to the queue with its attempts reset.
     pub async fn dlq_retry(&self, id: &str) -> Result<Job, QueueError> {
         let job = self.get(id).await?;
         let policy = self.settings().policy();
         let settled = job::revive(&job, policy, crate::clock::now()).map_err(|illegal| {
             QueueError::FailedPrecondition(format!(
-                "job '{id}' is {}, not dead; only jobs in the dead letter queue can be retried",
+                "job '{id}' is {}; only dead or cancelled jobs can be retried",
                 illegal.from
             ))
         })?;
         let update = GuardedUpdate {
             job_id: job.id.clone(),
             seq: job.seq,
-            expect_state: JobState::Dead,
+            expect_state: job.state,
             expect_runs: job.runs,
             settled,
             ended: None,
@@ -229,6 +259,158 @@ impl Queue {
             )));
         }
         self.get(id).await
+    }
+
+    /// Cancels job `id`, `by` saying who for its `last_error`. A waiting job is cancelled at once; a running one
+    /// is ended by the server that runs it, and the answer comes once its run ended. A job that completed or died
+    /// first keeps that state, and the answer says so.
+    pub async fn cancel(&self, id: &str, by: &str) -> Result<Job, QueueError> {
+        let deadline = tokio::time::Instant::now() + self.cancel_patience();
+        loop {
+            let job = self.get(id).await?;
+            match job.state {
+                JobState::Pending | JobState::Failed => {
+                    let settled = job::cancel(&job, by, crate::clock::now())
+                        .expect("a waiting job can be cancelled");
+                    let update = GuardedUpdate {
+                        job_id: job.id.clone(),
+                        seq: job.seq,
+                        expect_state: job.state,
+                        expect_runs: job.runs,
+                        settled,
+                        ended: None,
+                    };
+                    if self.writer.update(update, true).await? {
+                        return self.get(id).await;
+                    }
+                    // A worker claimed it meanwhile: cancel the run instead.
+                }
+                JobState::Processing => {
+                    let ended = self.end_run(&job, by, deadline).await?;
+                    match ended.state {
+                        JobState::Cancelled => return Ok(ended),
+                        JobState::Completed => {
+                            return Err(QueueError::FailedPrecondition(format!(
+                                "job '{id}' completed before the cancel reached it"
+                            )));
+                        }
+                        JobState::Dead => {
+                            return Err(QueueError::FailedPrecondition(format!(
+                                "job '{id}' went dead before the cancel reached it"
+                            )));
+                        }
+                        // Its run ended some other way and it waits again, or runs again: cancel that.
+                        JobState::Pending | JobState::Failed | JobState::Processing => {}
+                    }
+                }
+                state => {
+                    return Err(QueueError::FailedPrecondition(format!(
+                        "job '{id}' is {state} already; only pending, failed and processing jobs can be cancelled"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Asks whichever server runs `job`'s current run to end it as cancelled, again and again until the run ended
+    /// (the request can come just before the run is registered, or while another server's notice is in flight).
+    /// Returns the job as it is once that run is over.
+    async fn end_run(
+        &self,
+        job: &Job,
+        by: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Job, QueueError> {
+        let request = CancelRequest {
+            job_id: job.id.clone(),
+            run: job.runs,
+            by: by.to_owned(),
+        };
+        let mut next_request = tokio::time::Instant::now();
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= next_request {
+                let here = self.supervisor.cancel(&job.id, job.runs, by);
+                if !here && let Some(cluster) = self.store.cluster() {
+                    cluster.broadcast_cancel(&request).await?;
+                }
+                next_request = now + CANCEL_REPEAT;
+            }
+            tokio::time::sleep(CANCEL_POLL).await;
+            let current = self.get(&job.id).await?;
+            if current.seq != job.seq
+                || current.runs != job.runs
+                || current.state != JobState::Processing
+            {
+                return Ok(current);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(QueueError::FailedPrecondition(format!(
+                    "job '{}' still runs: no server ended it in time (its server may have died, and the job is \
+                     rescued once its lease runs out); try the cancel again",
+                    job.id
+                )));
+            }
+        }
+    }
+
+    /// How long a cancel waits for a running job to end: its processes get a grace to exit, and on a shared
+    /// database a server that died holds its claims for a lease before they are rescued.
+    fn cancel_patience(&self) -> std::time::Duration {
+        let rescue = self
+            .store
+            .cluster()
+            .map_or(std::time::Duration::ZERO, |cluster| cluster.lease() * 2);
+        rescue + CANCEL_GRACE
+    }
+
+    /// Deletes a final job and its logs.
+    pub async fn delete(&self, id: &str) -> Result<(), QueueError> {
+        let job = self.get(id).await?;
+        if !job.state.is_final() {
+            return Err(QueueError::FailedPrecondition(format!(
+                "job '{id}' is {}; only completed, dead and cancelled jobs can be deleted (cancel it first)",
+                job.state
+            )));
+        }
+        if self.store.delete_final(&[id]).await?.is_empty() {
+            return Err(QueueError::FailedPrecondition(format!(
+                "job '{id}' changed while it was being deleted; look at it again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Deletes the jobs in `states`, all final, that reached them at least `older_than` microseconds ago, a few
+    /// hundred per transaction so that enqueues and claims go on in between. Returns how many it deleted.
+    pub async fn purge(&self, states: &[JobState], older_than: Micros) -> Result<u64, QueueError> {
+        if let Some(state) = states.iter().find(|state| !state.is_final()) {
+            return Err(QueueError::InvalidArgument(format!(
+                "only final jobs can be purged (completed, dead, cancelled), not {state} ones"
+            )));
+        }
+        let mut deleted = 0;
+        for state in states {
+            deleted += purge_all(self.store.as_ref(), *state, older_than).await?;
+        }
+        Ok(deleted)
+    }
+
+    /// Stops or lets every server of the queue start jobs. The pause is stored, so it holds across restarts.
+    pub async fn pause(&self, paused: bool) -> Result<(), QueueError> {
+        let _change = self.config_change.lock().await;
+        let value = if paused { "1" } else { "0" };
+        self.store.save_config(PAUSED_KEY, value, None).await?;
+        self.settings
+            .write()
+            .expect("settings lock")
+            .set_paused(paused);
+        self.supervisor.pause(paused);
+        Ok(())
+    }
+
+    pub fn paused(&self) -> bool {
+        self.settings().paused()
     }
 
     /// One setting, or all of them when `key` is empty.
@@ -250,10 +432,13 @@ impl Queue {
         let mut changed = self.settings();
         let parsed = changed.set(key, value)?;
         let key = config::find_key(key)?.name;
+        // Aging orders the waiting jobs: when it changes, they are re-keyed.
+        let rekey = (key == "aging_interval").then(|| changed.policy());
         self.store
-            .save_config(key, &parsed.to_string(), changed.policy())
+            .save_config(key, &parsed.to_string(), rekey)
             .await?;
         *self.settings.write().expect("settings lock") = changed;
+        self.retention_changed.notify_one();
         Ok((key, parsed))
     }
 
@@ -280,6 +465,7 @@ impl Queue {
         }
         let deleted = self.store.reset().await?;
         *self.settings.write().expect("settings lock") = Settings::default();
+        self.supervisor.pause(false);
         Ok(deleted)
     }
 
@@ -383,6 +569,72 @@ impl Queue {
     }
 }
 
+/// How often a cancel of a running job asks again for it to be ended, and looks whether it was.
+const CANCEL_REPEAT: std::time::Duration = std::time::Duration::from_millis(250);
+const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// How long a cancel waits for a run to end, beyond the rescue of a dead server's claims: the processes' grace
+/// to exit on SIGTERM, and the time to write the result.
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Final jobs deleted per transaction: small enough that enqueues and claims never wait long behind a purge.
+const PURGE_BATCH: u32 = 500;
+
+/// How often the server deletes final jobs past their retention, at most and at least.
+const RETENTION_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
+const RETENTION_PERIOD_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Deletes every job in `state` older than `older_than`, one small transaction at a time.
+async fn purge_all(
+    store: &dyn Store,
+    state: JobState,
+    older_than: Micros,
+) -> Result<u64, StoreError> {
+    let mut deleted = 0;
+    loop {
+        let batch = store.purge(state, older_than, PURGE_BATCH).await?;
+        deleted += batch;
+        if batch < u64::from(PURGE_BATCH) {
+            return Ok(deleted);
+        }
+        // Let the writer's queued work go first.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Deletes final jobs past the retention settings, now and then, for as long as the server runs: every minute, or
+/// more often when a retention is short, so that jobs never outstay it by much.
+async fn purge_expired(
+    store: Arc<dyn Store>,
+    settings: Arc<RwLock<Settings>>,
+    changed: Arc<Notify>,
+) {
+    loop {
+        let retention = settings.read().expect("settings lock").retention();
+        let shortest = retention.iter().filter_map(|(_, keep)| *keep).min();
+        let period = shortest.map_or(RETENTION_PERIOD, |secs| {
+            (std::time::Duration::from_secs(secs) / 4).clamp(RETENTION_PERIOD_MIN, RETENTION_PERIOD)
+        });
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            // Look again with the new setting: a shorter retention purges sooner.
+            () = changed.notified() => continue,
+        }
+        for (state, keep_secs) in retention {
+            let Some(keep_secs) = keep_secs else {
+                continue;
+            };
+            match purge_all(store.as_ref(), state, job::secs_to_micros(keep_secs)).await {
+                Ok(0) => {}
+                Ok(deleted) => tracing::info!(%state, deleted, "deleted jobs past their retention"),
+                Err(error) => {
+                    tracing::warn!(%state, %error, "deleting jobs past their retention failed")
+                }
+            }
+        }
+    }
+}
+
 /// How long a reset waits, beyond the lease, for other servers to end their jobs (their kill grace included).
 const RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -426,13 +678,18 @@ async fn follow_signals(
                 );
                 supervisor.abort_all().await;
             }
+            Signal::Cancel(cancel) => {
+                supervisor.cancel(&cancel.job_id, cancel.run, &cancel.by);
+            }
             Signal::Config => match store.load_config().await {
                 Ok(stored) => {
-                    *settings.write().expect("settings lock") = Settings::from_stored(
+                    let loaded = Settings::from_stored(
                         stored
                             .iter()
                             .map(|(key, value)| (key.as_str(), value.as_str())),
                     );
+                    supervisor.pause(loaded.paused());
+                    *settings.write().expect("settings lock") = loaded;
                 }
                 Err(error) => tracing::error!(%error, "reloading settings failed"),
             },

@@ -1,5 +1,5 @@
 //! Runs one shell command: in its own process group, with its output captured up to a limit, killed as a group
-//! on timeout or abort, always reaped.
+//! on timeout or when stopped, always reaped.
 
 use std::process::{ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 
 use crate::job::{Failure, Outcome};
@@ -106,7 +105,7 @@ fn shell(command: &str, tag: &str) -> Command {
     let mut shell = {
         let mut shell = Command::new("/bin/sh");
         shell.arg("-c").arg(GATE).arg("/bin/sh").arg(command);
-        // Its own process group, so that a timeout or abort reaches everything the command started.
+        // Its own process group, so that a timeout or a stop reaches everything the command started.
         shell.process_group(0);
         shell.stdin(Stdio::piped());
         shell
@@ -260,7 +259,7 @@ async fn terminate(child: &mut Child) {
 enum Ending {
     Exited(std::io::Result<ExitStatus>),
     TimedOut,
-    Aborted,
+    Stopped(Outcome),
 }
 
 /// Reads what is left in a pipe, for at most `DRAIN_LIMIT`.
@@ -328,11 +327,11 @@ impl Gated {
         self.pgid
     }
 
-    /// Opens the gate and runs the command to its end. `on_output` gets each chunk of output that is kept. A
-    /// `true` on `abort` ends the command as interrupted.
+    /// Opens the gate and runs the command to its end. `on_output` gets each chunk of output that is kept. When
+    /// `stop` resolves first, the command's processes are ended and the run ends with the outcome it gave.
     pub async fn run(
         self,
-        mut abort: watch::Receiver<bool>,
+        stop: impl Future<Output = Outcome>,
         mut on_output: impl FnMut(&[u8]),
     ) -> Report {
         let Gated {
@@ -359,7 +358,8 @@ impl Gated {
         };
         let deadline = timeout.map(|limit| Instant::now() + limit);
         let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
-        let (mut out_open, mut err_open, mut abort_open) = (true, true, true);
+        let (mut out_open, mut err_open) = (true, true);
+        tokio::pin!(stop);
 
         let ending = loop {
             tokio::select! {
@@ -375,10 +375,7 @@ impl Gated {
                 () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     break Ending::TimedOut;
                 }
-                aborted = abort.wait_for(|abort| *abort), if abort_open => match aborted {
-                    Ok(_) => break Ending::Aborted,
-                    Err(_) => abort_open = false,
-                },
+                outcome = &mut stop => break Ending::Stopped(outcome),
             }
         };
 
@@ -400,9 +397,9 @@ impl Gated {
                 terminate(&mut child).await;
                 Outcome::Failed(Failure::Timeout)
             }
-            Ending::Aborted => {
+            Ending::Stopped(outcome) => {
                 terminate(&mut child).await;
-                Outcome::Interrupted
+                outcome
             }
         };
         attempt.end().await;
@@ -507,10 +504,11 @@ mod tests {
 
         /// Runs `command` to its end, without timeout or abort; the report and the chunks `on_output` saw.
         async fn run_to_end(command: &str, tag: &str) -> (Report, Vec<u8>) {
-            let (_abort, abort_seen) = watch::channel(false);
             let mut seen = Vec::new();
             let report = gated(spec(command, tag, None))
-                .run(abort_seen, |chunk| seen.extend_from_slice(chunk))
+                .run(std::future::pending(), |chunk| {
+                    seen.extend_from_slice(chunk)
+                })
                 .await;
             (report, seen)
         }
@@ -590,12 +588,13 @@ mod tests {
 
         #[tokio::test]
         async fn a_run_reports_its_exit_status_and_truncates_its_output() {
-            let (_abort, abort_seen) = watch::channel(false);
             let mut spec = spec("printf 0123456789; exit 3", "job1#1", None);
             spec.max_output = 4;
             let mut seen = Vec::new();
             let report = gated(spec)
-                .run(abort_seen, |chunk| seen.extend_from_slice(chunk))
+                .run(std::future::pending(), |chunk| {
+                    seen.extend_from_slice(chunk)
+                })
                 .await;
             assert_eq!(report.outcome, Outcome::Failed(Failure::Exit(3)));
             assert!(report.truncated);
@@ -611,9 +610,8 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let pid_file = dir.path().join("pid");
             let command = with_background_sleep(&pid_file);
-            let (_abort, abort_seen) = watch::channel(false);
             let report = gated(spec(&command, "job1#1", Some(Duration::from_secs(1))))
-                .run(abort_seen, |_| {})
+                .run(std::future::pending(), |_| {})
                 .await;
             assert_eq!(report.outcome, Outcome::Failed(Failure::Timeout));
             let text = std::fs::read_to_string(&pid_file)
@@ -625,25 +623,28 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn an_abort_interrupts_the_run_and_kills_its_group() {
+        async fn a_stop_ends_the_run_with_its_outcome_and_kills_its_group() {
             let dir = tempfile::tempdir().unwrap();
             let pid_file = dir.path().join("pid");
             let command = with_background_sleep(&pid_file);
-            let (abort, abort_seen) = watch::channel(false);
-            let running = gated(spec(&command, "job1#1", None)).run(abort_seen, |_| {});
-            let aborting = async {
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let running = gated(spec(&command, "job1#1", None)).run(
+                async { stopped.await.unwrap_or(Outcome::Interrupted) },
+                |_| {},
+            );
+            let stopping = async {
                 let pid = pid_in(&appears(&pid_file).await);
-                abort.send_replace(true);
+                stop.send(Outcome::Cancelled("by a test".into())).unwrap();
                 pid
             };
             let (report, pid) =
-                tokio::time::timeout(PATIENCE, async { tokio::join!(running, aborting) })
+                tokio::time::timeout(PATIENCE, async { tokio::join!(running, stopping) })
                     .await
-                    .expect("the abort ended the run");
-            assert_eq!(report.outcome, Outcome::Interrupted);
+                    .expect("the stop ended the run");
+            assert_eq!(report.outcome, Outcome::Cancelled("by a test".into()));
             assert!(
                 !outlived(pid).await,
-                "the background process outlived the abort"
+                "the background process outlived the stop"
             );
         }
 
@@ -678,8 +679,7 @@ mod tests {
                 assert!(alive(i32::try_from(pgid).unwrap()), "the held shell ended");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let (_abort, abort_seen) = watch::channel(false);
-            let report = gated.run(abort_seen, |_| {}).await;
+            let report = gated.run(std::future::pending(), |_| {}).await;
             assert_eq!(report.outcome, Outcome::Succeeded);
             assert!(marker.exists(), "the command ran once its gate opened");
         }

@@ -272,7 +272,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::job::{JobState, Policy, Settled};
+    use crate::job::{JobState, Micros, Policy, Settled};
     use crate::store::{ListFilter, Page, RunRecord, StateCounts, WriteOutcome};
 
     /// How long a test waits for something that should happen at once.
@@ -444,9 +444,22 @@ mod tests {
             &self,
             _key: &str,
             _value: &str,
-            _policy: Policy,
+            _rekey: Option<Policy>,
         ) -> Result<(), StoreError> {
             Ok(())
+        }
+
+        async fn delete_final(&self, _ids: &[&str]) -> Result<Vec<String>, StoreError> {
+            Ok(Vec::new())
+        }
+
+        async fn purge(
+            &self,
+            _state: JobState,
+            _older_than: Micros,
+            _limit: u32,
+        ) -> Result<u64, StoreError> {
+            Ok(0)
         }
 
         async fn reset(&self) -> Result<u64, StoreError> {
@@ -480,6 +493,7 @@ mod tests {
             priority: 5,
             max_retries: 3,
             timeout_secs: None,
+            delay: 0,
         }
     }
 

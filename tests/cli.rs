@@ -71,7 +71,10 @@ fn wait_blocks_until_jobs_are_final_and_fails_if_one_is_dead() {
     assert!(output.stdout.is_empty(), "no progress bar when piped");
 
     let stderr = home.fails(&["wait", &ok, &doomed]);
-    assert!(stderr.contains("1 of 2 jobs ended dead: job2"), "{stderr}");
+    assert!(
+        stderr.contains("1 of 2 jobs did not complete: job2 (dead)"),
+        "{stderr}"
+    );
     assert_eq!(home.state(&doomed), "dead");
 
     home.enqueue(r#"{"command":"sleep 30"}"#);

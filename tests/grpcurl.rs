@@ -288,7 +288,7 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
             "DlqRetry",
             r#"{"id":"keep"}"#,
             "FailedPrecondition",
-            "is pending, not dead",
+            "is pending; only dead or cancelled jobs can be retried",
         ),
         ("DlqRetry", r#"{"id":""}"#, "NotFound", "no job with id ''"),
         ("List", r#"{"page_token":"garbage"}"#, invalid, "page_token"),

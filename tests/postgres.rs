@@ -345,6 +345,7 @@ fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
             priority: 5,
             max_retries: 0,
             timeout_secs: None,
+            delay: 0,
         };
         let batch = WriteBatch {
             enqueues: vec![vec![new_job("running"), new_job("lost")]],
@@ -708,4 +709,41 @@ fn a_claim_whose_commit_reply_is_lost_runs_after_all() {
         log.contains("claiming jobs failed") || log.contains("claiming the next job failed"),
         "the cut hit a claim: {log}"
     );
+}
+
+/// A cancel sent to one server ends the job another server runs, within a second, kills its processes there, and
+/// the job never runs again on any server. A pause through one server holds for every server.
+#[test]
+fn a_cancel_and_a_pause_through_one_server_reach_the_others() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let (mut front, mut runner) = (Home::new(), Home::new());
+    start(&mut front, &database, 0);
+    start(&mut runner, &database, 1);
+    let (_, pid) = run_a_long_job(&front, &runner);
+    let asked = std::time::Instant::now();
+    front.ok(&["cancel", "job1"]);
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the cancel reached the other server within a second: {took:?}"
+    );
+    assert_eq!(front.state("job1"), "cancelled");
+    wait_until(
+        "the job's process to be gone",
+        Duration::from_secs(5),
+        || !common::alive(pid),
+    );
+
+    front.ok(&["pause"]);
+    wait_until("the pause to reach the other server", DEADLINE, || {
+        runner.ok(&["status"]).contains("Queue: paused")
+    });
+    front.enqueue(r#"{"command":"true"}"#);
+    let stderr = runner.fails(&["wait", "job2", "--timeout", "1s"]);
+    assert!(stderr.contains("still not final"), "{stderr}");
+    front.ok(&["resume"]);
+    runner.ok(&["wait", "job2"]);
+    assert_eq!(front.state("job1"), "cancelled", "never run again");
 }

@@ -24,13 +24,15 @@ fn any_outcome() -> impl Strategy<Value = Outcome> {
         any::<i32>().prop_map(|signal| Outcome::Failed(Failure::Signal(signal))),
         ".*".prop_map(|reason| Outcome::Failed(Failure::Spawn(reason))),
         ".*".prop_map(Outcome::NotStarted),
+        ".*".prop_map(Outcome::Cancelled),
     ]
 }
 
 fn any_event() -> impl Strategy<Value = Event> {
     prop_oneof![
         Just(Event::Claim),
-        Just(Event::DlqRetry),
+        Just(Event::Retry),
+        Just(Event::Cancel),
         any_outcome().prop_map(Event::Finish),
     ]
 }
@@ -105,6 +107,8 @@ proptest! {
             priority,
             max_retries,
             timeout,
+            run_at: None,
+            delay: None,
         };
         match JobSpec::try_from(request) {
             Ok(spec) => {
@@ -152,7 +156,9 @@ proptest! {
             }
             (JobState::Processing, Event::Finish(Outcome::Failed(_))) => &[JobState::Failed, JobState::Dead],
             (JobState::Processing, Event::Finish(Outcome::Abandoned)) => &[JobState::Pending, JobState::Dead],
-            (JobState::Dead, Event::DlqRetry) => &[JobState::Pending],
+            (JobState::Processing, Event::Finish(Outcome::Cancelled(_))) => &[JobState::Cancelled],
+            (JobState::Dead | JobState::Cancelled, Event::Retry) => &[JobState::Pending],
+            (JobState::Pending | JobState::Failed, Event::Cancel) => &[JobState::Cancelled],
             _ => &[],
         };
         match job::next_state(from, &event, exhausted) {
@@ -179,6 +185,7 @@ proptest! {
             Outcome::Failed(_) => JobState::Failed,
             Outcome::Abandoned if job.interruptions.saturating_add(1) >= policy.max_interruptions => JobState::Dead,
             Outcome::Abandoned => JobState::Pending,
+            Outcome::Cancelled(_) => JobState::Cancelled,
         };
         prop_assert_eq!(settled.state, expected);
         prop_assert!(settled.attempts >= job.attempts);
@@ -194,7 +201,7 @@ proptest! {
     }
 
     #[test]
-    fn only_dead_jobs_revive_and_they_restart_from_zero(
+    fn only_dead_and_cancelled_jobs_revive_and_they_restart_from_zero(
         state in any_state(),
         seed in any_job(JobState::Dead),
         policy in any_policy(),
@@ -203,10 +210,12 @@ proptest! {
         let job = Job { state, ..seed };
         match job::revive(&job, policy, now) {
             Ok(settled) => {
-                prop_assert_eq!(state, JobState::Dead);
+                prop_assert!(matches!(state, JobState::Dead | JobState::Cancelled));
                 prop_assert_eq!((settled.state, settled.attempts, settled.run_after), (JobState::Pending, 0, now));
             }
-            Err(illegal) => prop_assert!(state != JobState::Dead && illegal.from == state),
+            Err(illegal) => prop_assert!(
+                !matches!(state, JobState::Dead | JobState::Cancelled) && illegal.from == state
+            ),
         }
     }
 }

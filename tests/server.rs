@@ -102,7 +102,23 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         ),
         (vec!["config", "get", "nope"], "unknown config key 'nope'"),
         (vec!["dlq", "retry", "ghost"], "no job with id 'ghost'"),
-        (vec!["dlq", "retry", "keep"], "is pending, not dead"),
+        (
+            vec!["dlq", "retry", "keep"],
+            "is pending; only dead or cancelled jobs can be retried",
+        ),
+        (vec!["cancel", "ghost"], "no job with id 'ghost'"),
+        (
+            vec!["remove", "keep"],
+            "is pending; only completed, dead and cancelled jobs can be deleted",
+        ),
+        (
+            vec!["enqueue", r#"{"command":"x","delay":"soon"}"#],
+            "delay \"soon\" is not a duration",
+        ),
+        (
+            vec!["enqueue", r#"{"command":"x","run_at":"2026-13-45"}"#],
+            "run_at \"2026-13-45\" is not a time",
+        ),
         (vec!["logs", "ghost"], "no job with id 'ghost'"),
         (vec!["get", "ghost"], "no job with id 'ghost'"),
         (

@@ -18,8 +18,8 @@ use queuectl::job::{self, JobState, MICROS_PER_SEC, Micros, NewJob, Outcome, Pol
 use queuectl::store::postgres::PgStore;
 use queuectl::store::sqlite::SqliteStore;
 use queuectl::store::{
-    EnqueueRejected, GuardedUpdate, ListFilter, RunEnded, RunStarted, ServerRecord, Signal, Store,
-    WorkerRecord, WriteBatch, WriteOutcome,
+    CancelRequest, EnqueueRejected, GuardedUpdate, ListFilter, RunEnded, RunStarted, ServerRecord,
+    Signal, Store, WorkerRecord, WriteBatch, WriteOutcome,
 };
 use sqlx::Connection;
 
@@ -240,6 +240,7 @@ fn new_job(id: &str, priority: u8) -> NewJob {
         priority,
         max_retries: 3,
         timeout_secs: None,
+        delay: 0,
     }
 }
 
@@ -429,7 +430,7 @@ async fn one_batch_does_everything_in_order(t: Ctx) {
     assert_eq!(counts[JobState::Processing as usize], 2);
     counts[JobState::Processing as usize] = 0;
     counts[JobState::Completed as usize] -= 1;
-    assert_eq!(counts, [0; 5]);
+    assert_eq!(counts, [0; 6]);
 }
 
 /// A duplicate id refuses its own request whole and leaves the other requests of the batch stored.
@@ -479,7 +480,7 @@ async fn a_duplicate_id_rolls_back_only_its_request(t: Ctx) {
     let mut counts = store.counts().await.unwrap();
     counts[JobState::Pending as usize] -= 4;
     assert_eq!(
-        counts, [0; 5],
+        counts, [0; 6],
         "exactly taken, first, job1 and last are stored"
     );
 }
@@ -761,8 +762,8 @@ fn end_run(
     }
 }
 
-fn counts_of(pairs: &[(JobState, u64)]) -> [u64; 5] {
-    let mut counts = [0; 5];
+fn counts_of(pairs: &[(JobState, u64)]) -> queuectl::store::StateCounts {
+    let mut counts = [0; JobState::ALL.len()];
     for (state, count) in pairs {
         counts[*state as usize] = *count;
     }
@@ -1191,6 +1192,7 @@ async fn get_returns_the_job_as_stored(t: Ctx) {
             priority: 7,
             max_retries: 4,
             timeout_secs: Some(30),
+            delay: 0,
         }]],
         before,
     )
@@ -1260,7 +1262,7 @@ async fn listing_ends_where_the_jobs_end(t: Ctx) {
 /// counts tallies the jobs in every state.
 async fn counts_tally_every_state(t: Ctx) {
     let store = t.store.as_ref();
-    assert_eq!(store.counts().await.unwrap(), [0; 5]);
+    assert_eq!(store.counts().await.unwrap(), [0; JobState::ALL.len()]);
     let no_retries = NewJob {
         max_retries: 0,
         ..new_job("dead", 1)
@@ -1434,7 +1436,7 @@ async fn settings_are_stored_and_re_key_waiting_jobs(t: Ctx) {
     enqueue_one(store, new_job("new-high", 1), POLICY).await;
     // ...until aging is set to 0: then only age counts.
     store
-        .save_config("aging_interval", "0", no_aging)
+        .save_config("aging_interval", "0", Some(no_aging))
         .await
         .unwrap();
     assert_eq!(
@@ -1446,7 +1448,7 @@ async fn settings_are_stored_and_re_key_waiting_jobs(t: Ctx) {
     enqueue_one(store, new_job("old-low-2", 3), no_aging).await;
     enqueue_one(store, new_job("new-high-2", 1), no_aging).await;
     store
-        .save_config("aging_interval", "60", POLICY)
+        .save_config("aging_interval", "60", Some(POLICY))
         .await
         .unwrap();
     assert_eq!(
@@ -1454,10 +1456,7 @@ async fn settings_are_stored_and_re_key_waiting_jobs(t: Ctx) {
         ["new-high-2", "old-low-2"]
     );
 
-    store
-        .save_config("backoff_base", "3", POLICY)
-        .await
-        .unwrap();
+    store.save_config("backoff_base", "3", None).await.unwrap();
     let mut config = store.load_config().await.unwrap();
     config.sort();
     assert_eq!(
@@ -1483,16 +1482,13 @@ async fn reset_deletes_everything(t: Ctx) {
     let ended = end_run(&job1, Outcome::Succeeded, POLICY, 0, b"old run", false);
     assert!(update(store, ended, clock::now()).await);
     assert_eq!(store.runs("job1").await.unwrap().len(), 1);
-    store
-        .save_config("backoff_base", "3", POLICY)
-        .await
-        .unwrap();
+    store.save_config("backoff_base", "3", None).await.unwrap();
 
     assert_eq!(store.reset().await.unwrap(), 3);
     for id in ["job1", "job2", "chosen"] {
         assert_eq!(store.get(id).await.unwrap(), None, "{id}");
     }
-    assert_eq!(store.counts().await.unwrap(), [0; 5]);
+    assert_eq!(store.counts().await.unwrap(), [0; JobState::ALL.len()]);
     assert!(store.load_config().await.unwrap().is_empty());
     assert_eq!(store.newest_time().await.unwrap(), None);
     assert_eq!(store.oldest_pending().await.unwrap(), None);
@@ -1525,7 +1521,7 @@ async fn aging_lets_an_old_job_overtake_a_new_better_one(t: Ctx) {
         ..POLICY
     };
     store
-        .save_config("aging_interval", "1", fast)
+        .save_config("aging_interval", "1", Some(fast))
         .await
         .unwrap();
     // Priority 2: one level to age, 1 s.
@@ -1641,7 +1637,212 @@ async fn only_a_shared_database_has_the_cluster_capability(t: Ctx) {
     }
 }
 
+/// Only final jobs are deleted, with their runs; the others are left as they are.
+async fn delete_final_takes_only_final_jobs(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(
+        store,
+        vec![vec![new_job("done", 5), new_job("waiting", 5)]],
+        clock::now(),
+    )
+    .await;
+    let done = claim_one(store, "done").await;
+    assert!(
+        update(
+            store,
+            finish(&done, Outcome::Succeeded, clock::now()),
+            clock::now()
+        )
+        .await
+    );
+    let deleted = store
+        .delete_final(&["done", "waiting", "ghost"])
+        .await
+        .unwrap();
+    assert_eq!(deleted, ["done"]);
+    assert!(store.get("done").await.unwrap().is_none());
+    assert!(
+        store.runs("done").await.unwrap().is_empty(),
+        "its runs went with it"
+    );
+    assert_eq!(
+        store.get("waiting").await.unwrap().unwrap().state,
+        JobState::Pending
+    );
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Pending, 1)])
+    );
+}
+
+/// A purge deletes the oldest jobs of one final state, at most its limit, only those old enough, never others.
+async fn purges_take_old_final_jobs_in_batches(t: Ctx) {
+    let store = t.store.as_ref();
+    let jobs: Vec<NewJob> = (0..5).map(|n| new_job(&format!("job{n}"), 5)).collect();
+    enqueue_at(store, vec![jobs, vec![new_job("waiting", 5)]], clock::now()).await;
+    let claimed = claim(store, 5, clock::now(), OWNER).await.unwrap();
+    for (n, job) in claimed.iter().enumerate() {
+        let outcome = if n < 3 {
+            Outcome::Succeeded
+        } else {
+            Outcome::Cancelled("by a test".into())
+        };
+        assert!(update(store, finish(job, outcome, clock::now()), clock::now()).await);
+    }
+    let hour = 3600 * MICROS_PER_SEC;
+    assert_eq!(
+        store.purge(JobState::Completed, hour, 10).await.unwrap(),
+        0,
+        "none is an hour old"
+    );
+    assert_eq!(
+        store.purge(JobState::Pending, 0, 10).await.unwrap(),
+        0,
+        "never a waiting job"
+    );
+    assert_eq!(store.purge(JobState::Completed, 0, 2).await.unwrap(), 2);
+    assert_eq!(store.purge(JobState::Completed, 0, 2).await.unwrap(), 1);
+    assert_eq!(store.purge(JobState::Completed, 0, 2).await.unwrap(), 0);
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Pending, 1), (JobState::Cancelled, 2)])
+    );
+    assert_eq!(store.purge(JobState::Cancelled, 0, 10).await.unwrap(), 2);
+    assert_eq!(
+        store.get("waiting").await.unwrap().unwrap().state,
+        JobState::Pending
+    );
+}
+
+/// A delayed job is stored pending, waits until its time (the scheduler's next due), and only then is claimed.
+async fn a_delayed_job_is_claimed_only_when_due(t: Ctx) {
+    let store = t.store.as_ref();
+    let delayed = NewJob {
+        delay: 700_000,
+        ..new_job("later", 1)
+    };
+    let stored = enqueue_one(store, delayed, POLICY).await;
+    assert_eq!(stored.state, JobState::Pending);
+    assert_eq!(stored.run_after - stored.created_at, 700_000);
+    assert_eq!(store.get("later").await.unwrap().unwrap(), stored);
+    enqueue_at(store, vec![vec![new_job("now", 9)]], clock::now()).await;
+    assert_eq!(
+        ids(&claim(store, 2, clock::now(), OWNER).await.unwrap()),
+        ["now"]
+    );
+    let due = store
+        .next_due(clock::now())
+        .await
+        .unwrap()
+        .expect("it waits");
+    assert!(
+        due > Duration::ZERO && due <= Duration::from_millis(700),
+        "{due:?}"
+    );
+    let claimed = eventually("the delayed job to come due", async || {
+        let claimed = claim(store, 1, clock::now(), OWNER).await.unwrap();
+        (!claimed.is_empty()).then_some(claimed)
+    })
+    .await;
+    assert_eq!(ids(&claimed), ["later"]);
+}
+
+/// A cancelled job is final: never claimed, counted apart, and a retry sends it back to the queue.
+async fn a_cancelled_job_is_never_claimed_until_retried(t: Ctx) {
+    let store = t.store.as_ref();
+    let job = enqueue_one(store, new_job("doomed", 5), POLICY).await;
+    let cancel = GuardedUpdate {
+        job_id: job.id.clone(),
+        seq: job.seq,
+        expect_state: JobState::Pending,
+        expect_runs: 0,
+        settled: job::cancel(&job, "by a test", clock::now()).unwrap(),
+        ended: None,
+    };
+    assert!(update(store, cancel.clone(), clock::now()).await);
+    assert!(
+        !update(store, cancel, clock::now()).await,
+        "a second cancel matches nothing"
+    );
+    assert!(
+        claim(store, 1, clock::now(), OWNER)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.next_due(clock::now()).await.unwrap(), None);
+    let cancelled = store.get("doomed").await.unwrap().unwrap();
+    assert_eq!(cancelled.last_error.as_deref(), Some("cancelled by a test"));
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Cancelled, 1)])
+    );
+    let retry = GuardedUpdate {
+        job_id: job.id.clone(),
+        seq: job.seq,
+        expect_state: JobState::Cancelled,
+        expect_runs: 0,
+        settled: job::revive(&cancelled, POLICY, clock::now()).unwrap(),
+        ended: None,
+    };
+    assert!(update(store, retry, clock::now()).await);
+    claim_one(store, "doomed").await;
+}
+
+/// A SQLite database made before job control keeps every job and run through the migration that adds the
+/// cancelled state (it rebuilds the jobs table).
+#[tokio::test]
+async fn an_older_sqlite_database_keeps_its_jobs_through_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jobs.db");
+    {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let mut conn = sqlx::SqliteConnection::connect_with(&options)
+            .await
+            .unwrap();
+        let mut before = sqlx::migrate!("service/store/migrations/sqlite");
+        let first_three = before.migrations[..3].to_vec();
+        before.migrations = std::borrow::Cow::Owned(first_three);
+        before.run(&mut conn).await.unwrap();
+        sqlx::raw_sql(
+            "INSERT INTO jobs (id, command, state, priority, max_retries, queue_key, created_at, updated_at,
+                               run_after, runs)
+             VALUES ('old1', 'echo old', 'completed', 5, 3, 1, 1, 2, 1, 1),
+                    ('old2', 'echo wait', 'pending', 3, 3, 1, 1, 1, 1, 0);
+             INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output)
+             VALUES (1, 1, 0, 1, 2, 'ok', x'6f6c64');
+             UPDATE counters SET value = 3 WHERE name = 'next_job_number';",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).await.unwrap();
+    let old = store.get("old1").await.unwrap().unwrap();
+    assert_eq!((old.state, old.runs), (JobState::Completed, 1));
+    let runs = store.runs("old1").await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].output, b"old");
+    assert_eq!(
+        store.counts().await.unwrap(),
+        counts_of(&[(JobState::Completed, 1), (JobState::Pending, 1)])
+    );
+    let next = enqueue_one(&store, generated(5), POLICY).await;
+    assert_eq!(next.id, "job3");
+    assert_eq!(
+        ids(&claim(&store, 2, clock::now(), OWNER).await.unwrap()),
+        ["old2", "job3"]
+    );
+}
+
 conformance!(
+    delete_final_takes_only_final_jobs,
+    purges_take_old_final_jobs_in_batches,
+    a_delayed_job_is_claimed_only_when_due,
+    a_cancelled_job_is_never_claimed_until_retried,
     a_stale_report_is_rejected,
     one_batch_does_everything_in_order,
     a_duplicate_id_rolls_back_only_its_request,
@@ -1837,8 +2038,20 @@ async fn announcements_reach_the_other_servers(t: Ctx) {
     enqueue_at(&a, vec![vec![new_job("a", 5)]], clock::now()).await;
     wait_for_signal(&mut signals, Signal::Jobs).await;
 
-    a.save_config("backoff_base", "3", POLICY).await.unwrap();
+    a.save_config("backoff_base", "3", None).await.unwrap();
     wait_for_signal(&mut signals, Signal::Config).await;
+
+    let cancel = CancelRequest {
+        job_id: "a".into(),
+        run: 1,
+        by: "by a test".into(),
+    };
+    a.cluster()
+        .unwrap()
+        .broadcast_cancel(&cancel)
+        .await
+        .unwrap();
+    wait_for_signal(&mut signals, Signal::Cancel(cancel)).await;
 }
 
 /// After a reset lets an id come back, a late report about the run of the job that had that id before matches

@@ -20,7 +20,9 @@ pub struct Insert<'a> {
     pub priority: u8,
     pub max_retries: u32,
     pub timeout_secs: Option<i64>,
-    /// Added to the time of the insert to give the job's queue key (its aging offset).
+    /// Added to the time of the insert to give the time the job becomes ready (its delay).
+    pub ready_in: i64,
+    /// Added to the time of the insert to give the job's queue key (its delay and aging offset).
     pub queue_offset: i64,
 }
 
@@ -40,7 +42,7 @@ impl Insert<'_> {
             interruptions: 0,
             created_at: now,
             updated_at: now,
-            run_after: now,
+            run_after: now.saturating_add(self.ready_in),
             last_error: None,
         }
     }
@@ -203,7 +205,8 @@ async fn enqueue_together(
             timeout_secs: job
                 .timeout_secs
                 .map(|secs| i64::try_from(secs).unwrap_or(i64::MAX)),
-            queue_offset: job::queue_key(0, job.priority, policy.aging_interval_secs),
+            ready_in: job.delay,
+            queue_offset: job::queue_key(job.delay, job.priority, policy.aging_interval_secs),
         })
         .collect();
     let mut stored: HashMap<String, Job> = statements

@@ -171,7 +171,7 @@ pub struct WorkerRecord {
 }
 
 /// A change made through another server of the same database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
     /// Jobs may have become ready.
     Jobs,
@@ -181,6 +181,16 @@ pub enum Signal {
     Workers(u32),
     /// A reset is under way: every server stops its workers and ends its running jobs.
     Reset,
+    /// Someone cancelled run `run` of a job: the server running it ends it.
+    Cancel(CancelRequest),
+}
+
+/// A cancel of a running job, as servers pass it on: which run, and who cancels it (for its `last_error`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CancelRequest {
+    pub job_id: String,
+    pub run: u32,
+    pub by: String,
 }
 
 /// One attempt of a job as stored.
@@ -236,8 +246,25 @@ pub trait Store: Send + Sync + 'static {
 
     async fn load_config(&self) -> Result<Vec<(String, String)>, StoreError>;
 
-    /// Stores a setting and, since aging decides the order of waiting jobs, re-keys them with `policy`.
-    async fn save_config(&self, key: &str, value: &str, policy: Policy) -> Result<(), StoreError>;
+    /// Stores a setting and, when it changed how jobs age, re-keys the waiting jobs with `rekey`.
+    async fn save_config(
+        &self,
+        key: &str,
+        value: &str,
+        rekey: Option<Policy>,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes the jobs among `ids` that are final, with their runs. Returns the ids it deleted.
+    async fn delete_final(&self, ids: &[&str]) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes up to `limit` jobs in `state`, a final state, that reached it at least `older_than` microseconds
+    /// ago by the database's clock, oldest first, with their runs. Returns how many it deleted.
+    async fn purge(
+        &self,
+        state: JobState,
+        older_than: Micros,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
 
     /// Deletes every job and setting and restarts generated ids at job1. Returns how many jobs it deleted.
     async fn reset(&self) -> Result<u64, StoreError>;
@@ -282,6 +309,9 @@ pub trait Cluster: Send + Sync {
 
     /// Asks every server of the database to stop its workers and end its running jobs, before a reset.
     async fn broadcast_reset(&self) -> Result<(), StoreError>;
+
+    /// Asks the server that runs `cancel.run` of a job to end it as cancelled.
+    async fn broadcast_cancel(&self, cancel: &CancelRequest) -> Result<(), StoreError>;
 
     /// Changes made through other servers; the first caller takes the stream.
     fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;

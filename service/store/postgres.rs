@@ -15,15 +15,16 @@ use super::batch::{self, Insert, Settle, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql;
 use super::{
-    Cluster, InFlight, ListFilter, Page, RunRecord, RunStarted, ServerRecord, Signal, StateCounts,
-    Store, StoreError, WriteBatch, WriteOutcome,
+    CancelRequest, Cluster, InFlight, ListFilter, Page, RunRecord, RunStarted, ServerRecord,
+    Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
 };
-use crate::job::{self, Job, Micros, Policy};
+use crate::job::{self, Job, JobState, Micros, Policy};
 
 const JOBS_CHANNEL: &str = "queuectl_jobs";
 const CONFIG_CHANNEL: &str = "queuectl_config";
 const WORKERS_CHANNEL: &str = "queuectl_workers";
 const RESET_CHANNEL: &str = "queuectl_reset";
+const CANCEL_CHANNEL: &str = "queuectl_cancel";
 
 /// How long connecting to the database, or waiting for a free connection, may take before it is an error.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
@@ -96,7 +97,13 @@ impl PgStore {
             })?;
         let mut listener = PgListener::connect_with(&pool).await.map_err(classify)?;
         listener
-            .listen_all([JOBS_CHANNEL, CONFIG_CHANNEL, WORKERS_CHANNEL, RESET_CHANNEL])
+            .listen_all([
+                JOBS_CHANNEL,
+                CONFIG_CHANNEL,
+                WORKERS_CHANNEL,
+                RESET_CHANNEL,
+                CANCEL_CHANNEL,
+            ])
             .await
             .map_err(classify)?;
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -153,6 +160,10 @@ async fn forward_notifications(mut listener: PgListener, signals: mpsc::Unbounde
             RESET_CHANNEL => Signal::Reset,
             WORKERS_CHANNEL => match notification.payload().parse() {
                 Ok(count) => Signal::Workers(count),
+                Err(_) => continue,
+            },
+            CANCEL_CHANNEL => match serde_json::from_str(notification.payload()) {
+                Ok(cancel) => Signal::Cancel(cancel),
                 Err(_) => continue,
             },
             _ => continue,
@@ -252,9 +263,10 @@ impl Statements for PgStatements<'_> {
             "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
                                updated_at, run_after)
              SELECT r.id, r.command, 'pending', r.priority, r.max_retries, r.timeout_secs, t.now + r.queue_offset,
-                    t.now, t.now, t.now
-             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
-                      AS r (id, command, priority, max_retries, timeout_secs, queue_offset),
+                    t.now, t.now, t.now + r.ready_in
+             FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
+                         $7::bigint[])
+                      AS r (id, command, priority, max_retries, timeout_secs, queue_offset, ready_in),
                   (SELECT queuectl_now() AS now) AS t
              ON CONFLICT (id) DO NOTHING
              RETURNING ",
@@ -275,6 +287,7 @@ impl Statements for PgStatements<'_> {
             )
             .bind(jobs.iter().map(|job| job.timeout_secs).collect::<Vec<_>>())
             .bind(jobs.iter().map(|job| job.queue_offset).collect::<Vec<_>>())
+            .bind(jobs.iter().map(|job| job.ready_in).collect::<Vec<_>>())
             .fetch_all(&mut *self.conn)
             .await?;
         row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
@@ -561,19 +574,61 @@ impl Store for PgStore {
         .await
     }
 
-    async fn save_config(&self, key: &str, value: &str, policy: Policy) -> Result<(), StoreError> {
+    async fn save_config(
+        &self,
+        key: &str,
+        value: &str,
+        rekey: Option<Policy>,
+    ) -> Result<(), StoreError> {
         self.transaction(true, BULK_LIMIT, async |conn| {
             sqlx::query(sql::SAVE_CONFIG)
                 .bind(key)
                 .bind(value)
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query(sql::REKEY_WAITING)
-                .bind(job::secs_to_micros(policy.aging_interval_secs))
-                .execute(&mut *conn)
-                .await?;
+            if let Some(policy) = rekey {
+                sqlx::query(sql::REKEY_WAITING)
+                    .bind(job::secs_to_micros(policy.aging_interval_secs))
+                    .execute(&mut *conn)
+                    .await?;
+            }
             announce(conn, CONFIG_CHANNEL).await?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn delete_final(&self, ids: &[&str]) -> Result<Vec<String>, StoreError> {
+        self.transaction(true, ANSWER_LIMIT, async |conn| {
+            sqlx::query_scalar(
+                "DELETE FROM jobs WHERE id = ANY($1) AND state IN ('completed', 'dead', 'cancelled')
+                 RETURNING id",
+            )
+            .bind(ids)
+            .fetch_all(conn)
+            .await
+        })
+        .await
+    }
+
+    async fn purge(
+        &self,
+        state: JobState,
+        older_than: Micros,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.transaction(false, ANSWER_LIMIT, async |conn| {
+            let before: i64 = sqlx::query_scalar("SELECT queuectl_now() - $1")
+                .bind(older_than)
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(sqlx::query(sql::PURGE_FINAL)
+                .bind(state.as_str())
+                .bind(before)
+                .bind(i64::from(limit))
+                .execute(conn)
+                .await?
+                .rows_affected())
         })
         .await
     }
@@ -699,6 +754,21 @@ impl Cluster for PgStore {
         within(ANSWER_LIMIT, async {
             sqlx::query("SELECT pg_notify($1, '')")
                 .bind(RESET_CHANNEL)
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn broadcast_cancel(&self, cancel: &CancelRequest) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(cancel)
+            .map_err(|error| StoreError::Internal(format!("encoding a cancel: {error}")))?;
+        within(ANSWER_LIMIT, async {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CANCEL_CHANNEL)
+                .bind(payload)
                 .execute(&self.pool)
                 .await
                 .map_err(classify)?;

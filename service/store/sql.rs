@@ -45,6 +45,12 @@ pub const OLDEST_PENDING: &str = "SELECT MIN(created_at) FROM jobs WHERE state =
 
 pub const LOAD_CONFIG: &str = "SELECT key, value FROM config";
 
+/// The jobs a purge deletes: up to `$3` in state `$1`, if it is final, that reached it at or before `$2`, oldest
+/// first.
+pub const PURGE_FINAL: &str = "DELETE FROM jobs WHERE seq IN (
+         SELECT seq FROM jobs WHERE state = $1 AND state IN ('completed', 'dead', 'cancelled') AND updated_at <= $2
+         ORDER BY updated_at LIMIT $3)";
+
 pub const SAVE_CONFIG: &str = "INSERT INTO config (key, value) VALUES ($1, $2)
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 

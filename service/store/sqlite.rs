@@ -277,7 +277,7 @@ impl Statements for SqliteStatements<'_> {
                                updated_at, run_after)
              SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
                     r.value ->> 'max_retries', r.value ->> 'timeout_secs', ?2 + (r.value ->> 'queue_offset'),
-                    ?2, ?2, ?2
+                    ?2, ?2, ?2 + (r.value ->> 'ready_in')
              FROM json_each(?1) AS r WHERE true
              ON CONFLICT (id) DO NOTHING",
         )
@@ -635,18 +635,59 @@ impl Store for SqliteStore {
             .map_err(classify)
     }
 
-    async fn save_config(&self, key: &str, value: &str, policy: Policy) -> Result<(), StoreError> {
+    async fn save_config(
+        &self,
+        key: &str,
+        value: &str,
+        rekey: Option<Policy>,
+    ) -> Result<(), StoreError> {
         self.transaction(true, async |conn| {
             sqlx::query(sql::SAVE_CONFIG)
                 .bind(key)
                 .bind(value)
                 .execute(&mut *conn)
                 .await?;
-            sqlx::query(sql::REKEY_WAITING)
-                .bind(job::secs_to_micros(policy.aging_interval_secs))
-                .execute(conn)
-                .await?;
+            if let Some(policy) = rekey {
+                sqlx::query(sql::REKEY_WAITING)
+                    .bind(job::secs_to_micros(policy.aging_interval_secs))
+                    .execute(conn)
+                    .await?;
+            }
             Ok(())
+        })
+        .await
+    }
+
+    async fn delete_final(&self, ids: &[&str]) -> Result<Vec<String>, StoreError> {
+        let ids = to_json(ids).map_err(classify)?;
+        self.transaction(true, async |conn| {
+            sqlx::query_scalar(
+                "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))
+                   AND state IN ('completed', 'dead', 'cancelled')
+                 RETURNING id",
+            )
+            .bind(ids)
+            .fetch_all(conn)
+            .await
+        })
+        .await
+    }
+
+    async fn purge(
+        &self,
+        state: JobState,
+        older_than: Micros,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let before = crate::clock::now().saturating_sub(older_than);
+        self.transaction(false, async |conn| {
+            Ok(sqlx::query(sql::PURGE_FINAL)
+                .bind(state.as_str())
+                .bind(before)
+                .bind(i64::from(limit))
+                .execute(conn)
+                .await?
+                .rows_affected())
         })
         .await
     }

@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{oneshot, watch};
+
 use super::Shared;
 use super::scheduler::requeue_unstarted;
 use super::slots::Running;
@@ -146,8 +148,10 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
         Ok(gated) => gated,
         Err(ended) => return ended,
     };
-    gated
-        .run(shared.abort.subscribe(), |chunk| {
+    let (cancel, cancelled) = oneshot::channel();
+    shared.cancels().insert(job_id.clone(), (job.runs, cancel));
+    let report = gated
+        .run(stopped(shared.abort.subscribe(), cancelled), |chunk| {
             if !chunk.is_empty() {
                 shared.emit(Event::JobOutput {
                     worker,
@@ -156,7 +160,26 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
                 });
             }
         })
-        .await
+        .await;
+    let mut cancels = shared.cancels();
+    if cancels.get(job_id).is_some_and(|(run, _)| *run == job.runs) {
+        cancels.remove(job_id);
+    }
+    report
+}
+
+/// Resolves when a run must stop before its command ends: interrupted when the server ends every run (a drain, a
+/// reset, a lost lease), cancelled when someone cancels this one.
+async fn stopped(
+    mut abort: watch::Receiver<bool>,
+    cancelled: oneshot::Receiver<String>,
+) -> Outcome {
+    let aborted = async move { abort.wait_for(|abort| *abort).await.is_ok() };
+    tokio::select! {
+        Ok(by) = cancelled => Outcome::Cancelled(by),
+        true = aborted => Outcome::Interrupted,
+        else => std::future::pending().await,
+    }
 }
 
 /// Writes a finished run's update, retrying with a capped backoff while the database fails (locked, read-only),

@@ -7,10 +7,11 @@ mod heartbeat;
 mod scheduler;
 mod slots;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, broadcast, oneshot, watch};
 
 use crate::clock;
 use crate::config::Settings;
@@ -37,7 +38,12 @@ struct Shared {
     running: watch::Sender<usize>,
     /// Why this server may not hold claims now (it lost its lease on a shared database); `None` while it may.
     lease_lost: watch::Sender<Option<String>>,
+    /// The runs on this server that a cancel can end.
+    cancels: Mutex<Cancels>,
 }
+
+/// Each running job's current run, and the sender that cancels it with who cancelled it.
+type Cancels = HashMap<Arc<str>, (u32, oneshot::Sender<String>)>;
 
 #[derive(Clone)]
 pub struct Supervisor {
@@ -65,6 +71,7 @@ impl Supervisor {
                 abort: watch::Sender::new(false),
                 running: watch::Sender::new(0),
                 lease_lost: watch::Sender::new(None),
+                cancels: Mutex::default(),
             }),
         }
     }
@@ -113,6 +120,26 @@ impl Supervisor {
         self.shared.wake.notify_one();
     }
 
+    /// Pauses or resumes starting jobs on this server; running jobs go on either way.
+    pub fn pause(&self, paused: bool) {
+        self.shared.slots().pause(paused);
+        self.shared.wake.notify_one();
+    }
+
+    /// Ends run `run` of job `job_id` as cancelled `by` someone, if it runs here. Returns whether it did.
+    pub fn cancel(&self, job_id: &str, run: u32, by: &str) -> bool {
+        let mut cancels = self.shared.cancels();
+        match cancels.get(job_id) {
+            Some((running, _)) if *running == run => {
+                let (_, cancel) = cancels.remove(job_id).expect("found above");
+                // The run may have just ended: then the cancel comes too late, which its caller finds out.
+                let _ = cancel.send(by.to_owned());
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Why this server may not run jobs now, whenever that changes: it lost its lease on a shared database.
     pub fn lease_lost(&self) -> watch::Receiver<Option<String>> {
         self.shared.lease_lost.subscribe()
@@ -154,6 +181,10 @@ impl Supervisor {
 impl Shared {
     fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
         self.slots.lock().expect("slots lock")
+    }
+
+    fn cancels(&self) -> std::sync::MutexGuard<'_, Cancels> {
+        self.cancels.lock().expect("cancels lock")
     }
 
     fn draining(&self) -> bool {

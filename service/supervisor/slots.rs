@@ -41,6 +41,8 @@ pub struct Slots {
     draining: bool,
     /// Set while this server may not hold claims (it lost its lease on a shared database): no slot takes work.
     suspended: bool,
+    /// Set while the queue is paused: no slot takes work; running jobs go on.
+    paused: bool,
 }
 
 impl Slots {
@@ -93,9 +95,14 @@ impl Slots {
         self.suspended = suspended;
     }
 
+    /// While `paused`, no slot takes work; running jobs finish.
+    pub fn pause(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
     /// Whether slots may take work at all now.
     fn taking_work(&self) -> bool {
-        !self.draining && !self.suspended
+        !self.draining && !self.suspended && !self.paused
     }
 
     /// The slots that could take a job now.
@@ -271,5 +278,20 @@ mod tests {
         assert!(!slots.occupy(1, running("b")));
         assert!(!slots.keeps_working(0));
         assert_eq!(slots.release(0), None, "the slot stays, idle, for status");
+    }
+
+    #[test]
+    fn a_paused_queue_lets_running_jobs_finish_but_starts_none() {
+        let mut slots = Slots::default();
+        slots.set_target(2);
+        assert!(slots.occupy(0, running("job1")));
+        slots.pause(true);
+        assert!(slots.idle().is_empty());
+        assert!(!slots.occupy(1, running("job2")));
+        assert!(!slots.keeps_working(0), "its job ends, then it waits");
+        assert_eq!(slots.records()[0].job_id.as_deref(), Some("job1"));
+        slots.release(0);
+        slots.pause(false);
+        assert_eq!(slots.idle(), vec![0, 1]);
     }
 }
