@@ -319,6 +319,13 @@ pub async fn logs(
                     break;
                 }
             }
+            Some(Event::JobCancelled(cancelled)) => {
+                println!(
+                    "{}",
+                    output::event_line(&Event::JobCancelled(cancelled)).unwrap_or_default()
+                );
+                break;
+            }
             Some(other) => {
                 if let Some(line) = output::event_line(&other) {
                     println!("{line}");
@@ -483,10 +490,17 @@ pub async fn wait(
         let Some(event) = event.and_then(|response| response.event) else {
             bail!("the server stopped while jobs were still running");
         };
-        if let pb::watch_events_response::Event::JobFinished(finished) = event
-            && is_final(finished.state)
-            && waiting.remove(&finished.job_id)
-        {
+        let finished = match event {
+            pb::watch_events_response::Event::JobFinished(finished) => finished,
+            pb::watch_events_response::Event::JobCancelled(cancelled) => pb::JobFinished {
+                job_id: cancelled.job_id,
+                state: pb::JobState::Cancelled.into(),
+                error: cancelled.error,
+                worker: 0,
+            },
+            _ => continue,
+        };
+        if is_final(finished.state) && waiting.remove(&finished.job_id) {
             if ended_badly(finished.state) {
                 dead.push(format!(
                     "{} ({})",

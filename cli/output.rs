@@ -293,6 +293,9 @@ pub fn event_line(event: &pb::watch_events_response::Event) -> Option<String> {
             state_name(finished.state),
             finished.error
         ),
+        Event::JobCancelled(cancelled) => {
+            format!("job {} {}", cancelled.job_id, cancelled.error)
+        }
         Event::JobOutput(_) => return None,
     };
     Some(line)

@@ -346,6 +346,10 @@ impl From<Event> for pb::WatchEventsResponse {
                     failed => failed.to_string(),
                 },
             }),
+            Event::JobCancelled { job_id, error } => Wire::JobCancelled(pb::JobCancelled {
+                job_id: job_id.to_string(),
+                error,
+            }),
         };
         pb::WatchEventsResponse { event: Some(wire) }
     }

@@ -33,6 +33,11 @@ pub enum Event {
         state: JobState,
         outcome: Outcome,
     },
+    /// A job that was not running was cancelled; `error` is its `last_error`.
+    JobCancelled {
+        job_id: Arc<str>,
+        error: String,
+    },
 }
 
 impl Event {
@@ -41,7 +46,8 @@ impl Event {
         match self {
             Event::JobPicked { job_id, .. }
             | Event::JobOutput { job_id, .. }
-            | Event::JobFinished { job_id, .. } => Some(job_id),
+            | Event::JobFinished { job_id, .. }
+            | Event::JobCancelled { job_id, .. } => Some(job_id),
             Event::WorkerStarted { .. }
             | Event::WorkerStopping { .. }
             | Event::WorkerExited { .. } => None,

@@ -280,7 +280,12 @@ impl Queue {
                         settled,
                         ended: None,
                     };
+                    let error = update.settled.last_error.clone().unwrap_or_default();
                     if self.writer.update(update, true).await? {
+                        self.supervisor.announce(crate::event::Event::JobCancelled {
+                            job_id: job.id.as_str().into(),
+                            error,
+                        });
                         return self.get(id).await;
                     }
                     // A worker claimed it meanwhile: cancel the run instead.

@@ -356,3 +356,32 @@ fn a_pause_lets_the_running_job_finish() {
     assert_eq!(home.state(&running), "completed");
     assert_eq!(home.state(&next), "pending");
 }
+
+#[test]
+fn wait_and_logs_follow_see_a_waiting_job_cancelled() {
+    let home = Home::with_server(0);
+    let id = home.enqueue(r#"{"command":"true"}"#);
+    let mut waiting = home
+        .command(&["wait", &id])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut following = home
+        .command(&["logs", &id, "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Each watcher subscribes before it reads the job, so whether the cancel lands before or after it connects,
+    // it sees the job end: by the event, or in the job it reads.
+    home.ok(&["cancel", &id]);
+    let waited = common::wait_for_exit(&mut waiting, DEADLINE);
+    assert!(!waited.success(), "wait fails for a cancelled job");
+    let followed = common::wait_for_exit(&mut following, DEADLINE);
+    assert!(followed.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut following.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(
+        out.contains(&format!("job {id} ")) && out.contains("cancelled by "),
+        "{out}"
+    );
+}

@@ -107,6 +107,11 @@ impl Supervisor {
         self.shared.record()
     }
 
+    /// Tells the watchers about something that happened to a job outside the workers (a cancel while it waited).
+    pub fn announce(&self, event: Event) {
+        self.shared.emit(event);
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.shared.events.subscribe()
     }
