@@ -63,12 +63,14 @@ pub enum FinalStateArg {
 #[derive(Subcommand)]
 pub enum Command {
     /// Add a job, given as JSON: command (required), id, priority (1-10), max_retries, timeout (seconds),
-    /// run_at (RFC 3339 time or Unix seconds) or delay (seconds, or e.g. "10m", "1h 30m").
+    /// run_at (RFC 3339 time or Unix seconds) or delay (seconds, or e.g. "10m", "1h 30m"), after (ids of jobs
+    /// that must complete first).
     #[command(
         after_help = "Examples:\n  queuectl enqueue '{\"command\":\"echo hi\"}'\n  \
                             queuectl enqueue '{\"command\":\"make\",\"priority\":1,\"max-retries\":2,\"timeout\":300}'\n  \
                             queuectl enqueue '{\"command\":\"./report.sh\",\"run_at\":\"2026-12-01T02:00:00Z\"}'\n  \
-                            queuectl enqueue '{\"command\":\"./retry-later.sh\",\"delay\":\"10m\"}'"
+                            queuectl enqueue '{\"command\":\"./retry-later.sh\",\"delay\":\"10m\"}'\n  \
+                            queuectl enqueue '{\"command\":\"./deploy.sh\",\"after\":[\"build\",\"test\"]}'"
     )]
     Enqueue {
         /// The job as a JSON object.

@@ -12,8 +12,7 @@ use crate::args::{FinalStateArg, Format, StateArg};
 use crate::client::{self, Client};
 use crate::output;
 
-const JOB_KEYS: &str =
-    "command, id, priority, max_retries (or max-retries), timeout, run_at (or run-at), delay";
+const JOB_KEYS: &str = "command, id, priority, max_retries (or max-retries), timeout, run_at (or run-at), delay, after";
 
 /// Reads an integer field of the job JSON.
 fn integer<T: TryFrom<i64>>(key: &str, value: &Value, range: &str) -> anyhow::Result<T> {
@@ -99,6 +98,21 @@ fn delay(value: &Value) -> anyhow::Result<prost_types::Duration> {
     Ok(prost_types::Duration { seconds, nanos: 0 })
 }
 
+/// An `after`: a list of job ids (a single id is a list of one).
+fn job_ids(value: &Value) -> anyhow::Result<Vec<String>> {
+    let ids = match value {
+        Value::String(id) => return Ok(vec![id.clone()]),
+        Value::Array(ids) => ids,
+        other => bail!("after must be a list of job ids such as [\"job1\", \"job2\"], got {other}"),
+    };
+    ids.iter()
+        .map(|id| match id {
+            Value::String(id) => Ok(id.clone()),
+            other => bail!("after must hold job ids (strings), got {other}"),
+        })
+        .collect()
+}
+
 /// Parses the job JSON of `queuectl enqueue` into a request; the server checks the values' ranges.
 pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
     let value: Value = serde_json::from_str(json)
@@ -133,6 +147,7 @@ pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
                 request.run_at = Some(run_at(value)?);
             }
             "delay" => request.delay = Some(delay(value)?),
+            "after" => request.after = job_ids(value)?,
             unknown => bail!("unknown key {unknown:?} in the job: expected {JOB_KEYS}"),
         }
     }

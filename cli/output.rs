@@ -44,9 +44,12 @@ struct JobLine<'a> {
     priority: u32,
     created_at: String,
     updated_at: String,
-    run_after: i64,
+    /// `null` while the job waits for the jobs in `after`.
+    run_after: Option<i64>,
     last_error: Option<&'a str>,
     timeout: Option<u64>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    after: &'a [String],
 }
 
 /// `", "` before every item but the first, as Python's `json.dumps` separates items.
@@ -111,9 +114,10 @@ pub fn job_json(job: &pb::Job) -> String {
         priority: job.priority,
         created_at: iso_time(job.created_at.as_ref()),
         updated_at: iso_time(job.updated_at.as_ref()),
-        run_after: job.run_after.as_ref().map_or(0, |at| at.seconds),
+        run_after: job.run_after.as_ref().map(|at| at.seconds),
         last_error: Some(job.last_error.as_str()).filter(|error| !error.is_empty()),
         timeout: job.timeout,
+        after: &job.after,
     };
     let mut out = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonStyle);
@@ -342,6 +346,7 @@ mod tests {
             }),
             last_error: "exit:127".into(),
             timeout: None,
+            after: Vec::new(),
         };
         assert_eq!(
             job_json(&job),

@@ -17,6 +17,8 @@ pub const MAX_TIMEOUT_SECS: i64 = 604_800;
 pub const MAX_BATCH_JOBS: usize = 10_000;
 /// How far ahead a job may be scheduled: further is almost certainly a unit mistake (milliseconds for seconds).
 pub const MAX_SCHEDULE_AHEAD_SECS: i64 = 366 * 86_400;
+/// The most jobs one job may run after.
+pub const MAX_AFTER: usize = 100;
 /// The longest `reason` a cancel may give.
 pub const MAX_CANCEL_REASON_BYTES: usize = 200;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -111,6 +113,14 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
             (None, Some(wait)) => Start::After(delay(&wait)?),
             (None, None) => Start::Now,
         };
+        let after = dependencies(request.after)?;
+        if !after.is_empty() && start != Start::Now {
+            return Err(invalid(
+                "after cannot be combined with run_at or delay: the job runs as soon as the jobs it runs after \
+                 complete"
+                    .into(),
+            ));
+        }
         Ok(JobSpec {
             id: request.id,
             command,
@@ -118,8 +128,27 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
             max_retries,
             timeout_secs,
             start,
+            after,
         })
     }
+}
+
+/// The ids of an `after`: valid ids, each once, at most [`MAX_AFTER`].
+fn dependencies(ids: Vec<String>) -> Result<Vec<String>, QueueError> {
+    if ids.len() > MAX_AFTER {
+        return Err(invalid(format!(
+            "after may name at most {MAX_AFTER} jobs, got {}",
+            ids.len()
+        )));
+    }
+    let mut unique = Vec::with_capacity(ids.len());
+    for id in ids {
+        validate_id(&id).map_err(|error| invalid(format!("after: {error}")))?;
+        if !unique.contains(&id) {
+            unique.push(id);
+        }
+    }
+    Ok(unique)
 }
 
 /// A `run_at` as microseconds since the epoch: a real time, at most [`MAX_SCHEDULE_AHEAD_SECS`] ahead.
@@ -250,6 +279,7 @@ pub fn timestamp(micros: Micros) -> Timestamp {
 
 impl From<Job> for pb::Job {
     fn from(job: Job) -> Self {
+        let held = job.held();
         pb::Job {
             state: job_state(job.state).into(),
             id: job.id,
@@ -259,9 +289,10 @@ impl From<Job> for pb::Job {
             priority: u32::from(job.priority),
             created_at: Some(timestamp(job.created_at)),
             updated_at: Some(timestamp(job.updated_at)),
-            run_after: Some(timestamp(job.run_after)),
+            run_after: (!held).then(|| timestamp(job.run_after)),
             last_error: job.last_error.unwrap_or_default(),
             timeout: job.timeout_secs,
+            after: job.after,
         }
     }
 }

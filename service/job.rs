@@ -14,6 +14,10 @@ pub const MICROS_PER_SEC: i64 = 1_000_000;
 pub const PRIORITY_RANGE: std::ops::RangeInclusive<u8> = 1..=10;
 pub const DEFAULT_PRIORITY: u8 = 5;
 
+/// The `run_after` of a job that waits for jobs it runs after: later than any real time, so it sorts after every
+/// ready job and is never claimed, yet far enough from `i64::MAX` that adding an aging offset cannot overflow.
+pub const HELD: Micros = 1 << 62;
+
 /// No backoff waits longer than a day, whatever `backoff_base ^ attempts` says.
 pub const MAX_BACKOFF_SECS: u64 = 86_400;
 
@@ -114,6 +118,15 @@ pub struct Job {
     pub updated_at: Micros,
     pub run_after: Micros,
     pub last_error: Option<String>,
+    /// The jobs it runs after, as they were given at enqueue.
+    pub after: Vec<String>,
+}
+
+impl Job {
+    /// Whether it waits for jobs it runs after (it is pending, and runs once they all completed).
+    pub fn held(&self) -> bool {
+        self.state == JobState::Pending && self.run_after >= HELD
+    }
 }
 
 /// A validated job, ready to be stored.
@@ -127,6 +140,8 @@ pub struct NewJob {
     pub timeout_secs: Option<u64>,
     /// How long after it is stored the job becomes ready (0: at once).
     pub delay: Micros,
+    /// Jobs that must complete before it runs; stored ones, enqueued before it.
+    pub after: Vec<String>,
 }
 
 /// Why an attempt did not succeed.
@@ -392,6 +407,7 @@ mod tests {
             updated_at: 0,
             run_after: 0,
             last_error: None,
+            after: Vec::new(),
         }
     }
 

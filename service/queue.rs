@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio::sync::{Mutex, Notify, broadcast, mpsc, watch};
 
 use crate::config::{self, PAUSED_KEY, Settings};
 use crate::error::QueueError;
@@ -24,6 +24,8 @@ pub struct JobSpec {
     pub max_retries: Option<u32>,
     pub timeout_secs: Option<u64>,
     pub start: Start,
+    /// Jobs that must complete before it runs.
+    pub after: Vec<String>,
 }
 
 /// When a new job may run first.
@@ -53,6 +55,7 @@ impl JobSpec {
                 .unwrap_or_else(|| settings.default_max_retries()),
             timeout_secs: self.timeout_secs,
             delay,
+            after: self.after,
         }
     }
 }
@@ -96,10 +99,12 @@ impl Queue {
         }
         let paused = settings.read().expect("settings lock").paused();
         let wake = Arc::new(Notify::new());
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
         let writer = Writer::spawn(
             store.clone(),
             settings.clone(),
             wake.clone(),
+            events.clone(),
             server_id.clone(),
         );
         let supervisor = Supervisor::new(
@@ -108,6 +113,7 @@ impl Queue {
             writer.clone(),
             settings.clone(),
             wake.clone(),
+            events,
         );
         supervisor.pause(paused);
         // A server that cannot write yet (a full disk) still starts and serves reads; it keeps trying, and its
@@ -174,6 +180,7 @@ impl Queue {
             Err(EnqueueRejected::DuplicateId(id)) => Err(QueueError::AlreadyExists(format!(
                 "a job with id '{id}' already exists; choose another id or leave it out to get one"
             ))),
+            Err(EnqueueRejected::Dependency(problem)) => Err(QueueError::InvalidArgument(problem)),
         }
     }
 
@@ -573,6 +580,9 @@ impl Queue {
         std::time::Duration::from_secs(self.settings().shutdown_grace_secs())
     }
 }
+
+/// Events held for watchers that read slower than the workers write; one that falls further behind is told so.
+const EVENT_BUFFER: usize = 4096;
 
 /// How often a cancel of a running job asks again for it to be ended, and looks whether it was.
 const CANCEL_REPEAT: std::time::Duration = std::time::Duration::from_millis(250);

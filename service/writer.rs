@@ -3,10 +3,11 @@
 
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use crate::clock;
 use crate::config::Settings;
+use crate::event::Event;
 use crate::job::{Job, NewJob};
 use crate::store::{EnqueueRejected, GuardedUpdate, RunStarted, Store, StoreError, WriteBatch};
 
@@ -64,28 +65,29 @@ impl Faults {
 
 impl Writer {
     /// Starts the write task for the server `owner`. `enqueued` is notified after each commit that stored or
-    /// revived jobs.
+    /// revived jobs; `events` hears of the jobs a commit cancelled because a job they run after did not complete.
     pub fn spawn(
         store: Arc<dyn Store>,
         settings: Arc<RwLock<Settings>>,
         enqueued: Arc<Notify>,
+        events: broadcast::Sender<Event>,
         owner: String,
     ) -> Writer {
-        Writer::spawn_with_capacity(store, settings, enqueued, owner, QUEUE_CAPACITY)
+        Writer::spawn_with_capacity(store, settings, enqueued, events, owner, QUEUE_CAPACITY)
     }
 
     fn spawn_with_capacity(
         store: Arc<dyn Store>,
         settings: Arc<RwLock<Settings>>,
         enqueued: Arc<Notify>,
+        events: broadcast::Sender<Event>,
         owner: String,
         capacity: usize,
     ) -> Writer {
         let (ops, receiver) = mpsc::channel(capacity);
         let (faults, faults_seen) = watch::channel(Faults::default());
-        tokio::spawn(write_loop(
-            store, settings, enqueued, owner, receiver, faults,
-        ));
+        let told = Told { enqueued, events };
+        tokio::spawn(write_loop(store, settings, told, owner, receiver, faults));
         Writer {
             ops,
             faults: faults_seen,
@@ -166,10 +168,18 @@ fn closed() -> StoreError {
     StoreError::Unavailable("the server is shutting down".into())
 }
 
+/// Who the write task tells what its commits did, beyond the callers it answers.
+struct Told {
+    /// Woken when a commit may have given idle workers something to do.
+    enqueued: Arc<Notify>,
+    /// Hears of jobs a commit cancelled as dependents.
+    events: broadcast::Sender<Event>,
+}
+
 async fn write_loop(
     store: Arc<dyn Store>,
     settings: Arc<RwLock<Settings>>,
-    enqueued: Arc<Notify>,
+    told: Told,
     owner: String,
     mut receiver: mpsc::Receiver<Op>,
     faults: watch::Sender<Faults>,
@@ -238,8 +248,15 @@ async fn write_loop(
                 for (reply, claimed) in claim_replies.into_iter().zip(outcome.claimed) {
                     let _ = reply.send(Ok(claimed));
                 }
+                for (job_id, error) in outcome.cancelled {
+                    // No subscriber is fine: nobody is watching.
+                    let _ = told.events.send(Event::JobCancelled {
+                        job_id: job_id.into(),
+                        error,
+                    });
+                }
                 if woke_jobs {
-                    enqueued.notify_one();
+                    told.enqueued.notify_one();
                 }
             }
             Err(error) => {
@@ -367,6 +384,7 @@ mod tests {
                 enqueued,
                 applied,
                 claimed,
+                ..WriteOutcome::default()
             }
         }
     }
@@ -483,6 +501,7 @@ mod tests {
             updated_at: 0,
             run_after: 0,
             last_error: None,
+            after: Vec::new(),
         }
     }
 
@@ -494,6 +513,7 @@ mod tests {
             max_retries: 3,
             timeout_secs: None,
             delay: 0,
+            after: Vec::new(),
         }
     }
 
@@ -533,6 +553,7 @@ mod tests {
             store.clone(),
             Arc::new(RwLock::new(Settings::default())),
             enqueued.clone(),
+            broadcast::channel(16).0,
             "server-a".into(),
             capacity,
         );

@@ -385,3 +385,109 @@ fn wait_and_logs_follow_see_a_waiting_job_cancelled() {
         "{out}"
     );
 }
+
+#[test]
+fn a_chain_runs_in_order_and_a_dead_link_cancels_the_rest() {
+    let home = Home::with_server(0);
+    let log = home.file("order");
+    let step = |name: &str| format!("echo {name} >> {}", log.display());
+    home.ok(&[
+        "enqueue",
+        &serde_json::json!({ "id": "a", "command": format!("sleep 0.2; {}", step("a")) })
+            .to_string(),
+    ]);
+    home.ok(&[
+        "enqueue",
+        &serde_json::json!({ "id": "b", "command": step("b"), "after": ["a"] }).to_string(),
+    ]);
+    home.ok(&[
+        "enqueue",
+        &serde_json::json!({ "id": "c", "command": step("c"), "after": "b", "priority": 1 })
+            .to_string(),
+    ]);
+    let c = home.job("c");
+    assert_eq!(
+        c["after"],
+        serde_json::json!(["b"]),
+        "get shows what it waits for"
+    );
+    assert_eq!(c["run_after"], Value::Null, "and no time while it waits");
+    home.ok(&["worker", "start", "--count", "3", "--daemon"]);
+    home.ok(&["wait", "a", "b", "c"]);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nc\n");
+
+    home.ok(&["worker", "stop"]);
+    home.ok(&[
+        "enqueue",
+        r#"{"id":"doomed","command":"exit 1","max_retries":0}"#,
+    ]);
+    home.ok(&[
+        "enqueue",
+        r#"{"id":"next","command":"true","after":["doomed"]}"#,
+    ]);
+    home.ok(&[
+        "enqueue",
+        r#"{"id":"last","command":"true","after":["next","a"]}"#,
+    ]);
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    let stderr = home.fails(&["wait", "next", "last"]);
+    assert!(stderr.contains("2 of 2 jobs did not complete"), "{stderr}");
+    let next = home.job("next");
+    assert_eq!(next["state"], "cancelled");
+    assert_eq!(
+        next["last_error"],
+        "cancelled: it runs after doomed, which ended dead"
+    );
+    assert_eq!(
+        home.job("last")["last_error"],
+        "cancelled: it runs after next, which was cancelled"
+    );
+
+    for (job, error) in [
+        (
+            r#"{"command":"true","after":["ghost"]}"#,
+            "after: no job with id 'ghost'",
+        ),
+        (
+            r#"{"command":"true","after":["doomed"]}"#,
+            "after: job 'doomed' is dead, so a job after it would never run",
+        ),
+        (
+            r#"{"id":"me","command":"true","after":["me"]}"#,
+            "after: job 'me' cannot run after 'me', which is not enqueued before it",
+        ),
+        (
+            r#"{"command":"true","after":["a"],"delay":"1m"}"#,
+            "after cannot be combined with run_at or delay",
+        ),
+        (
+            r#"{"command":"true","after":[7]}"#,
+            "after must hold job ids",
+        ),
+    ] {
+        let stderr = home.fails(&["enqueue", job]);
+        assert!(stderr.contains(error), "{job}: {stderr}");
+    }
+    assert_eq!(home.jobs(&[]).len(), 6, "nothing refused was stored");
+}
+
+#[test]
+fn a_job_waiting_for_another_keeps_waiting_across_a_kill_9() {
+    let mut home = Home::with_server(1);
+    let flag = home.file("go");
+    let command = format!("while [ ! -e {} ]; do sleep 0.02; done", flag.display());
+    home.ok(&[
+        "enqueue",
+        &serde_json::json!({ "id": "first", "command": command }).to_string(),
+    ]);
+    home.ok(&[
+        "enqueue",
+        r#"{"id":"then","command":"true","after":["first"]}"#,
+    ]);
+    home.wait_for_state("first", "processing");
+    home.kill_server();
+    home.start_server(1);
+    assert_eq!(home.job("then")["run_after"], Value::Null, "still waiting");
+    std::fs::write(&flag, "").unwrap();
+    home.ok(&["wait", "first", "then"]);
+}

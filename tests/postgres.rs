@@ -346,6 +346,7 @@ fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
             max_retries: 0,
             timeout_secs: None,
             delay: 0,
+            after: Vec::new(),
         };
         let batch = WriteBatch {
             enqueues: vec![vec![new_job("running"), new_job("lost")]],

@@ -70,6 +70,7 @@ fn any_job(state: JobState) -> impl Strategy<Value = Job> {
             updated_at: at,
             run_after: at,
             last_error: None,
+            after: Vec::new(),
         })
 }
 
@@ -109,6 +110,7 @@ proptest! {
             timeout,
             run_at: None,
             delay: None,
+            after: Vec::new(),
         };
         match JobSpec::try_from(request) {
             Ok(spec) => {

@@ -241,6 +241,7 @@ fn new_job(id: &str, priority: u8) -> NewJob {
         max_retries: 3,
         timeout_secs: None,
         delay: 0,
+        after: Vec::new(),
     }
 }
 
@@ -1193,6 +1194,7 @@ async fn get_returns_the_job_as_stored(t: Ctx) {
             max_retries: 4,
             timeout_secs: Some(30),
             delay: 0,
+            after: Vec::new(),
         }]],
         before,
     )
@@ -1789,6 +1791,190 @@ async fn a_cancelled_job_is_never_claimed_until_retried(t: Ctx) {
     claim_one(store, "doomed").await;
 }
 
+fn after(id: &str, after: &[&str]) -> NewJob {
+    NewJob {
+        after: after.iter().map(|id| (*id).to_owned()).collect(),
+        ..new_job(id, 5)
+    }
+}
+
+/// Writes `update` alone and returns the whole outcome.
+async fn settle_one(store: &dyn Store, update: GuardedUpdate) -> WriteOutcome {
+    let batch = WriteBatch {
+        updates: vec![update],
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    assert_eq!(outcome.applied, [true]);
+    outcome
+}
+
+/// A job that runs after others waits, held, until every one of them completed, and is then released.
+async fn a_job_runs_once_the_jobs_it_names_completed(t: Ctx) {
+    let store = t.store.as_ref();
+    let outcome = enqueue_at(
+        store,
+        vec![
+            vec![new_job("a", 9)],
+            vec![after("b", &["a"]), after("c", &["a", "b"])],
+        ],
+        clock::now(),
+    )
+    .await;
+    let b = &outcome.enqueued[1].as_ref().unwrap()[0];
+    assert!(b.held(), "the stored job says it waits: {b:?}");
+    let stored = store.get("c").await.unwrap().unwrap();
+    assert!(stored.held());
+    assert_eq!(stored.after, ["a", "b"]);
+    assert_eq!(
+        store.next_due(clock::now()).await.unwrap(),
+        Some(Duration::ZERO)
+    );
+    let a = claim_one(store, "a").await;
+    assert_eq!(
+        store.next_due(clock::now()).await.unwrap(),
+        None,
+        "held jobs are not due"
+    );
+    let done = settle_one(store, finish(&a, Outcome::Succeeded, clock::now())).await;
+    assert_eq!(done.released, 1, "b is released; c still waits for b");
+    let b = claim_one(store, "b").await;
+    assert!(
+        store.get("c").await.unwrap().unwrap().held(),
+        "c waits for b"
+    );
+    let done = settle_one(store, finish(&b, Outcome::Succeeded, clock::now())).await;
+    assert_eq!(done.released, 1);
+    claim_one(store, "c").await;
+}
+
+/// A job whose dependency ends dead or cancelled is cancelled, and so are the jobs that run after it in turn.
+async fn a_dependency_that_fails_cancels_its_dependents_in_turn(t: Ctx) {
+    let store = t.store.as_ref();
+    let doomed = NewJob {
+        max_retries: 0,
+        ..new_job("a", 5)
+    };
+    enqueue_at(
+        store,
+        vec![vec![
+            doomed,
+            after("b", &["a"]),
+            after("c", &["b"]),
+            new_job("free", 5),
+        ]],
+        clock::now(),
+    )
+    .await;
+    let a = claim_one(store, "a").await;
+    let failed = settle_one(
+        store,
+        finish(&a, Outcome::Failed(job::Failure::Exit(1)), clock::now()),
+    )
+    .await;
+    let mut cancelled = failed.cancelled.clone();
+    cancelled.sort();
+    assert_eq!(
+        cancelled,
+        [
+            (
+                "b".to_owned(),
+                "cancelled: it runs after a, which ended dead".to_owned()
+            ),
+            (
+                "c".to_owned(),
+                "cancelled: it runs after b, which was cancelled".to_owned()
+            ),
+        ]
+    );
+    for id in ["b", "c"] {
+        let job = store.get(id).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Cancelled, "{id}");
+        assert!(!job.held());
+    }
+    assert_eq!(
+        store.get("free").await.unwrap().unwrap().state,
+        JobState::Pending
+    );
+
+    // A cancel of a waiting job reaches its dependents the same way.
+    enqueue_at(
+        store,
+        vec![vec![new_job("x", 5), after("y", &["x"])]],
+        clock::now(),
+    )
+    .await;
+    let x = store.get("x").await.unwrap().unwrap();
+    let cancel = GuardedUpdate {
+        job_id: x.id.clone(),
+        seq: x.seq,
+        expect_state: JobState::Pending,
+        expect_runs: 0,
+        settled: job::cancel(&x, "by a test", clock::now()).unwrap(),
+        ended: None,
+    };
+    let outcome = settle_one(store, cancel).await;
+    assert_eq!(
+        outcome.cancelled,
+        [(
+            "y".to_owned(),
+            "cancelled: it runs after x, which was cancelled".to_owned()
+        )]
+    );
+}
+
+/// A dependency must name a job that exists, was enqueued before (earlier in the same batch counts) and can still
+/// complete; a request that breaks that is stored not at all, and the other requests of the batch are.
+async fn bad_dependencies_refuse_only_their_request(t: Ctx) {
+    let store = t.store.as_ref();
+    let dead = NewJob {
+        max_retries: 0,
+        ..new_job("dead", 5)
+    };
+    enqueue_at(store, vec![vec![dead]], clock::now()).await;
+    let job = claim_one(store, "dead").await;
+    settle_one(
+        store,
+        finish(&job, Outcome::Failed(job::Failure::Exit(1)), clock::now()),
+    )
+    .await;
+
+    let outcome = enqueue_at(
+        store,
+        vec![
+            vec![new_job("ok1", 5), after("ghostly", &["ghost"])],
+            vec![after("early", &["late"]), new_job("late", 5)],
+            vec![after("selfish", &["selfish"])],
+            vec![after("hopeless", &["dead"])],
+            vec![new_job("first", 5), after("second", &["first"])],
+        ],
+        clock::now(),
+    )
+    .await;
+    let refusal = |index: usize| match &outcome.enqueued[index] {
+        Err(EnqueueRejected::Dependency(problem)) => problem.clone(),
+        other => panic!("request {index} was not refused for its dependency: {other:?}"),
+    };
+    assert_eq!(refusal(0), "after: no job with id 'ghost'");
+    assert_eq!(
+        refusal(1),
+        "after: job 'early' cannot run after 'late', which is not enqueued before it"
+    );
+    assert_eq!(
+        refusal(2),
+        "after: job 'selfish' cannot run after 'selfish', which is not enqueued before it"
+    );
+    assert_eq!(
+        refusal(3),
+        "after: job 'dead' is dead, so a job after it would never run"
+    );
+    assert!(outcome.enqueued[4].is_ok());
+    for id in ["ok1", "ghostly", "early", "late", "selfish", "hopeless"] {
+        assert!(store.get(id).await.unwrap().is_none(), "{id} was stored");
+    }
+    assert!(store.get("second").await.unwrap().unwrap().held());
+}
+
 /// A SQLite database made before job control keeps every job and run through the migration that adds the
 /// cancelled state (it rebuilds the jobs table).
 #[tokio::test]
@@ -1843,6 +2029,9 @@ conformance!(
     purges_take_old_final_jobs_in_batches,
     a_delayed_job_is_claimed_only_when_due,
     a_cancelled_job_is_never_claimed_until_retried,
+    a_job_runs_once_the_jobs_it_names_completed,
+    a_dependency_that_fails_cancels_its_dependents_in_turn,
+    bad_dependencies_refuse_only_their_request,
     a_stale_report_is_rejected,
     one_batch_does_everything_in_order,
     a_duplicate_id_rolls_back_only_its_request,

@@ -24,6 +24,10 @@ pub struct Insert<'a> {
     pub ready_in: i64,
     /// Added to the time of the insert to give the job's queue key (its delay and aging offset).
     pub queue_offset: i64,
+    /// The ids of the jobs it runs after, as a JSON array; `None` when there are none.
+    pub after_ids: Option<String>,
+    #[serde(skip)]
+    pub after: &'a [String],
 }
 
 impl Insert<'_> {
@@ -44,8 +48,26 @@ impl Insert<'_> {
             updated_at: now,
             run_after: now.saturating_add(self.ready_in),
             last_error: None,
+            after: self.after.to_vec(),
         }
     }
+}
+
+/// A stored job, as a dependency is looked up.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub id: String,
+    pub seq: i64,
+    pub state: JobState,
+}
+
+/// What settling the dependents of jobs that reached a final state did.
+#[derive(Debug, Default)]
+pub struct Dependents {
+    /// How many waiting jobs became ready, every job they run after having completed.
+    pub released: u64,
+    /// The jobs cancelled because a job they run after (or one of its own) did not complete: id and last_error.
+    pub cancelled: Vec<(String, String)>,
 }
 
 /// A guarded update with its times as delays from the batch's `now`.
@@ -82,6 +104,27 @@ pub trait Statements: Send {
         last_ready: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error>;
 
+    /// The stored jobs with these ids.
+    async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error>;
+
+    /// Records each `(job, runs after)` pair of rows, and holds the `held` jobs (pending, never claimed) until
+    /// [`Statements::settle_dependents`] releases them.
+    async fn add_dependencies(
+        &mut self,
+        edges: &[(i64, i64)],
+        held: &[i64],
+    ) -> Result<(), sqlx::Error>;
+
+    /// For jobs that just reached a final state: releases the held jobs whose every dependency has completed
+    /// (ready now, keyed with `aging_micros` per priority level), and cancels the held jobs that run after one of
+    /// `failed` (dead or cancelled), and theirs in turn.
+    async fn settle_dependents(
+        &mut self,
+        completed: &[i64],
+        failed: &[i64],
+        aging_micros: i64,
+    ) -> Result<Dependents, sqlx::Error>;
+
     /// Tells the other servers of a shared database that jobs became ready or will; a database that one server
     /// owns has nobody to tell.
     async fn announce_jobs(&mut self) -> Result<(), sqlx::Error> {
@@ -97,11 +140,13 @@ pub async fn apply(
     policy: Policy,
 ) -> Result<WriteOutcome, sqlx::Error> {
     let enqueued = enqueue_all(statements, &batch.enqueues, policy).await?;
-    let (applied, claimed) = settle_all(statements, batch, now, policy).await?;
+    let (applied, claimed, dependents) = settle_all(statements, batch, now, policy).await?;
     let outcome = WriteOutcome {
         enqueued,
         applied,
         claimed: deal_claims(&batch.claims, claimed),
+        released: dependents.released,
+        cancelled: dependents.cancelled,
     };
     if wakes_workers(batch, &outcome) {
         statements.announce_jobs().await?;
@@ -112,7 +157,8 @@ pub async fn apply(
 /// Whether a committed batch may have given idle workers something to do, now or when a retry comes due: it
 /// stored a job, or made one wait again.
 pub fn wakes_workers(batch: &WriteBatch, outcome: &WriteOutcome) -> bool {
-    outcome.enqueued.iter().any(Result::is_ok)
+    outcome.released > 0
+        || outcome.enqueued.iter().any(Result::is_ok)
         || batch
             .updates
             .iter()
@@ -131,8 +177,18 @@ pub fn deal_claims(claims: &[u32], jobs: Vec<Job>) -> Vec<Vec<Job>> {
         .collect()
 }
 
-/// Stores every request together when no id is taken (the usual case: one insert for the whole batch), and
-/// otherwise each request on its own, so that a taken id refuses only the request that holds it.
+/// Why the jobs of a request (or of a whole batch, tried together) were not stored.
+enum Refused {
+    /// An id a person chose is taken, or repeated.
+    Taken(String),
+    /// Only generated ids were taken (by ids people chose): new numbers will do.
+    GeneratedTaken,
+    /// A job names a job it cannot run after.
+    Dependency(String),
+}
+
+/// Stores every request together when all is well (the usual case: one insert for the whole batch), and otherwise
+/// each request on its own, so that a taken id or a bad dependency refuses only the request that holds it.
 async fn enqueue_all(
     statements: &mut impl Statements,
     requests: &[Vec<NewJob>],
@@ -157,8 +213,8 @@ async fn enqueue_all(
     Ok(outcomes)
 }
 
-/// Stores one request's jobs, or none of them if an id a person chose is taken. A generated id can collide with
-/// one a person chose: then the request is tried again with new numbers.
+/// Stores one request's jobs, or none of them if an id a person chose is taken or a dependency is bad. A generated
+/// id can collide with one a person chose: then the request is tried again with new numbers.
 async fn enqueue_request(
     statements: &mut impl Statements,
     jobs: &[&NewJob],
@@ -168,21 +224,24 @@ async fn enqueue_request(
     loop {
         match enqueue_together(statements, jobs, numbers, policy).await? {
             Ok(stored) => return Ok(Ok(stored)),
-            Err(Some(taken)) => return Ok(Err(EnqueueRejected::DuplicateId(taken))),
-            Err(None) => continue,
+            Err(Refused::Taken(taken)) => return Ok(Err(EnqueueRejected::DuplicateId(taken))),
+            Err(Refused::Dependency(problem)) => {
+                return Ok(Err(EnqueueRejected::Dependency(problem)));
+            }
+            Err(Refused::GeneratedTaken) => continue,
         }
     }
 }
 
 /// Stores `jobs`, in order, or none of them. Generated ids take the numbers in `numbers` first, then new ones.
-/// Fails with the first id a person chose that is taken (or repeated), giving the numbers back for the next
-/// request; or with `None` when only generated ids were taken, dropping those numbers.
+/// When refused for a reason of its own (an id a person chose is taken, a bad dependency), gives the numbers back
+/// for the next request; when only generated ids were taken, drops those numbers.
 async fn enqueue_together(
     statements: &mut impl Statements,
     jobs: &[&NewJob],
     numbers: &mut VecDeque<i64>,
     policy: Policy,
-) -> Result<Result<Vec<Job>, Option<String>>, sqlx::Error> {
+) -> Result<Result<Vec<Job>, Refused>, sqlx::Error> {
     let generated = jobs.iter().filter(|job| job.id.is_none()).count();
     if numbers.len() < generated {
         let more = statements
@@ -207,6 +266,9 @@ async fn enqueue_together(
                 .map(|secs| i64::try_from(secs).unwrap_or(i64::MAX)),
             ready_in: job.delay,
             queue_offset: job::queue_key(job.delay, job.priority, policy.aging_interval_secs),
+            after_ids: (!job.after.is_empty())
+                .then(|| serde_json::to_string(&job.after).expect("strings serialise")),
+            after: &job.after,
         })
         .collect();
     let mut stored: HashMap<String, Job> = statements
@@ -215,42 +277,108 @@ async fn enqueue_together(
         .into_iter()
         .map(|job| (job.id.clone(), job))
         .collect();
-    if stored.len() == inserts.len() {
-        return Ok(Ok(inserts
+    let refused = if stored.len() == inserts.len() {
+        let mut in_order: Vec<Job> = inserts
             .iter()
             .map(|insert| stored.remove(&insert.id).expect("every job was stored"))
-            .collect()));
-    }
-    // Undo the part that was stored: all or none.
-    let inserted: Vec<&str> = stored.keys().map(String::as_str).collect();
-    statements.delete_jobs(&inserted).await?;
-    let mut seen = HashSet::new();
-    let taken = inserts
-        .iter()
-        .zip(jobs)
-        .find(|(insert, job)| {
-            let repeated = !seen.insert(insert.id.as_str());
-            job.id.is_some() && (repeated || !stored.contains_key(&insert.id))
-        })
-        .map(|(insert, _)| insert.id.clone());
-    if taken.is_some() {
+            .collect();
+        match link_dependencies(statements, &mut in_order).await? {
+            Ok(()) => return Ok(Ok(in_order)),
+            Err(problem) => {
+                let inserted: Vec<&str> = in_order.iter().map(|job| job.id.as_str()).collect();
+                statements.delete_jobs(&inserted).await?;
+                Refused::Dependency(problem)
+            }
+        }
+    } else {
+        // Undo the part that was stored: all or none.
+        let inserted: Vec<&str> = stored.keys().map(String::as_str).collect();
+        statements.delete_jobs(&inserted).await?;
+        let mut seen = HashSet::new();
+        inserts
+            .iter()
+            .zip(jobs)
+            .find(|(insert, job)| {
+                let repeated = !seen.insert(insert.id.as_str());
+                job.id.is_some() && (repeated || !stored.contains_key(&insert.id))
+            })
+            .map_or(Refused::GeneratedTaken, |(insert, _)| {
+                Refused::Taken(insert.id.clone())
+            })
+    };
+    if !matches!(refused, Refused::GeneratedTaken) {
         for number in mine.into_iter().rev() {
             numbers.push_front(number);
         }
     }
-    Ok(Err(taken))
+    Ok(Err(refused))
 }
 
-/// Records the batch's starts and applies its updates, one round at a time, then makes its claims.
+/// Records what each of the just-stored `jobs` runs after, and holds those with a dependency that has not
+/// completed. A job may only run after a job stored before it (a lower row), so dependencies never form a cycle,
+/// and not after one that ended dead or cancelled, which would never let it run. Returns the first problem.
+async fn link_dependencies(
+    statements: &mut impl Statements,
+    jobs: &mut [Job],
+) -> Result<Result<(), String>, sqlx::Error> {
+    let wanted: Vec<&str> = jobs
+        .iter()
+        .flat_map(|job| job.after.iter().map(String::as_str))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if wanted.is_empty() {
+        return Ok(Ok(()));
+    }
+    let found: HashMap<String, Found> = statements
+        .find_jobs(&wanted)
+        .await?
+        .into_iter()
+        .map(|found| (found.id.clone(), found))
+        .collect();
+    let (mut edges, mut held) = (Vec::new(), Vec::new());
+    for job in jobs.iter_mut() {
+        let mut waits = false;
+        for id in &job.after {
+            let Some(dependency) = found.get(id) else {
+                return Ok(Err(format!("after: no job with id '{id}'")));
+            };
+            if dependency.seq >= job.seq {
+                return Ok(Err(format!(
+                    "after: job '{}' cannot run after '{id}', which is not enqueued before it",
+                    job.id
+                )));
+            }
+            if matches!(dependency.state, JobState::Dead | JobState::Cancelled) {
+                return Ok(Err(format!(
+                    "after: job '{id}' is {}, so a job after it would never run",
+                    dependency.state
+                )));
+            }
+            edges.push((job.seq, dependency.seq));
+            waits |= dependency.state != JobState::Completed;
+        }
+        if waits {
+            held.push(job.seq);
+            job.run_after = job::HELD;
+        }
+    }
+    statements.add_dependencies(&edges, &held).await?;
+    Ok(Ok(()))
+}
+
+/// Records the batch's starts and applies its updates, one round at a time, settling the dependents of the jobs
+/// that reached a final state, then makes its claims.
 async fn settle_all(
     statements: &mut impl Statements,
     batch: &WriteBatch,
     now: Micros,
     policy: Policy,
-) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
+) -> Result<(Vec<bool>, Vec<Job>, Dependents), sqlx::Error> {
     let limit = batch.claim_limit();
+    let mut dependents = Dependents::default();
     if batch.starts.is_empty() && batch.updates.is_empty() && limit == 0 {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Vec::new(), dependents));
     }
     let start_rounds = rounds(&batch.starts, |start| &start.job_id);
     let update_rounds = rounds(&batch.updates, |update| &update.job_id);
@@ -282,12 +410,27 @@ async fn settle_all(
         let (matched, jobs) = statements
             .settle_and_claim(&starts, &updates, claim, last_ready)
             .await?;
+        let (mut completed, mut failed) = (Vec::new(), Vec::new());
         for (position, matched) in matched.into_iter().enumerate() {
             applied[round[position]] = matched;
+            let update = &batch.updates[round[position]];
+            match update.settled.state {
+                JobState::Completed if matched => completed.push(update.seq),
+                JobState::Dead | JobState::Cancelled if matched => failed.push(update.seq),
+                _ => {}
+            }
+        }
+        if !completed.is_empty() || !failed.is_empty() {
+            let aging = job::secs_to_micros(policy.aging_interval_secs);
+            let settled = statements
+                .settle_dependents(&completed, &failed, aging)
+                .await?;
+            dependents.released += settled.released;
+            dependents.cancelled.extend(settled.cancelled);
         }
         claimed = jobs;
     }
-    Ok((applied, claimed))
+    Ok((applied, claimed, dependents))
 }
 
 /// Splits `items` into rounds in which no job appears twice, keeping their order: each round is checked and
@@ -338,6 +481,7 @@ mod tests {
             updated_at: 0,
             run_after: 0,
             last_error: None,
+            after: Vec::new(),
         };
         let dealt = deal_claims(&[2, 0, 3], vec![job("a"), job("b"), job("c")]);
         let ids: Vec<Vec<&str>> = dealt

@@ -38,6 +38,9 @@ pub enum StoreError {
 pub enum EnqueueRejected {
     #[error("a job with id '{0}' already exists")]
     DuplicateId(String),
+    /// A job names a job it cannot run after; the text says which and why.
+    #[error("{0}")]
+    Dependency(String),
 }
 
 /// A worker started run `run` of a job in process group `pgid`, so a restart can kill what it left behind.
@@ -100,6 +103,10 @@ pub struct WriteOutcome {
     pub applied: Vec<bool>,
     /// One entry per `WriteBatch::claims` entry: the jobs it claimed, now processing.
     pub claimed: Vec<Vec<Job>>,
+    /// How many jobs became ready because every job they run after completed.
+    pub released: u64,
+    /// The jobs cancelled because a job they run after did not complete: id and last_error.
+    pub cancelled: Vec<(String, String)>,
 }
 
 impl WriteBatch {

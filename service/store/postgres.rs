@@ -11,7 +11,7 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::mpsc;
 
-use super::batch::{self, Insert, Settle, Statements};
+use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql;
 use super::{
@@ -261,12 +261,12 @@ impl Statements for PgStatements<'_> {
         }
         const SQL: &str = concat!(
             "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
-                               updated_at, run_after)
+                               updated_at, run_after, after_ids)
              SELECT r.id, r.command, 'pending', r.priority, r.max_retries, r.timeout_secs, t.now + r.queue_offset,
-                    t.now, t.now, t.now + r.ready_in
+                    t.now, t.now, t.now + r.ready_in, r.after_ids
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
-                         $7::bigint[])
-                      AS r (id, command, priority, max_retries, timeout_secs, queue_offset, ready_in),
+                         $7::bigint[], $8::text[])
+                      AS r (id, command, priority, max_retries, timeout_secs, queue_offset, ready_in, after_ids),
                   (SELECT queuectl_now() AS now) AS t
              ON CONFLICT (id) DO NOTHING
              RETURNING ",
@@ -288,6 +288,11 @@ impl Statements for PgStatements<'_> {
             .bind(jobs.iter().map(|job| job.timeout_secs).collect::<Vec<_>>())
             .bind(jobs.iter().map(|job| job.queue_offset).collect::<Vec<_>>())
             .bind(jobs.iter().map(|job| job.ready_in).collect::<Vec<_>>())
+            .bind(
+                jobs.iter()
+                    .map(|job| job.after_ids.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .fetch_all(&mut *self.conn)
             .await?;
         row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
@@ -299,6 +304,86 @@ impl Statements for PgStatements<'_> {
             .execute(&mut *self.conn)
             .await?;
         Ok(())
+    }
+
+    async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error> {
+        // FOR SHARE: a dependency that completes meanwhile on another server waits for this commit (and then
+        // releases the new job), or this lookup waits for its commit and sees it completed.
+        let rows: Vec<(String, i64, String)> =
+            sqlx::query_as("SELECT id, seq, state FROM jobs WHERE id = ANY($1) FOR SHARE")
+                .bind(ids)
+                .fetch_all(&mut *self.conn)
+                .await?;
+        rows.into_iter().map(row::found).collect()
+    }
+
+    async fn add_dependencies(
+        &mut self,
+        edges: &[(i64, i64)],
+        held: &[i64],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO job_dependencies (job_seq, after_seq)
+             SELECT * FROM UNNEST($1::bigint[], $2::bigint[])
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(edges.iter().map(|(job, _)| *job).collect::<Vec<_>>())
+        .bind(edges.iter().map(|(_, after)| *after).collect::<Vec<_>>())
+        .execute(&mut *self.conn)
+        .await?;
+        sqlx::query("UPDATE jobs SET run_after = $2, queue_key = $2 WHERE seq = ANY($1)")
+            .bind(held)
+            .bind(job::HELD)
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn settle_dependents(
+        &mut self,
+        completed: &[i64],
+        failed: &[i64],
+        aging_micros: i64,
+    ) -> Result<Dependents, sqlx::Error> {
+        let mut dependents = Dependents::default();
+        if !completed.is_empty() {
+            dependents.released = sqlx::query(
+                "UPDATE jobs SET run_after = queuectl_now(), queue_key = queuectl_now() + (priority - 1) * $2,
+                                 updated_at = queuectl_now()
+                 WHERE seq IN (SELECT job_seq FROM job_dependencies WHERE after_seq = ANY($1))
+                   AND state = 'pending' AND run_after = $3
+                   AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
+                                   WHERE d.job_seq = jobs.seq AND j.state <> 'completed')",
+            )
+            .bind(completed)
+            .bind(aging_micros)
+            .bind(job::HELD)
+            .execute(&mut *self.conn)
+            .await?
+            .rows_affected();
+        }
+        if !failed.is_empty() {
+            dependents.cancelled = sqlx::query_as(
+                "WITH RECURSIVE doomed (seq, cause) AS (
+                     SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
+                            CASE j.state WHEN 'dead' THEN ', which ended dead' ELSE ', which was cancelled' END
+                     FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
+                     WHERE d.after_seq = ANY($1)
+                     UNION
+                     SELECT d.job_seq, 'cancelled: it runs after ' || j.id || ', which was cancelled'
+                     FROM doomed JOIN job_dependencies d ON d.after_seq = doomed.seq
+                                 JOIN jobs j ON j.seq = doomed.seq)
+                 UPDATE jobs SET state = 'cancelled', last_error = doomed.cause, run_after = queuectl_now(),
+                                 queue_key = queuectl_now(), updated_at = queuectl_now()
+                 FROM doomed WHERE jobs.seq = doomed.seq AND jobs.state = 'pending' AND jobs.run_after = $2
+                 RETURNING jobs.id, jobs.last_error",
+            )
+            .bind(failed)
+            .bind(job::HELD)
+            .fetch_all(&mut *self.conn)
+            .await?;
+        }
+        Ok(dependents)
     }
 
     async fn settle_and_claim(
@@ -461,8 +546,10 @@ impl Store for PgStore {
     async fn next_due(&self, _now: Micros) -> Result<Option<Duration>, StoreError> {
         within(ANSWER_LIMIT, async {
             let wait: Option<i64> = sqlx::query_scalar(
-                "SELECT MIN(run_after) - queuectl_now() FROM jobs WHERE state IN ('pending', 'failed')",
+                "SELECT MIN(run_after) - queuectl_now() FROM jobs
+                 WHERE state IN ('pending', 'failed') AND run_after < $1",
             )
+            .bind(job::HELD)
             .fetch_one(&self.pool)
             .await
             .map_err(classify)?;

@@ -11,7 +11,7 @@ use super::{Cursor, InFlight, Page, RunRecord, StateCounts, StoreError};
 macro_rules! job_columns {
     () => {
         "id, command, state, priority, attempts, max_retries, timeout_secs, runs, created_at, updated_at, \
-         run_after, last_error, interruptions, seq"
+         run_after, last_error, interruptions, seq, after_ids"
     };
 }
 pub(crate) use job_columns;
@@ -32,6 +32,9 @@ pub struct JobRow {
     pub run_after: i64,
     pub last_error: Option<String>,
     pub interruptions: i64,
+    /// A JSON array of ids; absent from rows that never have any (claimed jobs).
+    #[serde(default)]
+    pub after_ids: Option<String>,
 }
 
 fn column<T: TryFrom<i64>>(name: &str, value: i64) -> Result<T, StoreError> {
@@ -64,8 +67,22 @@ impl TryFrom<JobRow> for Job {
             updated_at: row.updated_at,
             run_after: row.run_after,
             last_error: row.last_error,
+            after: match row.after_ids {
+                None => Vec::new(),
+                Some(ids) => serde_json::from_str(&ids).map_err(|error| {
+                    StoreError::Internal(format!("stored after_ids {ids:?}: {error}"))
+                })?,
+            },
         })
     }
+}
+
+/// A job looked up as a dependency, from its `(id, seq, state)` row.
+pub fn found((id, seq, state): (String, i64, String)) -> Result<super::batch::Found, sqlx::Error> {
+    let state = state
+        .parse()
+        .map_err(|error| sqlx::Error::Decode(Box::new(error)))?;
+    Ok(super::batch::Found { id, seq, state })
 }
 
 pub fn jobs(rows: Vec<JobRow>) -> Result<Vec<Job>, StoreError> {

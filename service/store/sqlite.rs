@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql;
 
-use super::batch::{self, Insert, Settle, Statements};
+use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
 use super::{
     InFlight, ListFilter, Page, RunRecord, RunStarted, StateCounts, Store, StoreError, WriteBatch,
     WriteOutcome,
@@ -274,10 +274,10 @@ impl Statements for SqliteStatements<'_> {
         // sqlx hands a statement's rows over one at a time, which would cost more than the insert itself.
         let inserted = sqlx::query(
             "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
-                               updated_at, run_after)
+                               updated_at, run_after, after_ids)
              SELECT r.value ->> 'id', r.value ->> 'command', 'pending', r.value ->> 'priority',
                     r.value ->> 'max_retries', r.value ->> 'timeout_secs', ?2 + (r.value ->> 'queue_offset'),
-                    ?2, ?2, ?2 + (r.value ->> 'ready_in')
+                    ?2, ?2, ?2 + (r.value ->> 'ready_in'), r.value ->> 'after_ids'
              FROM json_each(?1) AS r WHERE true
              ON CONFLICT (id) DO NOTHING",
         )
@@ -318,6 +318,88 @@ impl Statements for SqliteStatements<'_> {
             .execute(&mut *self.conn)
             .await?;
         Ok(())
+    }
+
+    async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error> {
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT id, seq, state FROM jobs WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(to_json(ids)?)
+        .fetch_all(&mut *self.conn)
+        .await?;
+        rows.into_iter().map(row::found).collect()
+    }
+
+    async fn add_dependencies(
+        &mut self,
+        edges: &[(i64, i64)],
+        held: &[i64],
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO job_dependencies (job_seq, after_seq)
+             SELECT e.value ->> 0, e.value ->> 1 FROM json_each(?1) AS e WHERE true
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(to_json(edges)?)
+        .execute(&mut *self.conn)
+        .await?;
+        sqlx::query(
+            "UPDATE jobs SET run_after = ?2, queue_key = ?2 WHERE seq IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(to_json(held)?)
+        .bind(job::HELD)
+        .execute(&mut *self.conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn settle_dependents(
+        &mut self,
+        completed: &[i64],
+        failed: &[i64],
+        aging_micros: i64,
+    ) -> Result<Dependents, sqlx::Error> {
+        let mut dependents = Dependents::default();
+        if !completed.is_empty() {
+            dependents.released = sqlx::query(
+                "UPDATE jobs SET run_after = ?2, queue_key = ?2 + (priority - 1) * ?3, updated_at = ?2
+                 WHERE seq IN (SELECT job_seq FROM job_dependencies
+                               WHERE after_seq IN (SELECT value FROM json_each(?1)))
+                   AND state = 'pending' AND run_after = ?4
+                   AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
+                                   WHERE d.job_seq = jobs.seq AND j.state <> 'completed')",
+            )
+            .bind(to_json(completed)?)
+            .bind(self.now)
+            .bind(aging_micros)
+            .bind(job::HELD)
+            .execute(&mut *self.conn)
+            .await?
+            .rows_affected();
+        }
+        if !failed.is_empty() {
+            dependents.cancelled = sqlx::query_as(
+                "WITH RECURSIVE doomed (seq, cause) AS (
+                     SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
+                            CASE j.state WHEN 'dead' THEN ', which ended dead' ELSE ', which was cancelled' END
+                     FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
+                     WHERE d.after_seq IN (SELECT value FROM json_each(?1))
+                     UNION
+                     SELECT d.job_seq, 'cancelled: it runs after ' || j.id || ', which was cancelled'
+                     FROM doomed JOIN job_dependencies d ON d.after_seq = doomed.seq
+                                 JOIN jobs j ON j.seq = doomed.seq)
+                 UPDATE jobs SET state = 'cancelled', last_error = doomed.cause, run_after = ?2, queue_key = ?2,
+                                 updated_at = ?2
+                 FROM doomed WHERE jobs.seq = doomed.seq AND jobs.state = 'pending' AND jobs.run_after = ?3
+                 RETURNING jobs.id, jobs.last_error",
+            )
+            .bind(to_json(failed)?)
+            .bind(self.now)
+            .bind(job::HELD)
+            .fetch_all(&mut *self.conn)
+            .await?;
+        }
+        Ok(dependents)
     }
 
     async fn settle_and_claim(
@@ -553,8 +635,10 @@ impl Store for SqliteStore {
     async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError> {
         // Named for the same reason as in `claim`: otherwise this scans every waiting job.
         let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(run_after) FROM jobs INDEXED BY jobs_waiting WHERE state IN ('pending', 'failed')",
+            "SELECT MIN(run_after) FROM jobs INDEXED BY jobs_waiting
+             WHERE state IN ('pending', 'failed') AND run_after < ?1",
         )
+        .bind(job::HELD)
         .fetch_one(&self.reader)
         .await
         .map_err(classify)?;

@@ -57,8 +57,8 @@ impl Supervisor {
         writer: Writer,
         settings: Arc<RwLock<Settings>>,
         wake: Arc<Notify>,
+        events: broadcast::Sender<Event>,
     ) -> Supervisor {
-        let (events, _) = broadcast::channel(4096);
         Supervisor {
             shared: Arc::new(Shared {
                 store,

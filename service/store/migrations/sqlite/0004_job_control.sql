@@ -1,5 +1,5 @@
 -- no-transaction
--- Job control: the cancelled state, and an index for purging old final jobs.
+-- Job control: the cancelled state, jobs that run after others, and an index for purging old final jobs.
 --
 -- SQLite cannot change a CHECK constraint in place, so the jobs table is rebuilt the way SQLite documents: with
 -- foreign keys off (dropping the old table must not cascade to the runs) and in one transaction. Run again after a
@@ -24,7 +24,9 @@ CREATE TABLE jobs_rebuilt (
     run_after     INTEGER NOT NULL,
     last_error    TEXT,
     pgid          INTEGER,
-    interruptions INTEGER NOT NULL DEFAULT 0
+    interruptions INTEGER NOT NULL DEFAULT 0,
+    -- The ids of the jobs this one runs after, as a JSON array, as they were given; NULL when none.
+    after_ids     TEXT
 );
 INSERT INTO jobs_rebuilt (seq, id, command, state, priority, attempts, max_retries, timeout_secs, runs, queue_key,
                           created_at, updated_at, run_after, last_error, pgid, interruptions)
@@ -52,6 +54,15 @@ END;
 CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
     UPDATE job_counts SET jobs = jobs - 1 WHERE state = OLD.state;
 END;
+
+-- One row per job a job runs after. A job with a dependency that has not completed waits, pending, with a run_after
+-- later than any real time; deleting either job deletes the row.
+CREATE TABLE job_dependencies (
+    job_seq   INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+    after_seq INTEGER NOT NULL REFERENCES jobs (seq) ON DELETE CASCADE,
+    PRIMARY KEY (job_seq, after_seq)
+) WITHOUT ROWID;
+CREATE INDEX job_dependencies_after ON job_dependencies (after_seq);
 
 COMMIT;
 PRAGMA foreign_keys = ON;
