@@ -54,6 +54,23 @@ fn grpcurl_lists_enqueues_and_checks_health() {
     let health = call(&home, &[], &["grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
 
+    let cancelled = call(
+        &home,
+        &["-d", r#"{"id":"job1","reason":"alice: wrong input"}"#],
+        &["queuectl.v1.QueueService/CancelJob"],
+    );
+    assert!(
+        cancelled.contains(r#""state": "JOB_STATE_CANCELLED""#)
+            && cancelled.contains(r#""lastError": "cancelled by alice: wrong input""#),
+        "{cancelled}"
+    );
+    let paused = call(&home, &[], &["queuectl.v1.QueueService/PauseQueue"]);
+    assert_eq!(paused.split_whitespace().collect::<String>(), "{}");
+    let status = call(&home, &[], &["queuectl.v1.QueueService/Status"]);
+    assert!(status.contains(r#""paused": true"#), "{status}");
+    call(&home, &[], &["queuectl.v1.QueueService/ResumeQueue"]);
+    assert!(!home.ok(&["status"]).contains("paused"));
+
     let described = call(&home, &[], &["describe", "queuectl.v1.EnqueueRequest"]);
     assert!(described.contains("optional int32 priority"), "{described}");
 }
