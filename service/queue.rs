@@ -252,14 +252,7 @@ impl Queue {
                 illegal.from
             ))
         })?;
-        let update = GuardedUpdate {
-            job_id: job.id.clone(),
-            seq: job.seq,
-            expect_state: job.state,
-            expect_runs: job.runs,
-            settled,
-            ended: None,
-        };
+        let update = GuardedUpdate::unless_changed(&job, settled);
         if !self.writer.update(update, true).await? {
             return Err(QueueError::FailedPrecondition(format!(
                 "job '{id}' changed while it was being retried; look at it again and retry"
@@ -279,14 +272,7 @@ impl Queue {
                 JobState::Pending | JobState::Failed => {
                     let settled = job::cancel(&job, by, crate::clock::now())
                         .expect("a waiting job can be cancelled");
-                    let update = GuardedUpdate {
-                        job_id: job.id.clone(),
-                        seq: job.seq,
-                        expect_state: job.state,
-                        expect_runs: job.runs,
-                        settled,
-                        ended: None,
-                    };
+                    let update = GuardedUpdate::unless_changed(&job, settled);
                     let error = update.settled.last_error.clone().unwrap_or_default();
                     if self.writer.update(update, true).await? {
                         self.supervisor.announce(crate::event::Event::JobCancelled {

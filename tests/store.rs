@@ -1753,14 +1753,8 @@ async fn a_delayed_job_is_claimed_only_when_due(t: Ctx) {
 async fn a_cancelled_job_is_never_claimed_until_retried(t: Ctx) {
     let store = t.store.as_ref();
     let job = enqueue_one(store, new_job("doomed", 5), POLICY).await;
-    let cancel = GuardedUpdate {
-        job_id: job.id.clone(),
-        seq: job.seq,
-        expect_state: JobState::Pending,
-        expect_runs: 0,
-        settled: job::cancel(&job, "by a test", clock::now()).unwrap(),
-        ended: None,
-    };
+    let cancel =
+        GuardedUpdate::unless_changed(&job, job::cancel(&job, "by a test", clock::now()).unwrap());
     assert!(update(store, cancel.clone(), clock::now()).await);
     assert!(
         !update(store, cancel, clock::now()).await,
@@ -1779,14 +1773,10 @@ async fn a_cancelled_job_is_never_claimed_until_retried(t: Ctx) {
         store.counts().await.unwrap(),
         counts_of(&[(JobState::Cancelled, 1)])
     );
-    let retry = GuardedUpdate {
-        job_id: job.id.clone(),
-        seq: job.seq,
-        expect_state: JobState::Cancelled,
-        expect_runs: 0,
-        settled: job::revive(&cancelled, POLICY, clock::now()).unwrap(),
-        ended: None,
-    };
+    let retry = GuardedUpdate::unless_changed(
+        &cancelled,
+        job::revive(&cancelled, POLICY, clock::now()).unwrap(),
+    );
     assert!(update(store, retry, clock::now()).await);
     claim_one(store, "doomed").await;
 }
@@ -1905,14 +1895,8 @@ async fn a_dependency_that_fails_cancels_its_dependents_in_turn(t: Ctx) {
     )
     .await;
     let x = store.get("x").await.unwrap().unwrap();
-    let cancel = GuardedUpdate {
-        job_id: x.id.clone(),
-        seq: x.seq,
-        expect_state: JobState::Pending,
-        expect_runs: 0,
-        settled: job::cancel(&x, "by a test", clock::now()).unwrap(),
-        ended: None,
-    };
+    let cancel =
+        GuardedUpdate::unless_changed(&x, job::cancel(&x, "by a test", clock::now()).unwrap());
     let outcome = settle_one(store, cancel).await;
     assert_eq!(
         outcome.cancelled,

@@ -77,6 +77,21 @@ pub struct GuardedUpdate {
     pub ended: Option<RunEnded>,
 }
 
+impl GuardedUpdate {
+    /// Moves `job` to `settled` if it is still as it was read (the same row, state and run), ending no run: a
+    /// change a person asks for, such as a retry or a cancel of a waiting job.
+    pub fn unless_changed(job: &Job, settled: Settled) -> GuardedUpdate {
+        GuardedUpdate {
+            job_id: job.id.clone(),
+            seq: job.seq,
+            expect_state: job.state,
+            expect_runs: job.runs,
+            settled,
+            ended: None,
+        }
+    }
+}
+
 /// Writes applied together in one transaction (group commit).
 #[derive(Debug, Default)]
 pub struct WriteBatch {

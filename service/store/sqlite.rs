@@ -361,11 +361,12 @@ impl Statements for SqliteStatements<'_> {
     ) -> Result<Dependents, sqlx::Error> {
         let mut dependents = Dependents::default();
         if !completed.is_empty() {
+            // `+state` and `+run_after`: found by row from the dependencies, never by walking every pending job.
             dependents.released = sqlx::query(
                 "UPDATE jobs SET run_after = ?2, queue_key = ?2 + (priority - 1) * ?3, updated_at = ?2
                  WHERE seq IN (SELECT job_seq FROM job_dependencies
                                WHERE after_seq IN (SELECT value FROM json_each(?1)))
-                   AND state = 'pending' AND run_after = ?4
+                   AND +state = 'pending' AND +run_after = ?4
                    AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
                                    WHERE d.job_seq = jobs.seq AND j.state <> 'completed')",
             )
@@ -744,10 +745,11 @@ impl Store for SqliteStore {
 
     async fn delete_final(&self, ids: &[&str]) -> Result<Vec<String>, StoreError> {
         let ids = to_json(ids).map_err(classify)?;
+        // `+state`: found by id, never by walking every final job.
         self.transaction(true, async |conn| {
             sqlx::query_scalar(
                 "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))
-                   AND state IN ('completed', 'dead', 'cancelled')
+                   AND +state IN ('completed', 'dead', 'cancelled')
                  RETURNING id",
             )
             .bind(ids)
