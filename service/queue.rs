@@ -578,14 +578,19 @@ const CANCEL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 /// to exit on SIGTERM, and the time to write the result.
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Final jobs deleted per transaction: small enough that enqueues and claims never wait long behind a purge.
-const PURGE_BATCH: u32 = 500;
+/// Final jobs deleted per transaction: small enough (a millisecond or two on SQLite, runs and all) that enqueues and
+/// claims never wait long behind a purge.
+const PURGE_BATCH: u32 = 25;
+/// How many times the length of one of its transactions a purge rests before the next.
+const PURGE_REST: u32 = 3;
 
 /// How often the server deletes final jobs past their retention, at most and at least.
 const RETENTION_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
 const RETENTION_PERIOD_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Deletes every job in `state` older than `older_than`, one small transaction at a time.
+/// Deletes every job in `state` older than `older_than`, one small transaction at a time, and after each rests
+/// three times as long as it took: the purge holds the database a quarter of the time at most, so enqueues, claims
+/// and finishes seldom meet one of its transactions, and wait for one at most.
 async fn purge_all(
     store: &dyn Store,
     state: JobState,
@@ -593,13 +598,13 @@ async fn purge_all(
 ) -> Result<u64, StoreError> {
     let mut deleted = 0;
     loop {
+        let started = tokio::time::Instant::now();
         let batch = store.purge(state, older_than, PURGE_BATCH).await?;
         deleted += batch;
         if batch < u64::from(PURGE_BATCH) {
             return Ok(deleted);
         }
-        // Let the writer's queued work go first.
-        tokio::task::yield_now().await;
+        tokio::time::sleep(started.elapsed() * PURGE_REST).await;
     }
 }
 

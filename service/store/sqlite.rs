@@ -766,16 +766,25 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<u64, StoreError> {
         let before = crate::clock::now().saturating_sub(older_than);
-        self.transaction(false, async |conn| {
-            Ok(sqlx::query(sql::PURGE_FINAL)
-                .bind(state.as_str())
-                .bind(before)
-                .bind(i64::from(limit))
-                .execute(conn)
-                .await?
-                .rows_affected())
-        })
-        .await
+        let deleted = self
+            .transaction(false, async |conn| {
+                Ok(sqlx::query(sql::PURGE_FINAL)
+                    .bind(state.as_str())
+                    .bind(before)
+                    .bind(i64::from(limit))
+                    .execute(conn)
+                    .await?
+                    .rows_affected())
+            })
+            .await?;
+        // A purge writes much log: checkpoint it here, at the purge's cost, rather than in the commit of whichever
+        // enqueue or claim next crosses the automatic checkpoint's threshold.
+        let mut conn = self.writer.acquire().await.map_err(classify)?;
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        Ok(deleted)
     }
 
     fn can_backup(&self) -> bool {
