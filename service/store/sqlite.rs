@@ -28,6 +28,9 @@ pub struct SqliteStore {
     writer_durable: AtomicBool,
     reader: SqlitePool,
     files: DatabaseFiles,
+    /// Whether any job was ever stored with dependencies. One server writes a SQLite database, so until one is, a
+    /// finished job has no dependents to settle and its commit skips that statement.
+    dependencies: AtomicBool,
 }
 
 /// The database file and its write-ahead log as they were when the store opened them. A commit lands in the files
@@ -143,11 +146,17 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await
             .map_err(classify)?;
+        let dependencies: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM job_dependencies)")
+                .fetch_one(&writer)
+                .await
+                .map_err(classify)?;
         Ok(SqliteStore {
             writer,
             writer_durable: AtomicBool::new(true),
             reader,
             files: DatabaseFiles::new(path),
+            dependencies: AtomicBool::new(dependencies),
         })
     }
 
@@ -248,6 +257,8 @@ fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Erro
 struct SqliteStatements<'c> {
     conn: &'c mut SqliteConnection,
     now: Micros,
+    /// See [`SqliteStore::dependencies`].
+    dependencies: &'c AtomicBool,
 }
 
 #[async_trait]
@@ -335,6 +346,7 @@ impl Statements for SqliteStatements<'_> {
         edges: &[(i64, i64)],
         held: &[i64],
     ) -> Result<(), sqlx::Error> {
+        self.dependencies.store(true, Ordering::SeqCst);
         sqlx::query(
             "INSERT INTO job_dependencies (job_seq, after_seq)
              SELECT e.value ->> 0, e.value ->> 1 FROM json_each(?1) AS e WHERE true
@@ -360,6 +372,9 @@ impl Statements for SqliteStatements<'_> {
         aging_micros: i64,
     ) -> Result<Dependents, sqlx::Error> {
         let mut dependents = Dependents::default();
+        if !self.dependencies.load(Ordering::SeqCst) {
+            return Ok(dependents);
+        }
         if !completed.is_empty() {
             // `+state` and `+run_after`: found by row from the dependencies, never by walking every pending job.
             dependents.released = sqlx::query(
@@ -628,7 +643,13 @@ impl Store for SqliteStore {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
         self.transaction(batch.durable, async |conn| {
-            batch::apply(&mut SqliteStatements { conn, now }, batch, now, policy).await
+            let dependencies = &self.dependencies;
+            let mut statements = SqliteStatements {
+                conn,
+                now,
+                dependencies,
+            };
+            batch::apply(&mut statements, batch, now, policy).await
         })
         .await
     }
