@@ -690,8 +690,10 @@ pub async fn worker_start(
         println!("{}", started_message(count, all));
         return Ok(());
     }
-    // Subscribe first, so that the workers' first events are seen.
+    // Subscribe first, so that the workers' first events are seen, and listen for Ctrl-C before any
+    // worker starts: a signal that comes while an event is printed waits in the stream, not lost.
     let mut events = subscribe(client).await?;
+    let mut interrupts = Interrupts::listen()?;
     client
         .start_workers(pb::StartWorkersRequest { count, all })
         .await?;
@@ -737,11 +739,35 @@ pub async fn worker_start(
                     return Ok(());
                 }
             }
-            _ = tokio::signal::ctrl_c(), if !stopping => {
+            _ = interrupts.recv(), if !stopping => {
                 stopping = true;
                 client.stop_workers(pb::StopWorkersRequest { wait: false, all }).await?;
             }
         }
+    }
+}
+
+/// Ctrl-C presses, counted from when [`Interrupts::listen`] was called.
+struct Interrupts {
+    #[cfg(unix)]
+    signals: tokio::signal::unix::Signal,
+    #[cfg(windows)]
+    signals: tokio::signal::windows::CtrlC,
+}
+
+impl Interrupts {
+    fn listen() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        let signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+        #[cfg(windows)]
+        let signals = tokio::signal::windows::ctrl_c();
+        Ok(Self {
+            signals: signals.context("cannot listen for Ctrl-C")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        self.signals.recv().await;
     }
 }
 
