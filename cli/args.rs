@@ -64,17 +64,26 @@ pub enum FinalStateArg {
 pub enum Command {
     /// Add a job, given as JSON: command (required), id, priority (1-10), max_retries, timeout (seconds),
     /// run_at (RFC 3339 time or Unix seconds) or delay (seconds, or e.g. "10m", "1h 30m"), after (ids of jobs
-    /// that must complete first).
+    /// that must complete first), cwd (the directory it runs in; the current directory when absent), env (an
+    /// object of variables added to its environment).
     #[command(
         after_help = "Examples:\n  queuectl enqueue '{\"command\":\"echo hi\"}'\n  \
                             queuectl enqueue '{\"command\":\"make\",\"priority\":1,\"max-retries\":2,\"timeout\":300}'\n  \
                             queuectl enqueue '{\"command\":\"./report.sh\",\"run_at\":\"2026-12-01T02:00:00Z\"}'\n  \
                             queuectl enqueue '{\"command\":\"./retry-later.sh\",\"delay\":\"10m\"}'\n  \
-                            queuectl enqueue '{\"command\":\"./deploy.sh\",\"after\":[\"build\",\"test\"]}'"
+                            queuectl enqueue '{\"command\":\"./deploy.sh\",\"after\":[\"build\",\"test\"]}'\n  \
+                            queuectl enqueue --env STAGE=prod --env AWS_PROFILE '{\"command\":\"./deploy.sh\"}'\n\n\
+                            The job runs in the directory queuectl enqueue was called from, unless its JSON names a \
+                            \"cwd\". Of the caller's environment only what --env names is sent; the variables are \
+                            stored with the job, in the server's database."
     )]
     Enqueue {
         /// The job as a JSON object.
         job: String,
+        /// Add a variable to the job's environment: KEY=VALUE, or KEY to send its value here. Repeatable; over
+        /// the JSON's env.
+        #[arg(long, value_name = "KEY[=VALUE]")]
+        env: Vec<String>,
     },
     /// Count jobs by state and show what each worker runs.
     #[command(after_help = "Examples:\n  queuectl status\n  queuectl status --output json")]
@@ -103,14 +112,25 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t)]
         output: Format,
     },
-    /// Print what a job's attempts wrote to stdout and stderr.
-    #[command(after_help = "Examples:\n  queuectl logs job1\n  queuectl logs job1 --follow")]
+    /// Print what a job's attempts wrote to stdout and stderr, as one stream in the order it was written.
+    #[command(
+        after_help = "Past max_output_bytes an attempt keeps the first and the last half of its output; a line \
+                      says how many bytes were dropped between them.\n\nExamples:\n  queuectl logs job1\n  \
+                      queuectl logs job1 --stderr\n  queuectl logs job1 --follow"
+    )]
     Logs {
         id: String,
-        /// Keep printing the output of new attempts until the job is completed or dead.
+        /// Print everything so far, then what the job prints, until it is final; exit 1 if it did not complete.
         #[arg(long, short, conflicts_with = "output")]
         follow: bool,
-        /// `json` prints one object per attempt (output as text, invalid UTF-8 replaced).
+        /// Only what the command wrote to stdout.
+        #[arg(long, conflicts_with = "stderr")]
+        stdout: bool,
+        /// Only what the command wrote to stderr.
+        #[arg(long)]
+        stderr: bool,
+        /// `json` prints one object per attempt: its output as text (invalid UTF-8 replaced), and as chunks
+        /// tagged with their stream.
         #[arg(long, value_enum)]
         output: Option<Format>,
     },

@@ -12,7 +12,8 @@ use crate::args::{FinalStateArg, Format, StateArg};
 use crate::client::{self, Client};
 use crate::output;
 
-const JOB_KEYS: &str = "command, id, priority, max_retries (or max-retries), timeout, run_at (or run-at), delay, after";
+const JOB_KEYS: &str = "command, id, priority, max_retries (or max-retries), timeout, run_at (or run-at), delay, after, \
+                        cwd, env";
 
 /// Reads an integer field of the job JSON.
 fn integer<T: TryFrom<i64>>(key: &str, value: &Value, range: &str) -> anyhow::Result<T> {
@@ -113,6 +114,61 @@ fn job_ids(value: &Value) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
+/// An `env`: an object of names to string values.
+fn variables(value: &Value) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let Value::Object(fields) = value else {
+        bail!(
+            "env must be an object of names to values such as {{\"STAGE\": \"prod\"}}, got {value}"
+        );
+    };
+    fields
+        .iter()
+        .map(|(name, value)| match value {
+            Value::String(text) => Ok((name.clone(), text.clone())),
+            other => bail!("env: the value of {name} must be a string, got {other}"),
+        })
+        .collect()
+}
+
+/// Adds the variables of `--env` flags to `request`: `KEY=VALUE`, or `KEY` for its value in this environment.
+fn add_env_flags(request: &mut pb::EnqueueRequest, flags: &[String]) -> anyhow::Result<()> {
+    for flag in flags {
+        let (name, value) = match flag.split_once('=') {
+            Some((name, value)) => (name.to_owned(), value.to_owned()),
+            None => {
+                let value = std::env::var(flag).map_err(|_| {
+                    anyhow::anyhow!("--env {flag}: {flag} is not set in this environment (or not UTF-8); give --env {flag}=VALUE")
+                })?;
+                (flag.clone(), value)
+            }
+        };
+        if name.is_empty() {
+            bail!("--env {flag:?}: the variable needs a name, as in --env KEY=VALUE");
+        }
+        request.env.insert(name, value);
+    }
+    Ok(())
+}
+
+/// The job `queuectl enqueue` sends: its JSON, the `--env` variables on top, and the current directory as its
+/// `cwd` unless the JSON names one.
+pub fn job_request(json: &str, env: &[String]) -> anyhow::Result<pb::EnqueueRequest> {
+    let mut request = parse_job(json)?;
+    add_env_flags(&mut request, env)?;
+    if request.cwd.is_none() {
+        let here = std::env::current_dir()
+            .context("cannot tell the current directory; give the job a \"cwd\"")?;
+        let here = here.to_str().with_context(|| {
+            format!(
+                "the current directory {} is not UTF-8; give the job a \"cwd\"",
+                here.display()
+            )
+        })?;
+        request.cwd = Some(here.to_owned());
+    }
+    Ok(request)
+}
+
 /// Parses the job JSON of `queuectl enqueue` into a request; the server checks the values' ranges.
 pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
     let value: Value = serde_json::from_str(json)
@@ -148,6 +204,11 @@ pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
             }
             "delay" => request.delay = Some(delay(value)?),
             "after" => request.after = job_ids(value)?,
+            "cwd" => match value {
+                Value::String(path) => request.cwd = Some(path.clone()),
+                other => bail!("cwd must be a path (a string), got {other}"),
+            },
+            "env" => request.env = variables(value)?,
             unknown => bail!("unknown key {unknown:?} in the job: expected {JOB_KEYS}"),
         }
     }
@@ -159,8 +220,7 @@ pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
     Ok(request)
 }
 
-pub async fn enqueue(client: &mut Client, json: &str) -> anyhow::Result<()> {
-    let request = parse_job(json)?;
+pub async fn enqueue(client: &mut Client, request: pb::EnqueueRequest) -> anyhow::Result<()> {
     let job = client
         .enqueue(request)
         .await?
@@ -266,91 +326,214 @@ pub async fn logs(
     client: &mut Client,
     id: String,
     follow: bool,
+    only: Option<pb::OutputStream>,
     format: Option<Format>,
 ) -> anyhow::Result<()> {
-    // Subscribe before reading the stored runs, so that nothing falls between the two.
-    let mut events = if follow {
-        let request = pb::WatchEventsRequest { job_id: id.clone() };
-        Some(client.watch_events(request).await?.into_inner())
-    } else {
-        None
-    };
-    let runs = client
-        .get_job_logs(pb::GetJobLogsRequest { id: id.clone() })
-        .await?
-        .into_inner()
-        .runs;
-    let mut stdout = std::io::stdout();
-    for run in &runs {
-        if let Some(Format::Json) = format {
-            writeln!(stdout, "{}", output::run_json(run))?;
-            continue;
+    let mut printer = LogPrinter::new(id.clone(), only, matches!(format, Some(Format::Json)));
+    if !follow {
+        printer.read_stored(client).await?;
+        return printer.finish();
+    }
+    // Subscribe before reading what is stored, so that nothing falls between the two.
+    let mut events = subscribe_to(client, &id).await?;
+    loop {
+        printer.read_stored(client).await?;
+        let job = client
+            .get_job(pb::GetJobRequest { id: id.clone() })
+            .await?
+            .into_inner()
+            .job
+            .context("the server sent no job")?;
+        if is_final(job.state) {
+            return printer.ended(&job);
         }
-        writeln!(stdout, "{}", output::run_header(&id, run))?;
-        stdout.write_all(&run.output)?;
-    }
-    let Some(events) = events.as_mut() else {
-        return Ok(());
-    };
-    let job = client
-        .get_job(pb::GetJobRequest { id: id.clone() })
-        .await?
-        .into_inner()
-        .job;
-    if let Some(job) = job.filter(|job| is_final(job.state)) {
-        // It ended before the stream could tell: the same last line the stream would have printed.
-        let finished = pb::JobFinished {
-            worker: runs.last().map_or(0, |run| run.worker),
-            job_id: id,
-            state: job.state,
-            error: if job.state == pb::JobState::Completed as i32 {
-                String::new()
-            } else {
-                job.last_error
-            },
-        };
-        let line = output::event_line(&pb::watch_events_response::Event::JobFinished(finished));
-        println!("{}", line.unwrap_or_default());
-        return Ok(());
-    }
-    while let Some(event) = events.next().await {
-        use pb::watch_events_response::Event;
-        let event = match event {
-            Ok(event) => event,
-            Err(status) if fell_behind(&status) => bail!(
-                "this terminal read the output slower than the job wrote it, so the server stopped sending it; \
-                 `queuectl logs {id}` shows what was stored"
-            ),
-            Err(status) => return Err(status.into()),
-        };
-        match event.event {
-            Some(Event::JobOutput(chunk)) => stdout.write_all(&chunk.data)?,
-            Some(Event::JobFinished(finished)) => {
-                println!(
-                    "{}",
-                    output::event_line(&Event::JobFinished(finished.clone())).unwrap_or_default()
-                );
-                if is_final(finished.state) {
+        // Until something changes: output stored right where the printing stands is printed at once; anything
+        // else sends the loop back to the store, which also covers events this watcher never got.
+        loop {
+            use pb::watch_events_response::Event;
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = tokio::time::sleep(LOGS_RECHECK) => break,
+            };
+            let event = match event.transpose() {
+                Ok(Some(response)) => response.event,
+                Ok(None) => bail!("the server stopped while job {id} was running"),
+                Err(status) if fell_behind(&status) => {
+                    events = subscribe_to(client, &id).await?;
                     break;
                 }
-            }
-            Some(Event::JobCancelled(cancelled)) => {
-                println!(
-                    "{}",
-                    output::event_line(&Event::JobCancelled(cancelled)).unwrap_or_default()
-                );
-                break;
-            }
-            Some(other) => {
-                if let Some(line) = output::event_line(&other) {
-                    println!("{line}");
+                Err(status) => return Err(status.into()),
+            };
+            match event {
+                Some(Event::JobOutput(piece)) if printer.continues(&piece) => {
+                    printer.piece(&piece)?
                 }
+                Some(Event::JobOutput(piece)) if printer.printed(&piece) => {}
+                Some(Event::JobFinished(finished)) => {
+                    printer.read_stored(client).await?;
+                    if !is_final(finished.state) {
+                        printer.line(&Event::JobFinished(finished))?;
+                    }
+                    break;
+                }
+                _ => break,
             }
-            None => {}
         }
-        stdout.flush()?;
     }
-    Ok(())
+}
+
+/// How long `logs --follow` waits for an event before it reads the store again anyway.
+const LOGS_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+async fn subscribe_to(
+    client: &mut Client,
+    id: &str,
+) -> anyhow::Result<tonic::Streaming<pb::WatchEventsResponse>> {
+    let request = pb::WatchEventsRequest {
+        job_id: id.to_owned(),
+    };
+    Ok(client.watch_events(request).await?.into_inner())
+}
+
+/// Prints a job's output page by page as `logs` shows it, and remembers how far it got.
+struct LogPrinter {
+    id: String,
+    only: Option<pb::OutputStream>,
+    /// `--output json`: attempts are gathered, and printed whole at the end.
+    json: Option<Vec<pb::JobRun>>,
+    /// The run and the offset in its output up to which everything is printed.
+    run: u32,
+    offset: u64,
+    /// The last run whose header is printed.
+    headed: u32,
+    stdout: std::io::Stdout,
+}
+
+impl LogPrinter {
+    fn new(id: String, only: Option<pb::OutputStream>, json: bool) -> Self {
+        LogPrinter {
+            id,
+            only,
+            json: json.then(Vec::new),
+            run: 0,
+            offset: 0,
+            headed: 0,
+            stdout: std::io::stdout(),
+        }
+    }
+
+    /// Prints what is stored past the point printed, page by page.
+    async fn read_stored(&mut self, client: &mut Client) -> anyhow::Result<()> {
+        loop {
+            let page = client
+                .get_job_logs(pb::GetJobLogsRequest {
+                    id: self.id.clone(),
+                    run: self.run,
+                    offset: self.offset,
+                    by_stream: true,
+                    max_bytes: 0,
+                })
+                .await?
+                .into_inner();
+            for run in page.runs {
+                self.run_part(run)?;
+            }
+            if page.next_run >= self.run {
+                (self.run, self.offset) = (page.next_run, page.next_offset);
+            }
+            if !page.has_more {
+                return Ok(());
+            }
+        }
+    }
+
+    fn run_part(&mut self, run: pb::JobRun) -> anyhow::Result<()> {
+        if let Some(runs) = &mut self.json {
+            match runs.last_mut() {
+                Some(last) if last.run == run.run => {
+                    last.chunks.extend(run.chunks);
+                    last.outcome = run.outcome;
+                    last.finished_at = run.finished_at;
+                    last.truncated = run.truncated;
+                }
+                _ => runs.push(run),
+            }
+            return Ok(());
+        }
+        if run.run > self.headed {
+            self.headed = run.run;
+            writeln!(self.stdout, "{}", output::run_header(&self.id, &run))?;
+        }
+        for chunk in &run.chunks {
+            if self.shows(chunk.stream) {
+                self.stdout.write_all(&chunk.data)?;
+            }
+        }
+        self.stdout.flush()?;
+        Ok(())
+    }
+
+    fn shows(&self, stream: i32) -> bool {
+        self.only
+            .is_none_or(|only| stream == only as i32 || stream == pb::OutputStream::Note as i32)
+    }
+
+    /// Whether `piece` starts right where the printing stands.
+    fn continues(&self, piece: &pb::JobOutput) -> bool {
+        piece.run == self.run && piece.offset == self.offset && self.headed == self.run
+    }
+
+    /// Whether `piece` is printed already.
+    fn printed(&self, piece: &pb::JobOutput) -> bool {
+        piece.run < self.run
+            || piece.run == self.run && piece.offset + piece.data.len() as u64 <= self.offset
+    }
+
+    fn piece(&mut self, piece: &pb::JobOutput) -> anyhow::Result<()> {
+        if self.shows(piece.stream) {
+            self.stdout.write_all(&piece.data)?;
+            self.stdout.flush()?;
+        }
+        self.offset += piece.data.len() as u64;
+        Ok(())
+    }
+
+    fn line(&mut self, event: &pb::watch_events_response::Event) -> anyhow::Result<()> {
+        if let Some(line) = output::event_line(event) {
+            writeln!(self.stdout, "{line}")?;
+        }
+        Ok(())
+    }
+
+    /// The end of `logs --follow`: the job's final line, and a failure if it did not complete.
+    fn ended(&mut self, job: &pb::Job) -> anyhow::Result<()> {
+        let completed = job.state == pb::JobState::Completed as i32;
+        let line = if completed {
+            format!("job {} completed", self.id)
+        } else {
+            format!(
+                "job {} ended {} ({})",
+                self.id,
+                output::state_name(job.state),
+                job.last_error
+            )
+        };
+        writeln!(self.stdout, "{line}")?;
+        self.stdout.flush()?;
+        if !completed {
+            bail!("job {} did not complete", self.id);
+        }
+        Ok(())
+    }
+
+    /// The end of `logs`: in JSON, the attempts gathered.
+    fn finish(self) -> anyhow::Result<()> {
+        let mut stdout = self.stdout;
+        for run in self.json.iter().flatten() {
+            writeln!(stdout, "{}", output::run_json(run, self.only))?;
+        }
+        Ok(())
+    }
 }
 
 /// Exit code of `queuectl health`, as grpc_health_probe has it.

@@ -6,6 +6,7 @@ mod commands;
 mod output;
 
 use clap::{CommandFactory, Parser};
+use queuectl::pb;
 
 use args::{Cli, Command, ConfigCommand, DlqCommand, ServerCommand, WorkerCommand};
 
@@ -29,8 +30,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let code = commands::health(cli.server.as_deref()).await;
             std::process::exit(code);
         }
-        Command::Enqueue { job } => {
-            commands::parse_job(job)?;
+        Command::Enqueue { job, env } => {
+            commands::job_request(job, env)?;
         }
         _ => {}
     }
@@ -38,7 +39,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = &mut client;
     match cli.command {
         Command::Completions { .. } | Command::Man | Command::Health => Ok(()),
-        Command::Enqueue { job } => commands::enqueue(client, &job).await,
+        Command::Enqueue { job, env } => {
+            commands::enqueue(client, commands::job_request(&job, &env)?).await
+        }
         Command::Status { output } => commands::status(client, output).await,
         Command::List {
             state,
@@ -46,7 +49,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
         } => commands::list(client, state, output, limit).await,
         Command::Get { id, output } => commands::get(client, id, output).await,
-        Command::Logs { id, follow, output } => commands::logs(client, id, follow, output).await,
+        Command::Logs {
+            id,
+            follow,
+            stdout,
+            stderr,
+            output,
+        } => {
+            let only = match (stdout, stderr) {
+                (true, _) => Some(pb::OutputStream::Stdout),
+                (_, true) => Some(pb::OutputStream::Stderr),
+                _ => None,
+            };
+            commands::logs(client, id, follow, only, output).await
+        }
         Command::Wait { ids, timeout } => commands::wait(client, ids, timeout).await,
         Command::Dlq(DlqCommand::List { output }) => {
             commands::list(client, Some(args::StateArg::Dead), output, None).await

@@ -50,6 +50,10 @@ struct JobLine<'a> {
     timeout: Option<u64>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     after: &'a [String],
+    #[serde(skip_serializing_if = "str::is_empty")]
+    cwd: &'a str,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    env: std::collections::BTreeMap<&'a str, &'a str>,
 }
 
 /// `", "` before every item but the first, as Python's `json.dumps` separates items.
@@ -118,6 +122,12 @@ pub fn job_json(job: &pb::Job) -> String {
         last_error: Some(job.last_error.as_str()).filter(|error| !error.is_empty()),
         timeout: job.timeout,
         after: &job.after,
+        cwd: &job.cwd,
+        env: job
+            .env
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_str()))
+            .collect(),
     };
     let mut out = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonStyle);
@@ -183,8 +193,31 @@ pub fn config_json(entries: &[pb::ConfigEntry]) -> String {
     serde_json::Value::Object(settings).to_string()
 }
 
-/// `logs --output json`: one attempt per line, its output as text.
-pub fn run_json(run: &pb::JobRun) -> String {
+fn stream_name(stream: i32) -> &'static str {
+    match pb::OutputStream::try_from(stream) {
+        Ok(pb::OutputStream::Stdout) => "stdout",
+        Ok(pb::OutputStream::Stderr) => "stderr",
+        Ok(pb::OutputStream::Note) => "note",
+        _ => "unknown",
+    }
+}
+
+/// `logs --output json`: one attempt per line, its output (of the chunks, those of `only` and the notes) merged
+/// as text and as chunks tagged with their stream.
+pub fn run_json(run: &pb::JobRun, only: Option<pb::OutputStream>) -> String {
+    let chunks: Vec<&pb::OutputChunk> = run
+        .chunks
+        .iter()
+        .filter(|chunk| {
+            only.is_none_or(|only| {
+                chunk.stream == only as i32 || chunk.stream == pb::OutputStream::Note as i32
+            })
+        })
+        .collect();
+    let output: Vec<u8> = chunks
+        .iter()
+        .flat_map(|chunk| chunk.data.iter().copied())
+        .collect();
     serde_json::json!({
         "run": run.run,
         "worker": run.worker,
@@ -192,7 +225,12 @@ pub fn run_json(run: &pb::JobRun) -> String {
         "finished_at": run.finished_at.as_ref().map(|at| iso_time(Some(at))),
         "outcome": Some(&run.outcome).filter(|outcome| !outcome.is_empty()),
         "truncated": run.truncated,
-        "output": String::from_utf8_lossy(&run.output),
+        "output": String::from_utf8_lossy(&output),
+        "chunks": chunks.iter().map(|chunk| serde_json::json!({
+            "stream": stream_name(chunk.stream),
+            "offset": chunk.offset,
+            "text": String::from_utf8_lossy(&chunk.data),
+        })).collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -347,6 +385,8 @@ mod tests {
             last_error: "exit:127".into(),
             timeout: None,
             after: Vec::new(),
+            cwd: String::new(),
+            env: Default::default(),
         };
         assert_eq!(
             job_json(&job),

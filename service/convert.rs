@@ -4,10 +4,13 @@ use prost_types::Timestamp;
 
 use crate::error::QueueError;
 use crate::event::Event;
-use crate::job::{self, Job, JobState, MICROS_PER_SEC, Micros, Outcome, PRIORITY_RANGE};
+use crate::job::{
+    self, Job, JobContext, JobState, MICROS_PER_SEC, Micros, Outcome, PRIORITY_RANGE,
+};
+use crate::output::{self, Part, Stream};
 use crate::pb;
-use crate::queue::{JobSpec, Start};
-use crate::store::{Cursor, RunRecord, ServerRecord, WorkerRecord};
+use crate::queue::{JobSpec, LogsPage, Start};
+use crate::store::{Cursor, Page, ServerRecord, WorkerRecord};
 
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 pub const MAX_ID_BYTES: usize = 128;
@@ -21,6 +24,10 @@ pub const MAX_SCHEDULE_AHEAD_SECS: i64 = 366 * 86_400;
 pub const MAX_AFTER: usize = 100;
 /// The longest `reason` a cancel may give.
 pub const MAX_CANCEL_REASON_BYTES: usize = 200;
+/// The longest working directory a job may name.
+pub const MAX_CWD_BYTES: usize = 4096;
+/// The most a job's variables may hold, names and values together.
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
@@ -129,8 +136,67 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
             timeout_secs,
             start,
             after,
+            context: JobContext {
+                cwd: request.cwd.map(working_directory).transpose()?,
+                env: environment(request.env)?,
+            },
         })
     }
+}
+
+/// A `cwd`: an absolute path, as the server's system reads paths.
+fn working_directory(cwd: String) -> Result<String, QueueError> {
+    if cwd.len() > MAX_CWD_BYTES {
+        return Err(invalid(format!(
+            "cwd must be at most {MAX_CWD_BYTES} bytes, got {}",
+            cwd.len()
+        )));
+    }
+    if cwd.contains('\0') {
+        return Err(invalid("cwd must not contain NUL bytes".into()));
+    }
+    if !std::path::Path::new(&cwd).is_absolute() {
+        return Err(invalid(format!(
+            "cwd must be an absolute path, got {cwd:?}"
+        )));
+    }
+    Ok(cwd)
+}
+
+/// An `env`: names a shell can hold, values without NUL, at most [`MAX_ENV_BYTES`] in all.
+fn environment(
+    env: std::collections::HashMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, QueueError> {
+    let size: usize = env
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    if size > MAX_ENV_BYTES {
+        return Err(invalid(format!(
+            "env must hold at most {MAX_ENV_BYTES} bytes of names and values, got {size}"
+        )));
+    }
+    for (name, value) in &env {
+        if name.is_empty() {
+            return Err(invalid("env: a variable name must not be empty".into()));
+        }
+        if name.contains(['=', '\0']) {
+            return Err(invalid(format!(
+                "env: variable name {name:?} must not contain '=' or NUL"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(invalid(format!(
+                "env: the value of {name} must not contain NUL bytes"
+            )));
+        }
+        if name == crate::runner::TAG_VARIABLE {
+            return Err(invalid(format!(
+                "env: {name} is set by the server for each run"
+            )));
+        }
+    }
+    Ok(env.into_iter().collect())
 }
 
 /// The ids of an `after`: valid ids, each once, at most [`MAX_AFTER`].
@@ -293,21 +359,79 @@ impl From<Job> for pb::Job {
             last_error: job.last_error.unwrap_or_default(),
             timeout: job.timeout_secs,
             after: job.after,
+            cwd: job.context.cwd.unwrap_or_default(),
+            env: job.context.env.into_iter().collect(),
         }
     }
 }
 
-impl From<RunRecord> for pb::JobRun {
-    fn from(run: RunRecord) -> Self {
-        pb::JobRun {
-            run: run.run,
-            worker: run.worker,
-            started_at: Some(timestamp(run.started_at)),
-            finished_at: run.finished_at.map(timestamp),
-            outcome: run.outcome.unwrap_or_default(),
-            output: run.output,
-            truncated: run.truncated,
-        }
+/// The most output one page of logs holds: far below the 4 MiB a stock gRPC client accepts.
+pub const MAX_LOGS_PAGE_BYTES: usize = 1024 * 1024;
+
+/// The output budget of a GetJobLogs page: `max_bytes`, or the most a page holds when it is 0 or more.
+pub fn logs_budget(max_bytes: u32) -> usize {
+    match usize::try_from(max_bytes) {
+        Ok(0) | Err(_) => MAX_LOGS_PAGE_BYTES,
+        Ok(bytes) => bytes.min(MAX_LOGS_PAGE_BYTES),
+    }
+}
+
+pub fn output_stream(stream: Stream) -> pb::OutputStream {
+    match stream {
+        Stream::Stdout => pb::OutputStream::Stdout,
+        Stream::Stderr => pb::OutputStream::Stderr,
+    }
+}
+
+/// A page of logs on the wire: each run's output merged, with a line where bytes were dropped, or chunk by chunk.
+pub fn logs_page(page: LogsPage, by_stream: bool) -> pb::GetJobLogsResponse {
+    let runs = page
+        .runs
+        .into_iter()
+        .map(|log| {
+            let parts = output::parts(log.offset, &log.chunks);
+            let (mut merged, mut chunks) = (Vec::new(), Vec::new());
+            for part in parts {
+                match part {
+                    Part::Bytes {
+                        stream,
+                        offset,
+                        data,
+                    } if by_stream => chunks.push(pb::OutputChunk {
+                        stream: output_stream(stream).into(),
+                        offset,
+                        data: data.to_vec(),
+                    }),
+                    Part::Bytes { data, .. } => merged.extend_from_slice(data),
+                    Part::Dropped { offset, count } if by_stream => chunks.push(pb::OutputChunk {
+                        stream: pb::OutputStream::Note.into(),
+                        offset,
+                        data: output::dropped_marker(count).into_bytes(),
+                    }),
+                    Part::Dropped { count, .. } => {
+                        merged.extend_from_slice(output::dropped_marker(count).as_bytes());
+                    }
+                }
+            }
+            let run = log.run;
+            pb::JobRun {
+                run: run.run,
+                worker: run.worker,
+                started_at: Some(timestamp(run.started_at)),
+                finished_at: run.finished_at.map(timestamp),
+                outcome: run.outcome.unwrap_or_default(),
+                output: merged,
+                truncated: run.truncated,
+                offset: log.offset,
+                chunks,
+            }
+        })
+        .collect();
+    pb::GetJobLogsResponse {
+        runs,
+        next_run: page.next_run,
+        next_offset: page.next_offset,
+        has_more: page.has_more,
     }
 }
 
@@ -357,11 +481,17 @@ impl From<Event> for pb::WatchEventsResponse {
             Event::JobOutput {
                 worker,
                 job_id,
+                run,
+                offset,
+                stream,
                 data,
             } => Wire::JobOutput(pb::JobOutput {
                 worker,
                 job_id: job_id.to_string(),
                 data,
+                run,
+                offset,
+                stream: output_stream(stream).into(),
             }),
             Event::JobFinished {
                 worker,
@@ -387,6 +517,38 @@ impl From<Event> for pb::WatchEventsResponse {
 }
 
 /// Page tokens are `priority.seq` of the last job of the previous page.
+/// The most a page of jobs holds, encoded: jobs past it go to the next page, so that no listing exceeds what a
+/// stock gRPC client accepts (4 MiB), whatever the jobs hold.
+pub const MAX_LIST_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// A page of jobs on the wire, cut short (with a token for the rest) where it would pass [`MAX_LIST_PAGE_BYTES`];
+/// it holds at least one job.
+pub fn list_page(page: Page) -> pb::ListResponse {
+    use prost::Message;
+    let mut jobs = Vec::with_capacity(page.jobs.len());
+    let mut size = 0;
+    let mut next = page.next;
+    let mut last = None;
+    for job in page.jobs {
+        let cursor = Cursor {
+            priority: job.priority,
+            seq: job.seq,
+        };
+        let job = pb::Job::from(job);
+        size += job.encoded_len() + 8;
+        if size > MAX_LIST_PAGE_BYTES && last.is_some() {
+            next = last;
+            break;
+        }
+        jobs.push(job);
+        last = Some(cursor);
+    }
+    pb::ListResponse {
+        jobs,
+        next_page_token: next.map(page_token).unwrap_or_default(),
+    }
+}
+
 pub fn page_token(cursor: Cursor) -> String {
     format!("{}.{}", cursor.priority, cursor.seq)
 }

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::job::{JobState, Outcome};
+use crate::output::Stream;
 
 /// Worker activity, as `queuectl worker start` prints it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,9 +23,13 @@ pub enum Event {
         command: Arc<str>,
         run: u32,
     },
+    /// Output of run `run`, stored now, from byte `offset` of the run's output.
     JobOutput {
         worker: u32,
         job_id: Arc<str>,
+        run: u32,
+        offset: u64,
+        stream: Stream,
         data: Vec<u8>,
     },
     JobFinished {

@@ -108,10 +108,7 @@ impl QueueService for Grpc {
             limit: convert::page_size(request.page_size)?,
         };
         let page = self.queue.list(&filter).await?;
-        Ok(Response::new(pb::ListResponse {
-            jobs: page.jobs.into_iter().map(Into::into).collect(),
-            next_page_token: page.next.map(convert::page_token).unwrap_or_default(),
-        }))
+        Ok(Response::new(convert::list_page(page)))
     }
 
     async fn status(
@@ -227,10 +224,13 @@ impl QueueService for Grpc {
         &self,
         request: Request<pb::GetJobLogsRequest>,
     ) -> Result<Response<pb::GetJobLogsResponse>, Status> {
-        let runs = self.queue.logs(&request.into_inner().id).await?;
-        Ok(Response::new(pb::GetJobLogsResponse {
-            runs: runs.into_iter().map(Into::into).collect(),
-        }))
+        let request = request.into_inner();
+        let budget = convert::logs_budget(request.max_bytes);
+        let page = self
+            .queue
+            .logs(&request.id, request.run, request.offset, budget)
+            .await?;
+        Ok(Response::new(convert::logs_page(page, request.by_stream)))
     }
 
     async fn start_workers(

@@ -2,6 +2,7 @@
 //!
 //! Pure code: no I/O, no clock. Time comes in as [`Micros`], so every rule here is testable as plain values.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -120,6 +121,16 @@ pub struct Job {
     pub last_error: Option<String>,
     /// The jobs it runs after, as they were given at enqueue.
     pub after: Vec<String>,
+    pub context: JobContext,
+}
+
+/// Where and with what a job's command runs, as its user enqueued it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobContext {
+    /// The directory its attempts start in; `None`: the server's home directory.
+    pub cwd: Option<String>,
+    /// Variables added to its environment.
+    pub env: BTreeMap<String, String>,
 }
 
 impl Job {
@@ -142,6 +153,7 @@ pub struct NewJob {
     pub delay: Micros,
     /// Jobs that must complete before it runs; stored ones, enqueued before it.
     pub after: Vec<String>,
+    pub context: JobContext,
 }
 
 /// Why an attempt did not succeed.
@@ -155,6 +167,8 @@ pub enum Failure {
     Timeout,
     /// The shell could not be started.
     Spawn(String),
+    /// The job's working directory does not exist (or is not a directory).
+    NoDirectory(String),
 }
 
 impl fmt::Display for Failure {
@@ -164,6 +178,7 @@ impl fmt::Display for Failure {
             Failure::Signal(signal) => write!(f, "signal:{signal}"),
             Failure::Timeout => f.write_str("timeout"),
             Failure::Spawn(reason) => write!(f, "spawn: {reason}"),
+            Failure::NoDirectory(path) => write!(f, "cwd: no such directory: {path}"),
         }
     }
 }
@@ -408,6 +423,7 @@ mod tests {
             run_after: 0,
             last_error: None,
             after: Vec::new(),
+            context: JobContext::default(),
         }
     }
 

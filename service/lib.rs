@@ -20,6 +20,7 @@ pub mod home;
 pub mod job;
 pub mod metrics;
 pub mod notify;
+pub mod output;
 pub mod queue;
 #[cfg(target_os = "linux")]
 pub mod reaper;

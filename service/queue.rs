@@ -6,8 +6,9 @@ use tokio::sync::{Mutex, Notify, broadcast, mpsc, watch};
 
 use crate::config::{self, PAUSED_KEY, Settings};
 use crate::error::QueueError;
-use crate::job::{self, Job, JobState, Micros, NewJob};
+use crate::job::{self, Job, JobContext, JobState, Micros, NewJob};
 use crate::metrics::Metrics;
+use crate::output::Chunk;
 use crate::store::{
     CancelRequest, EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord,
     Signal, StateCounts, Store, StoreError,
@@ -26,6 +27,27 @@ pub struct JobSpec {
     pub start: Start,
     /// Jobs that must complete before it runs.
     pub after: Vec<String>,
+    pub context: JobContext,
+}
+
+/// A page of a job's output.
+#[derive(Debug)]
+pub struct LogsPage {
+    pub runs: Vec<RunLog>,
+    /// Where the next page starts: this run, from this byte of its output.
+    pub next_run: u32,
+    pub next_offset: u64,
+    /// More output is stored past the page.
+    pub has_more: bool,
+}
+
+/// One run and the part of its output that a page holds.
+#[derive(Debug)]
+pub struct RunLog {
+    pub run: RunRecord,
+    /// Where that part starts in the run's output.
+    pub offset: u64,
+    pub chunks: Vec<Chunk>,
 }
 
 /// When a new job may run first.
@@ -56,6 +78,7 @@ impl JobSpec {
             timeout_secs: self.timeout_secs,
             delay,
             after: self.after,
+            context: self.context,
         }
     }
 }
@@ -436,13 +459,54 @@ impl Queue {
         Ok((key, parsed))
     }
 
-    pub async fn logs(&self, id: &str) -> Result<Vec<RunRecord>, QueueError> {
+    /// A page of a job's output: its runs from `from_run` on, the first from byte `from_offset`, with about
+    /// `budget` bytes of output at most.
+    pub async fn logs(
+        &self,
+        id: &str,
+        from_run: u32,
+        from_offset: u64,
+        budget: usize,
+    ) -> Result<LogsPage, QueueError> {
         let runs = self.store.runs(id).await?;
         if runs.is_empty() {
             // Tell "no such job" from "not run yet".
             self.get(id).await?;
         }
-        Ok(runs)
+        let mut page = LogsPage {
+            runs: Vec::new(),
+            next_run: from_run.max(1),
+            next_offset: from_offset,
+            has_more: false,
+        };
+        let mut left = budget;
+        for run in runs.into_iter().filter(|run| run.run >= from_run) {
+            let from = if run.run == from_run { from_offset } else { 0 };
+            if left == 0 {
+                (page.has_more, page.next_run, page.next_offset) = (true, run.run, from);
+                break;
+            }
+            let stored = self.store.output(id, run.run, from, left).await?;
+            let chunks: Vec<Chunk> = stored
+                .chunks
+                .into_iter()
+                .map(|chunk| chunk.starting_at(from))
+                .collect();
+            let size: usize = chunks.iter().map(|chunk| chunk.data.len()).sum();
+            left = left.saturating_sub(size);
+            page.next_run = run.run;
+            page.next_offset = chunks.last().map_or(from, Chunk::end);
+            page.has_more = stored.more;
+            page.runs.push(RunLog {
+                run,
+                offset: from,
+                chunks,
+            });
+            if page.has_more {
+                break;
+            }
+        }
+        Ok(page)
     }
 
     /// Stops the workers, ends running jobs, deletes every job and restores the default settings. On a shared

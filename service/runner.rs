@@ -1,15 +1,18 @@
-//! Runs one shell command: in its own process group, with its output captured up to a limit, killed as a group
-//! on timeout or when stopped, always reaped.
+//! Runs one shell command: in its own process group, in its job's directory and environment, its output passed on
+//! as it is read, killed as a group on timeout or when stopped, always reaped.
 
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-use crate::job::{Failure, Outcome};
+use crate::job::{Failure, JobContext, Outcome};
+use crate::output::Stream;
 
 /// Variables a job must not inherit from the server: its secrets and its service manager's handles.
 const SCRUBBED_ENV: [&str; 8] = [
@@ -53,44 +56,14 @@ pub struct RunSpec<'a> {
     /// [`run_tag`] of this run.
     pub tag: &'a str,
     pub timeout: Option<Duration>,
-    pub max_output: usize,
+    pub context: &'a JobContext,
 }
 
-pub struct Report {
-    pub outcome: Outcome,
-    pub output: Vec<u8>,
-    pub truncated: bool,
-}
+/// What a command printed: which pipe, and the bytes read from it at once.
+pub type Piece = (Stream, Vec<u8>);
 
-/// Keeps the first `limit` bytes of output and counts the rest.
-struct Capture {
-    kept: Vec<u8>,
-    limit: usize,
-    dropped: u64,
-}
-
-impl Capture {
-    /// Adds `chunk` and returns the part of it that was kept.
-    fn push<'c>(&mut self, chunk: &'c [u8]) -> &'c [u8] {
-        let room = self.limit.saturating_sub(self.kept.len());
-        let (kept, dropped) = chunk.split_at(room.min(chunk.len()));
-        self.kept.extend_from_slice(kept);
-        self.dropped += dropped.len() as u64;
-        kept
-    }
-
-    fn finish(mut self) -> (Vec<u8>, bool) {
-        if self.dropped == 0 {
-            return (self.kept, false);
-        }
-        let marker = format!(
-            "\n[queuectl: output truncated, {} bytes dropped]\n",
-            self.dropped
-        );
-        self.kept.extend_from_slice(marker.as_bytes());
-        (self.kept, true)
-    }
-}
+/// How long pipe reads are, at most.
+const READ_SIZE: usize = 8192;
 
 /// Holds the command until its process group is on record, then runs it as `/bin/sh -c` would: `$0` is `/bin/sh`,
 /// there are no positional parameters (`shift` drops the command itself). Without the hold, a server killed right
@@ -100,7 +73,7 @@ impl Capture {
 #[cfg(unix)]
 const GATE: &str = r#"read -r _ && eval "shift; $1""#;
 
-fn shell(command: &str, tag: &str) -> Command {
+fn shell(command: &str, tag: &str, context: &JobContext) -> Command {
     #[cfg(unix)]
     let mut shell = {
         let mut shell = Command::new("/bin/sh");
@@ -120,7 +93,9 @@ fn shell(command: &str, tag: &str) -> Command {
     for name in SCRUBBED_ENV {
         shell.env_remove(name);
     }
+    shell.envs(&context.env);
     shell.env(TAG_VARIABLE, tag);
+    shell.current_dir(working_directory(context));
     shell
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -160,6 +135,19 @@ pub fn stop_inheriting_descriptors() {
             }
         }
     }
+}
+
+/// Where a job's attempts start: its `cwd`, or the home directory of the user the server runs as (the root
+/// directory when there is none).
+fn working_directory(context: &JobContext) -> PathBuf {
+    if let Some(cwd) = &context.cwd {
+        return PathBuf::from(cwd);
+    }
+    let home = if cfg!(windows) { "USERPROFILE" } else { "HOME" };
+    std::env::var_os(home)
+        .map(PathBuf::from)
+        .filter(|home| home.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/"))
 }
 
 /// Whether a failed spawn is the server's fault, not the command's: no descriptors, processes or memory left.
@@ -263,21 +251,14 @@ enum Ending {
 }
 
 /// Reads what is left in a pipe, for at most `DRAIN_LIMIT`.
-async fn drain(
-    pipe: &mut (impl AsyncRead + Unpin),
-    capture: &mut Capture,
-    on_output: &mut impl FnMut(&[u8]),
-) {
-    let mut buf = [0u8; 8192];
+async fn drain(pipe: &mut (impl AsyncRead + Unpin), stream: Stream, output: &mpsc::Sender<Piece>) {
+    let mut buf = [0u8; READ_SIZE];
     let deadline = Instant::now() + DRAIN_LIMIT;
     while let Ok(Ok(read)) = tokio::time::timeout_at(deadline, pipe.read(&mut buf)).await {
         if read == 0 {
             break;
         }
-        let kept = capture.push(&buf[..read]);
-        if !kept.is_empty() {
-            on_output(kept);
-        }
+        let _ = output.send((stream, buf[..read].to_vec())).await;
     }
 }
 
@@ -288,22 +269,21 @@ pub struct Gated {
     pgid: Option<u32>,
     attempt: crate::containment::Attempt,
     timeout: Option<Duration>,
-    max_output: usize,
 }
 
-/// Starts the shell for `spec`, held at its gate. `Err` is the report of a run that ended before it began: the
-/// spawn failed (for want of resources, the job runs again without losing an attempt), or the benchmark's no-op
-/// executor stands in for the command.
-pub fn spawn(spec: RunSpec<'_>) -> Result<Gated, Report> {
-    let ended = |outcome| Report {
-        outcome,
-        output: Vec::new(),
-        truncated: false,
-    };
+/// Starts the shell for `spec`, held at its gate. `Err` is the outcome of a run that ended before it began: its
+/// directory is missing, the spawn failed (for want of resources, the job runs again without losing an attempt),
+/// or the benchmark's no-op executor stands in for the command.
+pub fn spawn(spec: RunSpec<'_>) -> Result<Gated, Outcome> {
     if noop_executor() {
-        return Err(ended(Outcome::Succeeded));
+        return Err(Outcome::Succeeded);
     }
-    match shell(spec.command, spec.tag).spawn() {
+    if let Some(cwd) = &spec.context.cwd
+        && !Path::new(cwd).is_dir()
+    {
+        return Err(Outcome::Failed(Failure::NoDirectory(cwd.clone())));
+    }
+    match shell(spec.command, spec.tag, spec.context).spawn() {
         Ok(child) => {
             let pgid = child.id();
             Ok(Gated {
@@ -311,13 +291,10 @@ pub fn spawn(spec: RunSpec<'_>) -> Result<Gated, Report> {
                 child,
                 pgid,
                 timeout: spec.timeout,
-                max_output: spec.max_output,
             })
         }
-        Err(error) if out_of_resources(&error) => {
-            Err(ended(Outcome::NotStarted(error.to_string())))
-        }
-        Err(error) => Err(ended(Outcome::Failed(Failure::Spawn(error.to_string())))),
+        Err(error) if out_of_resources(&error) => Err(Outcome::NotStarted(error.to_string())),
+        Err(error) => Err(Outcome::Failed(Failure::Spawn(error.to_string()))),
     }
 }
 
@@ -327,19 +304,19 @@ impl Gated {
         self.pgid
     }
 
-    /// Opens the gate and runs the command to its end. `on_output` gets each chunk of output that is kept. When
-    /// `stop` resolves first, the command's processes are ended and the run ends with the outcome it gave.
+    /// Opens the gate and runs the command to its end. `output` gets what it prints, piece by piece in the order
+    /// read, and holds the command back while it is full. When `stop` resolves first, the command's processes are
+    /// ended and the run ends with the outcome it gave.
     pub async fn run(
         self,
         stop: impl Future<Output = Outcome>,
-        mut on_output: impl FnMut(&[u8]),
-    ) -> Report {
+        output: mpsc::Sender<Piece>,
+    ) -> Outcome {
         let Gated {
             mut child,
             pgid,
             attempt,
             timeout,
-            max_output,
         } = self;
         if let Some(mut gate) = child.stdin.take() {
             // Opens the gate; the command then sees its stdin closed, as with /dev/null. A failed write means the
@@ -351,24 +328,23 @@ impl Gated {
         else {
             unreachable!("both pipes were asked for");
         };
-        let mut capture = Capture {
-            kept: Vec::new(),
-            limit: max_output,
-            dropped: 0,
-        };
         let deadline = timeout.map(|limit| Instant::now() + limit);
-        let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
+        let (mut out_buf, mut err_buf) = ([0u8; READ_SIZE], [0u8; READ_SIZE]);
         let (mut out_open, mut err_open) = (true, true);
         tokio::pin!(stop);
 
         let ending = loop {
             tokio::select! {
                 read = stdout.read(&mut out_buf), if out_open => match read {
-                    Ok(read) if read > 0 => on_output(capture.push(&out_buf[..read])),
+                    Ok(read) if read > 0 => {
+                        let _ = output.send((Stream::Stdout, out_buf[..read].to_vec())).await;
+                    }
                     _ => out_open = false,
                 },
                 read = stderr.read(&mut err_buf), if err_open => match read {
-                    Ok(read) if read > 0 => on_output(capture.push(&err_buf[..read])),
+                    Ok(read) if read > 0 => {
+                        let _ = output.send((Stream::Stderr, err_buf[..read].to_vec())).await;
+                    }
                     _ => err_open = false,
                 },
                 status = child.wait() => break Ending::Exited(status),
@@ -404,58 +380,17 @@ impl Gated {
         };
         attempt.end().await;
         if out_open {
-            drain(&mut stdout, &mut capture, &mut on_output).await;
+            drain(&mut stdout, Stream::Stdout, &output).await;
         }
         if err_open {
-            drain(&mut stderr, &mut capture, &mut on_output).await;
+            drain(&mut stderr, Stream::Stderr, &output).await;
         }
-        let (output, truncated) = capture.finish();
-        Report {
-            outcome,
-            output,
-            truncated,
-        }
+        outcome
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    fn capture(limit: usize) -> Capture {
-        Capture {
-            kept: Vec::new(),
-            limit,
-            dropped: 0,
-        }
-    }
-
-    #[test]
-    fn capture_keeps_the_first_bytes_and_marks_how_many_it_dropped() {
-        let mut capture = capture(5);
-        assert_eq!(capture.push(b"abc"), b"abc");
-        assert_eq!(capture.push(b"defg"), b"de");
-        assert_eq!(capture.push(b"hijkl"), b"");
-        let (output, truncated) = capture.finish();
-        assert!(truncated);
-        assert_eq!(
-            String::from_utf8(output).unwrap(),
-            "abcde\n[queuectl: output truncated, 7 bytes dropped]\n"
-        );
-    }
-
-    #[test]
-    fn capture_within_its_limit_is_kept_whole_without_a_marker() {
-        let mut whole = capture(6);
-        assert_eq!(whole.push(b"abc"), b"abc");
-        assert_eq!(whole.push(b"def"), b"def");
-        assert_eq!(whole.finish(), (b"abcdef".to_vec(), false));
-
-        let mut nothing = capture(0);
-        assert_eq!(nothing.push(b""), b"");
-        assert_eq!(nothing.finish(), (Vec::new(), false));
-    }
-
     #[cfg(unix)]
     mod unix {
         use std::path::Path;
@@ -486,31 +421,56 @@ mod tests {
             );
         }
 
+        static NO_CONTEXT: JobContext = JobContext {
+            cwd: None,
+            env: std::collections::BTreeMap::new(),
+        };
+
         fn spec<'a>(command: &'a str, tag: &'a str, timeout: Option<Duration>) -> RunSpec<'a> {
             RunSpec {
                 command,
                 tag,
                 timeout,
-                max_output: 64 * 1024,
+                context: &NO_CONTEXT,
             }
         }
 
         fn gated(spec: RunSpec<'_>) -> Gated {
             match spawn(spec) {
                 Ok(gated) => gated,
-                Err(report) => panic!("the shell did not start: {}", report.outcome),
+                Err(outcome) => panic!("the shell did not start: {outcome}"),
             }
         }
 
-        /// Runs `command` to its end, without timeout or abort; the report and the chunks `on_output` saw.
-        async fn run_to_end(command: &str, tag: &str) -> (Report, Vec<u8>) {
-            let mut seen = Vec::new();
-            let report = gated(spec(command, tag, None))
-                .run(std::future::pending(), |chunk| {
-                    seen.extend_from_slice(chunk)
-                })
-                .await;
-            (report, seen)
+        /// Runs `spec` to its end with `stop`; the outcome and the pieces of output, in the order read.
+        async fn run_with(
+            spec: RunSpec<'_>,
+            stop: impl Future<Output = Outcome>,
+        ) -> (Outcome, Vec<Piece>) {
+            let (output, mut pieces) = mpsc::channel(4);
+            let collect = async move {
+                let mut seen = Vec::new();
+                while let Some(piece) = pieces.recv().await {
+                    seen.push(piece);
+                }
+                seen
+            };
+            tokio::join!(gated(spec).run(stop, output), collect)
+        }
+
+        /// Runs `command` to its end, without timeout or stop.
+        async fn run_to_end(command: &str, tag: &str) -> (Outcome, Vec<Piece>) {
+            run_with(spec(command, tag, None), std::future::pending()).await
+        }
+
+        /// What the pieces hold, one stream or both.
+        fn text(pieces: &[Piece], only: Option<Stream>) -> String {
+            let bytes: Vec<u8> = pieces
+                .iter()
+                .filter(|(stream, _)| only.is_none_or(|only| only == *stream))
+                .flat_map(|(_, data)| data.iter().copied())
+                .collect();
+            String::from_utf8(bytes).unwrap()
         }
 
         /// Whether process `pid` still runs (a zombie does not: it only waits to be reaped).
@@ -575,34 +535,51 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn a_run_captures_stdout_and_stderr() {
-            let (report, seen) = run_to_end("echo to-stdout; echo to-stderr >&2", "job1#1").await;
-            assert_eq!(report.outcome, Outcome::Succeeded);
-            assert!(!report.truncated);
-            let output = String::from_utf8(report.output).unwrap();
-            assert!(output.contains("to-stdout\n"), "{output:?}");
-            assert!(output.contains("to-stderr\n"), "{output:?}");
-            assert_eq!(output.len(), "to-stdout\nto-stderr\n".len(), "{output:?}");
-            assert_eq!(seen, output.as_bytes(), "on_output saw what was kept");
+        async fn a_run_passes_on_stdout_and_stderr_tagged() {
+            let (outcome, pieces) =
+                run_to_end("echo to-stdout; echo to-stderr >&2; exit 3", "job1#1").await;
+            assert_eq!(outcome, Outcome::Failed(Failure::Exit(3)));
+            assert_eq!(text(&pieces, Some(Stream::Stdout)), "to-stdout\n");
+            assert_eq!(text(&pieces, Some(Stream::Stderr)), "to-stderr\n");
         }
 
         #[tokio::test]
-        async fn a_run_reports_its_exit_status_and_truncates_its_output() {
-            let mut spec = spec("printf 0123456789; exit 3", "job1#1", None);
-            spec.max_output = 4;
-            let mut seen = Vec::new();
-            let report = gated(spec)
-                .run(std::future::pending(), |chunk| {
-                    seen.extend_from_slice(chunk)
-                })
-                .await;
-            assert_eq!(report.outcome, Outcome::Failed(Failure::Exit(3)));
-            assert!(report.truncated);
+        async fn a_run_starts_in_its_directory_with_its_variables() {
+            let dir = tempfile::tempdir().unwrap();
+            let context = JobContext {
+                cwd: Some(dir.path().display().to_string()),
+                env: [("GREETING".to_owned(), "hello there".to_owned())].into(),
+            };
+            let spec = RunSpec {
+                context: &context,
+                ..spec(r#"printf '%s|%s' "$(pwd -P)" "$GREETING""#, "job1#1", None)
+            };
+            let (outcome, pieces) = run_with(spec, std::future::pending()).await;
+            assert_eq!(outcome, Outcome::Succeeded);
+            let real = dir.path().canonicalize().unwrap();
             assert_eq!(
-                String::from_utf8(report.output).unwrap(),
-                "0123\n[queuectl: output truncated, 6 bytes dropped]\n"
+                text(&pieces, None),
+                format!("{}|hello there", real.display())
             );
-            assert_eq!(seen, b"0123", "on_output saw only what was kept");
+        }
+
+        #[test]
+        fn a_missing_directory_fails_the_attempt_before_any_shell_starts() {
+            let context = JobContext {
+                cwd: Some("/no/such/place".into()),
+                env: Default::default(),
+            };
+            let spec = RunSpec {
+                context: &context,
+                ..spec("true", "job1#1", None)
+            };
+            match spawn(spec) {
+                Err(outcome) => assert_eq!(
+                    outcome.to_string(),
+                    "cwd: no such directory: /no/such/place"
+                ),
+                Ok(_) => panic!("a shell started in a missing directory"),
+            }
         }
 
         #[tokio::test]
@@ -610,10 +587,12 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let pid_file = dir.path().join("pid");
             let command = with_background_sleep(&pid_file);
-            let report = gated(spec(&command, "job1#1", Some(Duration::from_secs(1))))
-                .run(std::future::pending(), |_| {})
-                .await;
-            assert_eq!(report.outcome, Outcome::Failed(Failure::Timeout));
+            let (outcome, _) = run_with(
+                spec(&command, "job1#1", Some(Duration::from_secs(1))),
+                std::future::pending(),
+            )
+            .await;
+            assert_eq!(outcome, Outcome::Failed(Failure::Timeout));
             let text = std::fs::read_to_string(&pid_file)
                 .expect("the command wrote its background pid before its timeout");
             assert!(
@@ -628,20 +607,19 @@ mod tests {
             let pid_file = dir.path().join("pid");
             let command = with_background_sleep(&pid_file);
             let (stop, stopped) = tokio::sync::oneshot::channel();
-            let running = gated(spec(&command, "job1#1", None)).run(
-                async { stopped.await.unwrap_or(Outcome::Interrupted) },
-                |_| {},
-            );
+            let running = run_with(spec(&command, "job1#1", None), async {
+                stopped.await.unwrap_or(Outcome::Interrupted)
+            });
             let stopping = async {
                 let pid = pid_in(&appears(&pid_file).await);
                 stop.send(Outcome::Cancelled("by a test".into())).unwrap();
                 pid
             };
-            let (report, pid) =
+            let ((outcome, _), pid) =
                 tokio::time::timeout(PATIENCE, async { tokio::join!(running, stopping) })
                     .await
                     .expect("the stop ended the run");
-            assert_eq!(report.outcome, Outcome::Cancelled("by a test".into()));
+            assert_eq!(outcome, Outcome::Cancelled("by a test".into()));
             assert!(
                 !outlived(pid).await,
                 "the background process outlived the stop"
@@ -655,13 +633,13 @@ mod tests {
                 std::env::set_var("QUEUECTL_TOKEN", "server-secret");
             }
             assert_eq!(std::env::var("QUEUECTL_TOKEN").unwrap(), "server-secret");
-            let (report, _) = run_to_end(
+            let (outcome, pieces) = run_to_end(
                 r#"printf '%s|%s' "$QUEUECTL_JOB" "${QUEUECTL_TOKEN-unset}""#,
                 "job7#2",
             )
             .await;
-            assert_eq!(report.outcome, Outcome::Succeeded);
-            assert_eq!(String::from_utf8(report.output).unwrap(), "job7#2|unset");
+            assert_eq!(outcome, Outcome::Succeeded);
+            assert_eq!(text(&pieces, None), "job7#2|unset");
         }
 
         #[tokio::test]
@@ -679,8 +657,9 @@ mod tests {
                 assert!(alive(i32::try_from(pgid).unwrap()), "the held shell ended");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let report = gated.run(std::future::pending(), |_| {}).await;
-            assert_eq!(report.outcome, Outcome::Succeeded);
+            let (output, _pieces) = mpsc::channel(1);
+            let outcome = gated.run(std::future::pending(), output).await;
+            assert_eq!(outcome, Outcome::Succeeded);
             assert!(marker.exists(), "the command ran once its gate opened");
         }
     }

@@ -9,6 +9,7 @@ use crate::clock;
 use crate::config::Settings;
 use crate::event::Event;
 use crate::job::{Job, NewJob};
+use crate::output::OutputWrite;
 use crate::store::{EnqueueRejected, GuardedUpdate, RunStarted, Store, StoreError, WriteBatch};
 
 /// Writes per transaction at most, so that one huge backlog cannot hold the writer for long.
@@ -37,6 +38,10 @@ enum Op {
     Claim {
         limit: u32,
         reply: oneshot::Sender<Result<Vec<Job>, StoreError>>,
+    },
+    Output {
+        write: OutputWrite,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -125,6 +130,13 @@ impl Writer {
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
+    /// Stores output of a running attempt (not durably: a crash reruns the job anyway).
+    pub async fn output(&self, write: OutputWrite) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Op::Output { write, reply }).await;
+        answer.await.unwrap_or_else(|_| Err(closed()))
+    }
+
     /// Claims up to `limit` ready jobs for this server, in the next commit.
     pub async fn claim(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
         let (reply, answer) = oneshot::channel();
@@ -194,6 +206,7 @@ async fn write_loop(
         let mut start_replies = Vec::new();
         let mut update_replies = Vec::new();
         let mut claim_replies = Vec::new();
+        let mut output_replies = Vec::new();
         for op in ops.drain(..) {
             match op {
                 Op::Enqueue { jobs, reply } => {
@@ -218,6 +231,10 @@ async fn write_loop(
                     batch.claims.push(limit);
                     claim_replies.push(reply);
                 }
+                Op::Output { write, reply } => {
+                    batch.outputs.push(write);
+                    output_replies.push(reply);
+                }
             }
         }
         let policy = settings.read().expect("settings lock").policy();
@@ -239,7 +256,7 @@ async fn write_loop(
                 for (reply, result) in enqueue_replies.into_iter().zip(outcome.enqueued) {
                     let _ = reply.send(Ok(result));
                 }
-                for reply in start_replies {
+                for reply in start_replies.into_iter().chain(output_replies) {
                     let _ = reply.send(Ok(()));
                 }
                 for (reply, applied) in update_replies.into_iter().zip(outcome.applied) {
@@ -264,7 +281,7 @@ async fn write_loop(
                 for reply in enqueue_replies {
                     let _ = reply.send(Err(error.clone()));
                 }
-                for reply in start_replies {
+                for reply in start_replies.into_iter().chain(output_replies) {
                     let _ = reply.send(Err(error.clone()));
                 }
                 for reply in update_replies {
@@ -290,7 +307,7 @@ mod tests {
 
     use super::*;
     use crate::job::{JobState, Micros, Policy, Settled};
-    use crate::store::{ListFilter, Page, RunRecord, StateCounts, WriteOutcome};
+    use crate::store::{ListFilter, OutputPage, Page, RunRecord, StateCounts, WriteOutcome};
 
     /// How long a test waits for something that should happen at once.
     const PATIENCE: Duration = Duration::from_secs(10);
@@ -404,6 +421,7 @@ mod tests {
                 enqueues: batch.enqueues.clone(),
                 starts: batch.starts.clone(),
                 updates: batch.updates.clone(),
+                outputs: batch.outputs.clone(),
                 claims: batch.claims.clone(),
                 owner: batch.owner.clone(),
                 durable: batch.durable,
@@ -454,6 +472,16 @@ mod tests {
             Ok(Vec::new())
         }
 
+        async fn output(
+            &self,
+            _id: &str,
+            _run: u32,
+            _from: u64,
+            _budget: usize,
+        ) -> Result<OutputPage, StoreError> {
+            Ok(OutputPage::default())
+        }
+
         async fn load_config(&self) -> Result<Vec<(String, String)>, StoreError> {
             Ok(Vec::new())
         }
@@ -502,6 +530,7 @@ mod tests {
             run_after: 0,
             last_error: None,
             after: Vec::new(),
+            context: Default::default(),
         }
     }
 
@@ -514,6 +543,7 @@ mod tests {
             timeout_secs: None,
             delay: 0,
             after: Vec::new(),
+            context: Default::default(),
         }
     }
 

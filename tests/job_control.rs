@@ -377,7 +377,10 @@ fn wait_and_logs_follow_see_a_waiting_job_cancelled() {
     let waited = common::wait_for_exit(&mut waiting, DEADLINE);
     assert!(!waited.success(), "wait fails for a cancelled job");
     let followed = common::wait_for_exit(&mut following, DEADLINE);
-    assert!(followed.success());
+    assert!(
+        !followed.success(),
+        "logs --follow exits 1 for a job that did not complete"
+    );
     let mut out = String::new();
     std::io::Read::read_to_string(&mut following.stdout.take().unwrap(), &mut out).unwrap();
     assert!(

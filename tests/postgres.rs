@@ -347,6 +347,7 @@ fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
             timeout_secs: None,
             delay: 0,
             after: Vec::new(),
+            context: Default::default(),
         };
         let batch = WriteBatch {
             enqueues: vec![vec![new_job("running"), new_job("lost")]],

@@ -71,6 +71,7 @@ fn any_job(state: JobState) -> impl Strategy<Value = Job> {
             run_after: at,
             last_error: None,
             after: Vec::new(),
+            context: Default::default(),
         })
 }
 
@@ -101,6 +102,8 @@ proptest! {
         priority in prop::option::of(any::<i32>()),
         max_retries in prop::option::of(any::<i32>()),
         timeout in prop::option::of(any::<i64>()),
+        cwd in prop::option::of(nasty_text(40)),
+        env in prop::collection::hash_map(nasty_text(12), nasty_text(12), 0..4),
     ) {
         let request = pb::EnqueueRequest {
             command: command.clone(),
@@ -111,9 +114,17 @@ proptest! {
             run_at: None,
             delay: None,
             after: Vec::new(),
+            cwd: cwd.clone(),
+            env: env.clone(),
         };
         match JobSpec::try_from(request) {
             Ok(spec) => {
+                prop_assert!(spec.context.cwd.iter().all(|cwd| cwd.starts_with('/') && !cwd.contains('\0')));
+                let shell_safe = |(name, value): (&String, &String)| {
+                    !name.is_empty() && !name.contains(['=', '\0']) && !value.contains('\0')
+                        && name != "QUEUECTL_JOB"
+                };
+                prop_assert!(spec.context.env.iter().all(shell_safe));
                 prop_assert!(!command.trim().is_empty() && !command.contains('\0'));
                 prop_assert!(command.len() <= MAX_COMMAND_BYTES);
                 prop_assert!(PRIORITY_RANGE.contains(&spec.priority));
@@ -125,7 +136,7 @@ proptest! {
                 }
             }
             Err(QueueError::InvalidArgument(message)) => {
-                let named = ["command", "id", "priority", "max_retries", "timeout"]
+                let named = ["command", "id", "priority", "max_retries", "timeout", "cwd", "env"]
                     .iter()
                     .any(|field| message.starts_with(field));
                 prop_assert!(named, "the message names the field: {message}");

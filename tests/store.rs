@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use queuectl::clock;
 use queuectl::job::{self, JobState, MICROS_PER_SEC, Micros, NewJob, Outcome, Policy, Settled};
+use queuectl::output::{Chunk, OutputWrite, Span, Stream};
 use queuectl::store::postgres::PgStore;
 use queuectl::store::sqlite::SqliteStore;
 use queuectl::store::{
@@ -242,6 +243,7 @@ fn new_job(id: &str, priority: u8) -> NewJob {
         timeout_secs: None,
         delay: 0,
         after: Vec::new(),
+        context: Default::default(),
     }
 }
 
@@ -255,6 +257,51 @@ async fn enqueue_at(store: &dyn Store, requests: Vec<Vec<NewJob>>, now: Micros) 
     store.write(&batch, now, POLICY).await.unwrap()
 }
 
+/// Output written at once, all stdout, as one chunk; `None` when there is none.
+fn written(job: &job::Job, bytes: &[u8]) -> Option<OutputWrite> {
+    (!bytes.is_empty()).then(|| OutputWrite {
+        seq: job.seq,
+        run: job.runs,
+        chunks: vec![chunk(0, &[(Stream::Stdout, bytes)])],
+        forget: None,
+    })
+}
+
+/// A chunk from `start` of these pieces, in order.
+fn chunk(start: u64, pieces: &[(Stream, &[u8])]) -> Chunk {
+    let mut chunk = Chunk {
+        start,
+        ..Chunk::default()
+    };
+    for (stream, bytes) in pieces {
+        chunk.data.extend_from_slice(bytes);
+        chunk.spans.push(Span(*stream, bytes.len() as u32));
+    }
+    chunk
+}
+
+/// Everything stored of run `run` of job `id`, read page by page, as `(start, bytes)` of each chunk.
+async fn stored_chunks(store: &dyn Store, id: &str, run: u32, budget: usize) -> Vec<Chunk> {
+    let mut chunks: Vec<Chunk> = Vec::new();
+    loop {
+        let from = chunks.last().map_or(0, Chunk::end);
+        let page = store.output(id, run, from, budget).await.unwrap();
+        chunks.extend(page.chunks);
+        if !page.more {
+            return chunks;
+        }
+    }
+}
+
+/// The bytes stored of run `run` of job `id`, in order.
+async fn output_of(store: &dyn Store, id: &str, run: u32) -> Vec<u8> {
+    stored_chunks(store, id, run, 1 << 20)
+        .await
+        .into_iter()
+        .flat_map(|chunk| chunk.data)
+        .collect()
+}
+
 fn finish(job: &job::Job, outcome: Outcome, now: Micros) -> GuardedUpdate {
     GuardedUpdate {
         job_id: job.id.clone(),
@@ -265,7 +312,7 @@ fn finish(job: &job::Job, outcome: Outcome, now: Micros) -> GuardedUpdate {
         ended: Some(RunEnded {
             worker: 0,
             outcome: outcome.to_string(),
-            output: b"out".to_vec(),
+            output: written(job, b"out"),
             truncated: false,
         }),
     }
@@ -383,7 +430,7 @@ async fn one_batch_does_everything_in_order(t: Ctx) {
 
     let now = clock::now();
     let mut report = finish(first, Outcome::Succeeded, now);
-    report.ended.as_mut().unwrap().output = b"\xff\x00binary".to_vec();
+    report.ended.as_mut().unwrap().output = written(first, b"\xff\x00binary");
     let batch = WriteBatch {
         starts: vec![queuectl::store::RunStarted {
             job_id: first.id.clone(),
@@ -426,7 +473,7 @@ async fn one_batch_does_everything_in_order(t: Ctx) {
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].worker, 3);
     assert_eq!(runs[0].outcome.as_deref(), Some("ok"));
-    assert_eq!(runs[0].output, b"\xff\x00binary");
+    assert_eq!(output_of(store, "job1", 1).await, b"\xff\x00binary");
     let mut counts = store.counts().await.unwrap();
     assert_eq!(counts[JobState::Processing as usize], 2);
     counts[JobState::Processing as usize] = 0;
@@ -757,7 +804,7 @@ fn end_run(
         ended: Some(RunEnded {
             worker,
             outcome: outcome.to_string(),
-            output: output.to_vec(),
+            output: written(job, output),
             truncated,
         }),
     }
@@ -867,6 +914,118 @@ async fn generated_ids_never_collide_with_chosen_ones(t: Ctx) {
 
 /// A start records the run (worker, no end yet) and the job's process group; a start for a run the job is not on,
 /// or for a job that does not exist, is ignored.
+async fn output_is_stored_in_chunks_read_in_pages_and_its_middle_forgotten(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(store, vec![vec![new_job("a", 1)]], clock::now()).await;
+    let job = claim(store, 1, clock::now(), OWNER)
+        .await
+        .unwrap()
+        .remove(0);
+    let started = RunStarted {
+        job_id: job.id.clone(),
+        seq: job.seq,
+        run: job.runs,
+        worker: 0,
+        pgid: None,
+        started_at: clock::now(),
+    };
+    let output = |chunks: Vec<Chunk>, forget: Option<std::ops::Range<u64>>, run: u32| OutputWrite {
+        seq: job.seq,
+        run,
+        chunks,
+        forget,
+    };
+    let first = output(
+        vec![
+            chunk(
+                0,
+                &[(Stream::Stdout, b"out1\n"), (Stream::Stderr, b"err1\n")],
+            ),
+            chunk(10, &[(Stream::Stdout, b"out2\n")]),
+        ],
+        None,
+        1,
+    );
+    let batch = WriteBatch {
+        starts: vec![started],
+        outputs: vec![
+            first,
+            output(vec![chunk(0, &[(Stream::Stdout, b"ghost")])], None, 7),
+        ],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let pieces: Vec<(Stream, u64, Vec<u8>)> = stored_chunks(store, "a", 1, 1 << 20)
+        .await
+        .iter()
+        .flat_map(|chunk| {
+            chunk
+                .pieces()
+                .map(|(stream, offset, data)| (stream, offset, data.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        pieces,
+        [
+            (Stream::Stdout, 0, b"out1\n".to_vec()),
+            (Stream::Stderr, 5, b"err1\n".to_vec()),
+            (Stream::Stdout, 10, b"out2\n".to_vec()),
+        ],
+        "the streams stay apart, in the order written"
+    );
+    assert!(
+        stored_chunks(store, "a", 7, 1 << 20).await.is_empty(),
+        "output of a run not on record is not stored"
+    );
+
+    let tail = output(
+        vec![
+            chunk(15, &[(Stream::Stdout, b"out3\n")]),
+            chunk(20, &[(Stream::Stderr, b"last\n")]),
+        ],
+        Some(10..20),
+        1,
+    );
+    let batch = WriteBatch {
+        outputs: vec![tail],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let starts: Vec<u64> = stored_chunks(store, "a", 1, 1 << 20)
+        .await
+        .iter()
+        .map(|chunk| chunk.start)
+        .collect();
+    assert_eq!(
+        starts,
+        [0, 20],
+        "the chunks wholly inside 10..20 are forgotten"
+    );
+
+    let first_page = store.output("a", 1, 0, 4).await.unwrap();
+    assert_eq!(
+        first_page.chunks.len(),
+        1,
+        "a page holds at least one chunk"
+    );
+    assert!(first_page.more);
+    let middle = store.output("a", 1, 7, 4).await.unwrap();
+    assert_eq!(
+        (middle.chunks.len(), middle.chunks[0].start, middle.more),
+        (1, 0, true),
+        "a page starts with the chunk that holds its offset"
+    );
+    let last = store.output("a", 1, 10, 4).await.unwrap();
+    assert_eq!(
+        (last.chunks.len(), last.chunks[0].start, last.more),
+        (1, 20, false)
+    );
+    assert!(store.output("a", 1, 25, 4).await.unwrap().chunks.is_empty());
+}
+
 async fn starts_record_the_run_and_its_process_group(t: Ctx) {
     let store = t.store.as_ref();
     enqueue_at(
@@ -923,7 +1082,7 @@ async fn starts_record_the_run_and_its_process_group(t: Ctx) {
         (run.finished_at, run.outcome.as_deref(), run.truncated),
         (None, None, false)
     );
-    assert!(run.output.is_empty());
+    assert!(output_of(store, "a", 1).await.is_empty());
     assert!(
         store.runs("b").await.unwrap().is_empty(),
         "b is on run 1, not 2"
@@ -1195,6 +1354,7 @@ async fn get_returns_the_job_as_stored(t: Ctx) {
             timeout_secs: Some(30),
             delay: 0,
             after: Vec::new(),
+            context: Default::default(),
         }]],
         before,
     )
@@ -1391,14 +1551,19 @@ async fn runs_record_every_attempt_oldest_first(t: Ctx) {
     let ended = end_run(&run3, Outcome::Succeeded, NO_BACKOFF, 3, b"", false);
     assert!(update(store, ended, clock::now()).await);
     let runs = store.runs("a").await.unwrap();
+    let mut outputs = Vec::new();
+    for run in &runs {
+        outputs.push(output_of(store, "a", run.run).await);
+    }
     let summary: Vec<_> = runs
         .iter()
-        .map(|run| {
+        .zip(&outputs)
+        .map(|(run, output)| {
             (
                 run.run,
                 run.worker,
                 run.outcome.as_deref(),
-                run.output.as_slice(),
+                output.as_slice(),
                 run.truncated,
             )
         })
@@ -1784,6 +1949,7 @@ async fn a_cancelled_job_is_never_claimed_until_retried(t: Ctx) {
 fn after(id: &str, after: &[&str]) -> NewJob {
     NewJob {
         after: after.iter().map(|id| (*id).to_owned()).collect(),
+        context: Default::default(),
         ..new_job(id, 5)
     }
 }
@@ -1995,7 +2161,7 @@ async fn an_older_sqlite_database_keeps_its_jobs_through_the_upgrade() {
     assert_eq!((old.state, old.runs), (JobState::Completed, 1));
     let runs = store.runs("old1").await.unwrap();
     assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].output, b"old");
+    assert_eq!(output_of(&store, "old1", 1).await, b"old");
     assert_eq!(
         store.counts().await.unwrap(),
         counts_of(&[(JobState::Completed, 1), (JobState::Pending, 1)])
@@ -2021,6 +2187,7 @@ conformance!(
     a_duplicate_id_rolls_back_only_its_request,
     generated_ids_never_collide_with_chosen_ones,
     starts_record_the_run_and_its_process_group,
+    output_is_stored_in_chunks_read_in_pages_and_its_middle_forgotten,
     guarded_updates_apply_in_order,
     claims_come_last_and_are_dealt_in_order,
     a_claim_of_zero_takes_nothing,

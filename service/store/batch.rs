@@ -10,7 +10,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use async_trait::async_trait;
 
 use super::{EnqueueRejected, GuardedUpdate, RunStarted, WriteBatch, WriteOutcome};
-use crate::job::{self, Job, JobState, Micros, NewJob, Policy};
+use crate::job::{self, Job, JobContext, JobState, Micros, NewJob, Policy};
+use crate::output::OutputWrite;
 
 /// A job to insert: its id chosen, its place in the queue as an offset from the moment it is stored.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -28,6 +29,11 @@ pub struct Insert<'a> {
     pub after_ids: Option<String>,
     #[serde(skip)]
     pub after: &'a [String],
+    pub cwd: Option<&'a str>,
+    /// Its variables as a JSON object; `None` when there are none.
+    pub env: Option<String>,
+    #[serde(skip)]
+    pub context: &'a JobContext,
 }
 
 impl Insert<'_> {
@@ -49,6 +55,7 @@ impl Insert<'_> {
             run_after: now.saturating_add(self.ready_in),
             last_error: None,
             after: self.after.to_vec(),
+            context: self.context.clone(),
         }
     }
 }
@@ -125,6 +132,9 @@ pub trait Statements: Send {
         aging_micros: i64,
     ) -> Result<Dependents, sqlx::Error>;
 
+    /// Stores the chunks of output of runs on record (others are skipped), and forgets the ranges they name.
+    async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error>;
+
     /// Tells the other servers of a shared database that jobs became ready or will; a database that one server
     /// owns has nobody to tell.
     async fn announce_jobs(&mut self) -> Result<(), sqlx::Error> {
@@ -141,6 +151,19 @@ pub async fn apply(
 ) -> Result<WriteOutcome, sqlx::Error> {
     let enqueued = enqueue_all(statements, &batch.enqueues, policy).await?;
     let (applied, claimed, dependents) = settle_all(statements, batch, now, policy).await?;
+    let outputs: Vec<&OutputWrite> = batch
+        .outputs
+        .iter()
+        .chain(
+            batch
+                .updates
+                .iter()
+                .filter_map(|update| update.ended.as_ref()?.output.as_ref()),
+        )
+        .collect();
+    if !outputs.is_empty() {
+        statements.write_output(&outputs).await?;
+    }
     let outcome = WriteOutcome {
         enqueued,
         applied,
@@ -269,6 +292,10 @@ async fn enqueue_together(
             after_ids: (!job.after.is_empty())
                 .then(|| serde_json::to_string(&job.after).expect("strings serialise")),
             after: &job.after,
+            cwd: job.context.cwd.as_deref(),
+            env: (!job.context.env.is_empty())
+                .then(|| serde_json::to_string(&job.context.env).expect("strings serialise")),
+            context: &job.context,
         })
         .collect();
     let mut stored: HashMap<String, Job> = statements
@@ -482,6 +509,7 @@ mod tests {
             run_after: 0,
             last_error: None,
             after: Vec::new(),
+            context: Default::default(),
         };
         let dealt = deal_claims(&[2, 0, 3], vec![job("a"), job("b"), job("c")]);
         let ids: Vec<Vec<&str>> = dealt

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::job::{Job, JobState, Micros, NewJob, Policy, Settled};
+use crate::output::{Chunk, OutputWrite};
 
 /// What a database failure means to a client: come back later, make room, or a fault on our side.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -60,7 +61,9 @@ pub struct RunStarted {
 pub struct RunEnded {
     pub worker: u32,
     pub outcome: String,
-    pub output: Vec<u8>,
+    /// The output not yet written, stored with the end.
+    pub output: Option<OutputWrite>,
+    /// Whether some of its output was dropped.
     pub truncated: bool,
 }
 
@@ -99,6 +102,8 @@ pub struct WriteBatch {
     pub enqueues: Vec<Vec<NewJob>>,
     pub starts: Vec<RunStarted>,
     pub updates: Vec<GuardedUpdate>,
+    /// Output of running attempts, for runs already on record.
+    pub outputs: Vec<OutputWrite>,
     /// Claims for `owner`'s idle workers, each for up to that many ready jobs. Claims come after the rest of the
     /// batch, so a worker's finish and its next claim share one commit, and a job enqueued in the batch can be
     /// claimed in it.
@@ -223,8 +228,15 @@ pub struct RunRecord {
     pub started_at: Micros,
     pub finished_at: Option<Micros>,
     pub outcome: Option<String>,
-    pub output: Vec<u8>,
     pub truncated: bool,
+}
+
+/// Stored output of one run, from some offset on.
+#[derive(Debug, Default)]
+pub struct OutputPage {
+    pub chunks: Vec<Chunk>,
+    /// More chunks are stored after these.
+    pub more: bool,
 }
 
 #[async_trait]
@@ -265,6 +277,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The attempts of a job, oldest first.
     async fn runs(&self, id: &str) -> Result<Vec<RunRecord>, StoreError>;
+
+    /// The stored output of run `run` of job `id` from byte `from` on, in order: the chunk that holds `from` and
+    /// those after it, as many as `budget` bytes hold (at least one).
+    async fn output(
+        &self,
+        id: &str,
+        run: u32,
+        from: u64,
+        budget: usize,
+    ) -> Result<OutputPage, StoreError>;
 
     async fn load_config(&self) -> Result<Vec<(String, String)>, StoreError>;
 

@@ -15,10 +15,11 @@ use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql;
 use super::{
-    CancelRequest, Cluster, InFlight, ListFilter, Page, RunRecord, RunStarted, ServerRecord,
-    Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+    CancelRequest, Cluster, InFlight, ListFilter, OutputPage, Page, RunRecord, RunStarted,
+    ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
 };
 use crate::job::{self, Job, JobState, Micros, Policy};
+use crate::output::{Chunk, OutputWrite};
 
 const JOBS_CHANNEL: &str = "queuectl_jobs";
 const CONFIG_CHANNEL: &str = "queuectl_config";
@@ -261,12 +262,13 @@ impl Statements for PgStatements<'_> {
         }
         const SQL: &str = concat!(
             "INSERT INTO jobs (id, command, state, priority, max_retries, timeout_secs, queue_key, created_at,
-                               updated_at, run_after, after_ids)
+                               updated_at, run_after, after_ids, cwd, env)
              SELECT r.id, r.command, 'pending', r.priority, r.max_retries, r.timeout_secs, t.now + r.queue_offset,
-                    t.now, t.now, t.now + r.ready_in, r.after_ids
+                    t.now, t.now, t.now + r.ready_in, r.after_ids, r.cwd, r.env
              FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
-                         $7::bigint[], $8::text[])
-                      AS r (id, command, priority, max_retries, timeout_secs, queue_offset, ready_in, after_ids),
+                         $7::bigint[], $8::text[], $9::text[], $10::text[])
+                      AS r (id, command, priority, max_retries, timeout_secs, queue_offset, ready_in, after_ids,
+                            cwd, env),
                   (SELECT queuectl_now() AS now) AS t
              ON CONFLICT (id) DO NOTHING
              RETURNING ",
@@ -291,6 +293,12 @@ impl Statements for PgStatements<'_> {
             .bind(
                 jobs.iter()
                     .map(|job| job.after_ids.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(jobs.iter().map(|job| job.cwd).collect::<Vec<_>>())
+            .bind(
+                jobs.iter()
+                    .map(|job| job.env.as_deref())
                     .collect::<Vec<_>>(),
             )
             .fetch_all(&mut *self.conn)
@@ -409,9 +417,70 @@ impl Statements for PgStatements<'_> {
         Ok((applied, claimed))
     }
 
+    async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error> {
+        let chunks: Vec<(i64, i64, &Chunk)> = writes
+            .iter()
+            .flat_map(|write| {
+                write
+                    .chunks
+                    .iter()
+                    .map(|chunk| (write.seq, i64::from(write.run), chunk))
+            })
+            .collect();
+        if !chunks.is_empty() {
+            sqlx::query(
+                "INSERT INTO job_output (job_seq, run, start, data, streams)
+                 SELECT c.seq, c.run, c.start, c.data, c.streams
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[])
+                          AS c (seq, run, start, data, streams)
+                 JOIN job_runs r ON r.job_seq = c.seq AND r.run = c.run
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(chunks.iter().map(|(seq, _, _)| *seq).collect::<Vec<_>>())
+            .bind(chunks.iter().map(|(_, run, _)| *run).collect::<Vec<_>>())
+            .bind(
+                chunks
+                    .iter()
+                    .map(|(_, _, chunk)| offset(chunk.start))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                chunks
+                    .iter()
+                    .map(|(_, _, chunk)| chunk.data.as_slice())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                chunks
+                    .iter()
+                    .map(|(_, _, chunk)| chunk.layout())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *self.conn)
+            .await?;
+        }
+        for write in writes {
+            if let Some(forget) = &write.forget {
+                sqlx::query(sql::FORGET_OUTPUT)
+                    .bind(write.seq)
+                    .bind(i64::from(write.run))
+                    .bind(offset(forget.start))
+                    .bind(offset(forget.end))
+                    .execute(&mut *self.conn)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn announce_jobs(&mut self) -> Result<(), sqlx::Error> {
         announce(self.conn, JOBS_CHANNEL).await
     }
+}
+
+/// An output offset as the database holds it.
+fn offset(at: u64) -> i64 {
+    i64::try_from(at).unwrap_or(i64::MAX)
 }
 
 async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {
@@ -449,19 +518,18 @@ async fn apply_updates(
                              owner = NULL, lease_expires_at = NULL
              FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
                          $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[],
-                         $13::bytea[], $14::boolean[], $15::text[])
+                         $13::boolean[], $14::text[])
                   AS u (position, seq, expect_state, expect_runs, state, attempts, ready_in, queue_offset,
-                        last_error, interruptions, worker, outcome, output, truncated, id)
+                        last_error, interruptions, worker, outcome, truncated, id)
              WHERE jobs.seq = u.seq AND jobs.id = u.id AND jobs.state = u.expect_state
                AND jobs.runs = u.expect_runs
-             RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.output, u.truncated),
+             RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.truncated),
          ended AS (
-             INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, output, truncated)
-             SELECT seq, runs, worker, queuectl_now(), queuectl_now(), outcome, output, truncated
+             INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, truncated)
+             SELECT seq, runs, worker, queuectl_now(), queuectl_now(), outcome, truncated
              FROM settled WHERE outcome IS NOT NULL
              ON CONFLICT (job_seq, run) DO UPDATE SET
-                 finished_at = excluded.finished_at, outcome = excluded.outcome,
-                 output = excluded.output, truncated = excluded.truncated)
+                 finished_at = excluded.finished_at, outcome = excluded.outcome, truncated = excluded.truncated)
          SELECT position FROM settled",
     )
     .bind((0..updates.len()).map(|position| position as i64).collect::<Vec<_>>())
@@ -476,7 +544,6 @@ async fn apply_updates(
     .bind(updates.iter().map(|u| i64::from(u.update.settled.interruptions)).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| i64::from(ended.worker))).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| ended.outcome.as_str())).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| ended.output.as_slice())).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.ended.as_ref().is_some_and(|ended| ended.truncated)).collect::<Vec<_>>())
     .bind(updates.iter().map(|u| u.update.job_id.as_str()).collect::<Vec<_>>())
     .fetch_all(conn)
@@ -635,6 +702,38 @@ impl Store for PgStore {
                 .fetch_one(&self.pool)
                 .await
                 .map_err(classify)
+        })
+        .await
+    }
+
+    async fn output(
+        &self,
+        id: &str,
+        run: u32,
+        from: u64,
+        budget: usize,
+    ) -> Result<OutputPage, StoreError> {
+        within(ANSWER_LIMIT, async {
+            // A chunk forgotten between the two reads is missing from the page: a gap, as it is from then on.
+            let sizes: Vec<(i64, i64)> = sqlx::query_as(sql::OUTPUT_SIZES)
+                .bind(id)
+                .bind(i64::from(run))
+                .bind(offset(from))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+            let Some((last, more)) = sql::page_end(&sizes, budget) else {
+                return Ok(OutputPage::default());
+            };
+            let rows: Vec<(i64, Vec<u8>, String)> = sqlx::query_as(sql::OUTPUT_CHUNKS)
+                .bind(id)
+                .bind(i64::from(run))
+                .bind(offset(from))
+                .bind(last)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(classify)?;
+            Ok(row::output_page(rows, more))
         })
         .await
     }

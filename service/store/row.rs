@@ -2,16 +2,17 @@
 
 use sqlx::{ColumnIndex, Decode, FromRow, Row, Type};
 
-use crate::job::{Job, JobState};
+use crate::job::{Job, JobContext, JobState};
 
-use super::{Cursor, InFlight, Page, RunRecord, StateCounts, StoreError};
+use super::{Cursor, InFlight, OutputPage, Page, RunRecord, StateCounts, StoreError};
+use crate::output::Chunk;
 
 /// The job columns every query that returns jobs selects, in [`JobRow`] order. A macro, so that `concat!` can
 /// build whole statements as static strings.
 macro_rules! job_columns {
     () => {
         "id, command, state, priority, attempts, max_retries, timeout_secs, runs, created_at, updated_at, \
-         run_after, last_error, interruptions, seq, after_ids"
+         run_after, last_error, interruptions, seq, after_ids, cwd, env"
     };
 }
 pub(crate) use job_columns;
@@ -35,6 +36,11 @@ pub struct JobRow {
     /// A JSON array of ids; absent from rows that never have any (claimed jobs).
     #[serde(default)]
     pub after_ids: Option<String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// A JSON object of names and values; `None` when there are none.
+    #[serde(default)]
+    pub env: Option<String>,
 }
 
 fn column<T: TryFrom<i64>>(name: &str, value: i64) -> Result<T, StoreError> {
@@ -73,6 +79,15 @@ impl TryFrom<JobRow> for Job {
                     StoreError::Internal(format!("stored after_ids {ids:?}: {error}"))
                 })?,
             },
+            context: JobContext {
+                cwd: row.cwd,
+                env: match row.env {
+                    None => Default::default(),
+                    Some(env) => serde_json::from_str(&env).map_err(|error| {
+                        StoreError::Internal(format!("stored env {env:?}: {error}"))
+                    })?,
+                },
+            },
         })
     }
 }
@@ -96,7 +111,6 @@ pub struct RunRow {
     pub started_at: i64,
     pub finished_at: Option<i64>,
     pub outcome: Option<String>,
-    pub output: Vec<u8>,
     pub truncated: bool,
 }
 
@@ -110,10 +124,20 @@ impl TryFrom<RunRow> for RunRecord {
             started_at: row.started_at,
             finished_at: row.finished_at,
             outcome: row.outcome,
-            output: row.output,
             truncated: row.truncated,
         })
     }
+}
+
+/// Stored output chunks, from `(start, data, streams)` rows.
+pub fn output_page(rows: Vec<(i64, Vec<u8>, String)>, more: bool) -> OutputPage {
+    let chunks = rows
+        .into_iter()
+        .map(|(start, data, streams)| {
+            Chunk::stored(u64::try_from(start).unwrap_or_default(), data, &streams)
+        })
+        .collect();
+    OutputPage { chunks, more }
 }
 
 /// Jobs with their process group, from rows of [`job_columns!`] plus `pgid`.

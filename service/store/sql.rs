@@ -34,9 +34,42 @@ pub fn listing(filter: &ListFilter) -> (&'static str, Cursor) {
 }
 
 pub const RUNS_OF_JOB: &str =
-    "SELECT r.run, r.worker, r.started_at, r.finished_at, r.outcome, r.output, r.truncated
+    "SELECT r.run, r.worker, r.started_at, r.finished_at, r.outcome, r.truncated
      FROM job_runs r JOIN jobs j ON j.seq = r.job_seq
      WHERE j.id = $1 ORDER BY r.run";
+
+/// How long each stored chunk of run `$2` of job `$1` is that holds bytes past offset `$3`, in order: a reader
+/// measures a page before it reads one.
+pub const OUTPUT_SIZES: &str =
+    "SELECT o.start, CAST(length(o.data) AS BIGINT) FROM job_output o JOIN jobs j ON j.seq = o.job_seq
+     WHERE j.id = $1 AND o.run = $2 AND o.start + length(o.data) > $3 ORDER BY o.start LIMIT 4096";
+
+/// The `LIMIT` of [`OUTPUT_SIZES`]: the most chunks one page holds.
+const MEASURED_CHUNKS: usize = 4096;
+
+/// The stored chunks of run `$2` of job `$1` that hold bytes past offset `$3` and start at `$4` at the latest.
+pub const OUTPUT_CHUNKS: &str = "SELECT o.start, o.data, o.streams FROM job_output o JOIN jobs j ON j.seq = o.job_seq
+     WHERE j.id = $1 AND o.run = $2 AND o.start + length(o.data) > $3 AND o.start <= $4 ORDER BY o.start";
+
+/// Forgets the chunks of run `$2` of the job in row `$1` that lie wholly between offsets `$3` and `$4`.
+pub const FORGET_OUTPUT: &str = "DELETE FROM job_output
+     WHERE job_seq = $1 AND run = $2 AND start >= $3 AND start + length(data) <= $4";
+
+/// Of chunks `(start, length)` as [`OUTPUT_SIZES`] measured them, the last start a page of `budget` bytes reads
+/// up to (at least the first chunk), and whether more chunks follow it.
+pub fn page_end(sizes: &[(i64, i64)], budget: usize) -> Option<(i64, bool)> {
+    let mut total = 0usize;
+    for (taken, (start, length)) in sizes.iter().enumerate() {
+        total = total.saturating_add(usize::try_from(*length).unwrap_or(usize::MAX));
+        if taken > 0 && total > budget {
+            return Some((sizes[taken - 1].0, true));
+        }
+        if taken + 1 == sizes.len() {
+            return Some((*start, sizes.len() == MEASURED_CHUNKS));
+        }
+    }
+    None
+}
 
 /// Every write stamps updated_at, and nothing stamps it earlier than created_at.
 pub const NEWEST_TIME: &str = "SELECT MAX(updated_at) FROM jobs";

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, sleep_until};
 
 use super::Shared;
 use super::scheduler::requeue_unstarted;
@@ -13,12 +14,19 @@ use super::slots::Running;
 use crate::clock;
 use crate::event::Event;
 use crate::job::{self, Job, JobState, Outcome};
-use crate::runner::{self, Report, RunSpec};
+use crate::output::{OutputWrite, Recording};
+use crate::runner::{self, Piece, RunSpec};
 use crate::store::{GuardedUpdate, RunEnded, RunStarted, StoreError};
 
 /// A result that could not be written is tried again after this, doubling up to [`FINISH_RETRY_MAX`].
 const FINISH_RETRY_FIRST: Duration = Duration::from_millis(100);
 const FINISH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Output waits at most this long before it is written: `logs` of a running job is this far behind at most.
+const OUTPUT_FLUSH: Duration = Duration::from_millis(100);
+
+/// Pieces of output read from a command and not yet recorded, at most; past that the command waits.
+const PIECES_IN_FLIGHT: usize = 8;
 
 /// Runs `job` on `worker`, then each job the worker claims as the previous one ends, then frees the slot.
 pub(super) async fn work(shared: Arc<Shared>, worker: u32, mut job: Job) {
@@ -58,6 +66,7 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     });
     tracing::info!(job_id = %job.id, run = job.runs, worker, "job started");
     let report = run(shared, worker, &job, &job_id).await;
+    let final_output = report.output.clone();
     if let Outcome::NotStarted(reason) = &report.outcome {
         tracing::warn!(job_id = %job.id, run = job.runs, %reason,
             "could not start a job: the server is out of resources; the job waits and runs again");
@@ -92,6 +101,9 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     } else {
         (record_finish(shared, update).await, None)
     };
+    if let (Some(write), Ok(_)) = (&final_output, &finished) {
+        announce_output(shared, worker, &job_id, write);
+    }
     match finished {
         Ok(true) => {
             tracing::info!(job_id = %job.id, run = job.runs, worker, %state, outcome = %report.outcome, "job finished");
@@ -112,8 +124,15 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     next
 }
 
+/// How a run ended, and its output not yet written.
+struct Report {
+    outcome: Outcome,
+    output: Option<OutputWrite>,
+    truncated: bool,
+}
+
 /// Starts the job's shell at its gate, records the start with its process group (so that a restart can kill what
-/// a crash left), then runs the command, publishing its output as it comes.
+/// a crash left), then runs the command while its output is recorded.
 async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Report {
     let (timeout_secs, max_output) = {
         let settings = shared.settings.read().expect("settings lock");
@@ -127,7 +146,7 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
         command: &job.command,
         tag: &tag,
         timeout: (timeout_secs > 0).then(|| Duration::from_secs(timeout_secs)),
-        max_output,
+        context: &job.context,
     });
     let pgid = gated.as_ref().ok().and_then(runner::Gated::pgid);
     let started = shared
@@ -146,26 +165,84 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
     }
     let gated = match gated {
         Ok(gated) => gated,
-        Err(ended) => return ended,
+        Err(outcome) => {
+            return Report {
+                outcome,
+                output: None,
+                truncated: false,
+            };
+        }
     };
     let (cancel, cancelled) = oneshot::channel();
     shared.cancels().insert(job_id.clone(), (job.runs, cancel));
-    let report = gated
-        .run(stopped(shared.abort.subscribe(), cancelled), |chunk| {
-            if !chunk.is_empty() {
-                shared.emit(Event::JobOutput {
-                    worker,
-                    job_id: job_id.clone(),
-                    data: chunk.to_vec(),
-                });
-            }
-        })
-        .await;
+    let (output, pieces) = mpsc::channel(PIECES_IN_FLIGHT);
+    let mut recording = Recording::new(job.seq, job.runs, max_output);
+    let (outcome, ()) = tokio::join!(
+        gated.run(stopped(shared.abort.subscribe(), cancelled), output),
+        record(shared, worker, job_id, &mut recording, pieces),
+    );
     let mut cancels = shared.cancels();
     if cancels.get(job_id).is_some_and(|(run, _)| *run == job.runs) {
         cancels.remove(job_id);
     }
-    report
+    Report {
+        outcome,
+        truncated: recording.truncated(),
+        output: recording.take(),
+    }
+}
+
+/// Records what a run prints until its command ends: each chunk is written once it is full or has waited
+/// [`OUTPUT_FLUSH`], and announced once written. What is left when the command ends is written with its end.
+async fn record(
+    shared: &Shared,
+    worker: u32,
+    job_id: &Arc<str>,
+    recording: &mut Recording,
+    mut pieces: mpsc::Receiver<Piece>,
+) {
+    let mut due: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            piece = pieces.recv() => {
+                let Some((stream, data)) = piece else { return };
+                recording.push(stream, &data);
+                due.get_or_insert_with(|| Instant::now() + OUTPUT_FLUSH);
+                if !recording.full() {
+                    continue;
+                }
+            }
+            () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+        }
+        due = None;
+        let Some(write) = recording.take() else {
+            continue;
+        };
+        // While this waits for its commit, the command's pipes fill and hold it back: output never outruns the
+        // database by more than a chunk.
+        match shared.writer.output(write.clone()).await {
+            Ok(()) => announce_output(shared, worker, job_id, &write),
+            Err(error) => {
+                tracing::warn!(%job_id, %error, "storing a job's output failed; that part is missing from its logs");
+            }
+        }
+    }
+}
+
+/// Tells watchers about output that is stored now, piece by piece with its place in the run's output.
+fn announce_output(shared: &Shared, worker: u32, job_id: &Arc<str>, write: &OutputWrite) {
+    for chunk in &write.chunks {
+        for (stream, offset, data) in chunk.pieces() {
+            shared.emit(Event::JobOutput {
+                worker,
+                job_id: job_id.clone(),
+                run: write.run,
+                offset,
+                stream,
+                data: data.to_vec(),
+            });
+        }
+    }
 }
 
 /// Resolves when a run must stop before its command ends: interrupted when the server ends every run (a drain, a
