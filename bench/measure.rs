@@ -34,6 +34,8 @@ struct Counts {
     idle: Duration,
     stored_jobs: u64,
     reads: usize,
+    /// Bytes the job of figure 11 prints.
+    flood_bytes: u64,
 }
 
 impl Counts {
@@ -54,6 +56,7 @@ impl Counts {
                 idle: Duration::from_secs(2),
                 stored_jobs: args.stored_jobs.unwrap_or(10_000),
                 reads: 5,
+                flood_bytes: 100_000_000,
             };
         }
         Counts {
@@ -67,6 +70,7 @@ impl Counts {
             idle: Duration::from_secs(30),
             stored_jobs: args.stored_jobs.unwrap_or(1_000_000),
             reads: 50,
+            flood_bytes: 2_000_000_000,
         }
     }
 }
@@ -196,6 +200,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "7. idle server: RSS",
         format!("{rss_mb:.1} MB"),
         format!("goal < 30 MB: {}", goal(rss_mb < 30.0)),
+    );
+
+    let flood = output_flood(&mut server, counts.flood_bytes).await?;
+    table.add(
+        format!(
+            "11. one job printing {} MB at max_output_bytes 64 MiB: server RSS",
+            counts.flood_bytes / 1_000_000
+        ),
+        format!("{:.1} MB", flood.peak as f64 / 1_048_576.0),
+        format!(
+            "peak; {:.1} MB before; {:.0} MB/s stored; goal < 100 MB: {}",
+            flood.before as f64 / 1_048_576.0,
+            counts.flood_bytes as f64 / 1_000_000.0 / flood.elapsed.as_secs_f64(),
+            goal((flood.peak as f64) < 100.0 * 1_048_576.0)
+        ),
     );
 
     let cli = cli_wall(&bins, &home, counts.cli_runs).await?;
@@ -847,6 +866,64 @@ async fn idle_cost(server: &mut Server, workers: u32, span: Duration) -> anyhow:
     let rss = resident_bytes(server.pid)?;
     server.set_workers(0).await?;
     Ok(Idle { cpu, rss })
+}
+
+/// What figure 11 measured: the server's memory before and at its peak while one job printed, and how long it
+/// took to store.
+struct Flood {
+    before: u64,
+    peak: u64,
+    elapsed: Duration,
+}
+
+/// Figure 11: one job prints `bytes` at the largest max_output_bytes while the server's resident memory is
+/// sampled every 10 ms; then the setting goes back.
+async fn output_flood(server: &mut Server, bytes: u64) -> anyhow::Result<Flood> {
+    server.client.reset(pb::ResetRequest {}).await?;
+    let set = |value: &str| pb::SetConfigRequest {
+        key: "max_output_bytes".into(),
+        value: value.into(),
+    };
+    server.client.set_config(set("67108864")).await?;
+    server.set_workers(1).await?;
+    let before = resident_bytes(server.pid)?;
+    let started = Instant::now();
+    let id = server
+        .client
+        .enqueue(job(&format!("head -c {bytes} /dev/zero")))
+        .await?
+        .into_inner()
+        .job
+        .context("the enqueued job")?
+        .id;
+    let mut peak = before;
+    loop {
+        peak = peak.max(resident_bytes(server.pid)?);
+        let state = server
+            .client
+            .get_job(pb::GetJobRequest { id: id.clone() })
+            .await?
+            .into_inner()
+            .job
+            .context("the flooding job")?
+            .state;
+        if state == pb::JobState::Completed as i32 {
+            break;
+        }
+        anyhow::ensure!(
+            state != pb::JobState::Dead as i32 && state != pb::JobState::Failed as i32,
+            "the flooding job failed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    server.set_workers(0).await?;
+    server.client.set_config(set("1048576")).await?;
+    Ok(Flood {
+        before,
+        peak,
+        elapsed,
+    })
 }
 
 /// The median wall time of one `queuectl enqueue` process.

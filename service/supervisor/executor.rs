@@ -28,6 +28,9 @@ const OUTPUT_FLUSH: Duration = Duration::from_millis(100);
 /// Pieces of output read from a command and not yet recorded, at most; past that the command waits.
 const PIECES_IN_FLIGHT: usize = 8;
 
+/// The most output one JobOutput event carries.
+const EVENT_PIECE: usize = 8 * 1024;
+
 /// Runs `job` on `worker`, then each job the worker claims as the previous one ends, then frees the slot.
 pub(super) async fn work(shared: Arc<Shared>, worker: u32, mut job: Job) {
     loop {
@@ -229,18 +232,21 @@ async fn record(
     }
 }
 
-/// Tells watchers about output that is stored now, piece by piece with its place in the run's output.
+/// Tells watchers about output that is stored now, piece by piece with its place in the run's output. Pieces
+/// are at most [`EVENT_PIECE`] long, so that what a slow watcher holds stays small whatever a chunk holds.
 fn announce_output(shared: &Shared, worker: u32, job_id: &Arc<str>, write: &OutputWrite) {
     for chunk in &write.chunks {
         for (stream, offset, data) in chunk.pieces() {
-            shared.emit(Event::JobOutput {
-                worker,
-                job_id: job_id.clone(),
-                run: write.run,
-                offset,
-                stream,
-                data: data.to_vec(),
-            });
+            for (n, piece) in data.chunks(EVENT_PIECE).enumerate() {
+                shared.emit(Event::JobOutput {
+                    worker,
+                    job_id: job_id.clone(),
+                    run: write.run,
+                    offset: offset + (n * EVENT_PIECE) as u64,
+                    stream,
+                    data: piece.to_vec(),
+                });
+            }
         }
     }
 }
