@@ -435,12 +435,29 @@ pub fn logs_page(page: LogsPage, by_stream: bool) -> pb::GetJobLogsResponse {
     }
 }
 
+/// The most of a running job's command `Status` shows: a server with a thousand workers running 64 KiB commands
+/// still answers within what a stock gRPC client accepts.
+pub const MAX_STATUS_COMMAND_BYTES: usize = 1024;
+
+/// `command`, cut to [`MAX_STATUS_COMMAND_BYTES`] (at a character boundary) and marked when cut.
+fn shortened(mut command: String) -> String {
+    if command.len() > MAX_STATUS_COMMAND_BYTES {
+        let mut end = MAX_STATUS_COMMAND_BYTES;
+        while !command.is_char_boundary(end) {
+            end -= 1;
+        }
+        command.truncate(end);
+        command.push('…');
+    }
+    command
+}
+
 impl From<WorkerRecord> for pb::Worker {
     fn from(worker: WorkerRecord) -> Self {
         pb::Worker {
             index: worker.index,
             job_id: worker.job_id.unwrap_or_default(),
-            command: worker.command.unwrap_or_default(),
+            command: worker.command.map(shortened).unwrap_or_default(),
             started_at: worker.started_at.map(timestamp),
             stopping: worker.stopping,
         }
@@ -654,6 +671,21 @@ mod tests {
         assert_eq!(parse_page_token(&page_token(cursor)).unwrap(), Some(cursor));
         assert!(parse_page_token("nonsense").is_err());
         assert_eq!(parse_page_token("").unwrap(), None);
+    }
+
+    #[test]
+    fn status_shows_the_first_kib_of_a_long_command() {
+        assert_eq!(shortened("echo hi".into()), "echo hi");
+        let long = format!(
+            "{}é{}",
+            "x".repeat(MAX_STATUS_COMMAND_BYTES - 1),
+            "y".repeat(100)
+        );
+        let cut = shortened(long);
+        assert_eq!(
+            cut,
+            format!("{}…", "x".repeat(MAX_STATUS_COMMAND_BYTES - 1))
+        );
     }
 
     #[test]
