@@ -72,14 +72,23 @@ pub enum Command {
                             queuectl enqueue '{\"command\":\"./report.sh\",\"run_at\":\"2026-12-01T02:00:00Z\"}'\n  \
                             queuectl enqueue '{\"command\":\"./retry-later.sh\",\"delay\":\"10m\"}'\n  \
                             queuectl enqueue '{\"command\":\"./deploy.sh\",\"after\":[\"build\",\"test\"]}'\n  \
-                            queuectl enqueue --env STAGE=prod --env AWS_PROFILE '{\"command\":\"./deploy.sh\"}'\n\n\
+                            queuectl enqueue --env STAGE=prod --env AWS_PROFILE '{\"command\":\"./deploy.sh\"}'\n  \
+                            id=$(queuectl enqueue --quiet '{\"command\":\"make\"}')\n  \
+                            jq -c '.[]' jobs.json | queuectl enqueue -\n\n\
                             The job runs in the directory queuectl enqueue was called from, unless its JSON names a \
                             \"cwd\". Of the caller's environment only what --env names is sent; the variables are \
                             stored with the job, in the server's database."
     )]
     Enqueue {
-        /// The job as a JSON object.
+        /// The job as a JSON object, or `-` to read jobs from stdin, one JSON object per line, stored in batches
+        /// (all of a batch or none of it).
         job: String,
+        /// Print each stored job: `json` as `get` prints it, `table` as `list --output table`.
+        #[arg(long, value_enum, conflicts_with = "quiet")]
+        output: Option<Format>,
+        /// Print only the id of each stored job, one per line.
+        #[arg(long, short)]
+        quiet: bool,
         /// Add a variable to the job's environment: KEY=VALUE, or KEY to send its value here. Repeatable; over
         /// the JSON's env.
         #[arg(long, value_name = "KEY[=VALUE]")]

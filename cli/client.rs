@@ -231,9 +231,9 @@ fn spawn_server(home: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects to the server, starting the home's own one if it is not running.
-pub async fn connect(server: Option<&str>) -> anyhow::Result<Client> {
-    let channel = channel(server, true, COMMAND).await?;
+/// Connects to the server, starting the home's own one if it is not running and `autostart` allows it.
+pub async fn connect(server: Option<&str>, autostart: bool) -> anyhow::Result<Client> {
+    let channel = channel(server, autostart, COMMAND).await?;
     // Read after a start: a server listening on TCP writes its token when it starts.
     let auth = Auth(token(&home::default_home(), server)?);
     Ok(QueueServiceClient::with_interceptor(channel, auth))

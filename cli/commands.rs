@@ -220,15 +220,84 @@ pub fn parse_job(json: &str) -> anyhow::Result<pb::EnqueueRequest> {
     Ok(request)
 }
 
-pub async fn enqueue(client: &mut Client, request: pb::EnqueueRequest) -> anyhow::Result<()> {
-    let job = client
-        .enqueue(request)
-        .await?
-        .into_inner()
-        .job
-        .context("the server sent no job")?;
-    println!("Enqueued job {}", job.id);
+/// What `queuectl enqueue` prints of each job it stored.
+#[derive(Clone, Copy)]
+pub enum Printed {
+    /// `Enqueued job ID`, as the Python queuectl printed.
+    Sentence,
+    /// The id alone.
+    Id,
+    /// The job, as `get` or `list --output table` prints it.
+    Job(Format),
+}
+
+/// The most one EnqueueBatch of `enqueue -` holds, encoded: below the server's 1 MiB limit on a request.
+const BATCH_BYTES: usize = 768 * 1024;
+
+pub async fn enqueue(
+    client: &mut Client,
+    job: &str,
+    env: &[String],
+    printed: Printed,
+) -> anyhow::Result<()> {
+    if let Printed::Job(Format::Table) = printed {
+        println!("{}", output::table_header());
+    }
+    if job != "-" {
+        let stored = client
+            .enqueue(job_request(job, env)?)
+            .await?
+            .into_inner()
+            .job
+            .context("the server sent no job")?;
+        print_enqueued(&stored, printed);
+        return Ok(());
+    }
+    // Every line is checked before any is sent: a bad line stores nothing.
+    let mut requests = Vec::new();
+    for (number, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("cannot read the jobs from stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        requests.push(job_request(&line, env).with_context(|| format!("line {}", number + 1))?);
+    }
+    let mut batch = Vec::new();
+    let mut size = 0;
+    let mut requests = requests.into_iter().peekable();
+    while let Some(request) = requests.next() {
+        size += prost::Message::encoded_len(&request) + 8;
+        batch.push(request);
+        let full = batch.len() == MAX_BATCH_JOBS
+            || requests
+                .peek()
+                .is_some_and(|next| size + prost::Message::encoded_len(next) + 8 > BATCH_BYTES);
+        if full || requests.peek().is_none() {
+            let jobs = std::mem::take(&mut batch);
+            size = 0;
+            let stored = client
+                .enqueue_batch(pb::EnqueueBatchRequest { jobs })
+                .await?
+                .into_inner()
+                .jobs;
+            for job in &stored {
+                print_enqueued(job, printed);
+            }
+        }
+    }
     Ok(())
+}
+
+/// The most jobs one EnqueueBatch holds, as the server allows.
+const MAX_BATCH_JOBS: usize = 10_000;
+
+fn print_enqueued(job: &pb::Job, printed: Printed) {
+    match printed {
+        Printed::Sentence => println!("Enqueued job {}", job.id),
+        Printed::Id => println!("{}", job.id),
+        Printed::Job(Format::Json) => println!("{}", output::job_json(job)),
+        Printed::Job(Format::Table) => println!("{}", output::job_row(job)),
+    }
 }
 
 pub async fn status(client: &mut Client, format: Format) -> anyhow::Result<()> {

@@ -30,17 +30,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let code = commands::health(cli.server.as_deref()).await;
             std::process::exit(code);
         }
-        Command::Enqueue { job, env } => {
+        Command::Enqueue { job, env, .. } if job != "-" => {
             commands::job_request(job, env)?;
         }
         _ => {}
     }
-    let mut client = client::connect(cli.server.as_deref()).await?;
+    // Stopping a server that is not running starts nothing: there is nothing to stop.
+    let autostart = !matches!(
+        cli.command,
+        Command::Server(ServerCommand::Stop) | Command::Worker(WorkerCommand::Stop { .. })
+    );
+    let mut client = client::connect(cli.server.as_deref(), autostart).await?;
     let client = &mut client;
     match cli.command {
         Command::Completions { .. } | Command::Man | Command::Health => Ok(()),
-        Command::Enqueue { job, env } => {
-            commands::enqueue(client, commands::job_request(&job, &env)?).await
+        Command::Enqueue {
+            job,
+            env,
+            output,
+            quiet,
+        } => {
+            let printed = match (quiet, output) {
+                (true, _) => commands::Printed::Id,
+                (false, Some(format)) => commands::Printed::Job(format),
+                (false, None) => commands::Printed::Sentence,
+            };
+            commands::enqueue(client, &job, &env, printed).await
         }
         Command::Status { output } => commands::status(client, output).await,
         Command::List {

@@ -201,3 +201,67 @@ fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
         assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
     }
 }
+
+#[test]
+fn enqueue_prints_for_scripts_and_reads_jobs_from_stdin() {
+    use std::io::Write;
+    let home = Home::with_server(0);
+    assert_eq!(
+        home.ok(&["enqueue", "--quiet", r#"{"id":"one","command":"true"}"#]),
+        "one\n"
+    );
+    let printed: Value = serde_json::from_str(&home.ok(&[
+        "enqueue",
+        "--output",
+        "json",
+        r#"{"id":"two","command":"true","priority":2}"#,
+    ]))
+    .unwrap();
+    assert_eq!(
+        (printed["id"].as_str(), printed["priority"].as_u64()),
+        (Some("two"), Some(2))
+    );
+
+    let send = |input: &str| {
+        let mut child = home
+            .command(&["enqueue", "--quiet", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let bad = send("{\"command\":\"true\"}\n{\"command\":\"true\",\"priority\":\"high\"}\n");
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8(bad.stderr).unwrap();
+    assert!(
+        stderr.starts_with("error: line 2: priority must be an integer"),
+        "{stderr}"
+    );
+    assert_eq!(home.jobs(&[]).len(), 2, "a bad line stores nothing");
+
+    let lines: String = (0..2500)
+        .map(|n| format!("{{\"id\":\"batch{n}\",\"command\":\"echo {n}\"}}\n"))
+        .collect();
+    let good = send(&format!("{lines}\n"));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let ids: Vec<String> = String::from_utf8(good.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let expected: Vec<String> = (0..2500).map(|n| format!("batch{n}")).collect();
+    assert_eq!(ids, expected, "every job, in order, each id once");
+    assert_eq!(home.jobs(&["--limit", "5000"]).len(), 2502);
+}

@@ -400,6 +400,32 @@ fn a_missing_server_is_one_line_that_says_how_to_start_one() {
     );
 }
 
+#[test]
+fn stop_commands_never_start_a_server() {
+    let home = Home::new();
+    for args in [
+        &["server", "stop"][..],
+        &["worker", "stop"],
+        &["worker", "stop", "--all"],
+    ] {
+        let output = home
+            .command(args)
+            .env_remove("QUEUECTL_NO_AUTOSTART")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(3), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no queuectl server is running"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !home.file("queuectl.sock").exists(),
+            "{args:?} started a server"
+        );
+    }
+}
+
 #[cfg(unix)]
 #[test]
 fn only_the_owner_can_reach_the_server() {
