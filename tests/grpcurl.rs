@@ -24,6 +24,28 @@ fn call(home: &Home, flags: &[&str], args: &[&str]) -> String {
 }
 
 #[test]
+fn plain_grpcurl_on_the_socket_needs_no_authority_flag() {
+    let Some(mut grpcurl) = grpcurl() else {
+        return;
+    };
+    let home = Home::with_server(0);
+    // Without -authority, grpcurl sends the socket's path as the HTTP/2 :authority (see vendor/README.md).
+    let output = grpcurl
+        .args(["-plaintext", "-unix"])
+        .arg(home.file("queuectl.sock"))
+        .arg("queuectl.v1.QueueService/Status")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(printed.contains("serverVersion"), "{printed}");
+}
+
+#[test]
 fn grpcurl_lists_enqueues_and_checks_health() {
     if grpcurl().is_none() {
         return;

@@ -15,9 +15,7 @@ FINAL = {queue_pb2.JOB_STATE_COMPLETED, queue_pb2.JOB_STATE_DEAD}
 
 
 def main(target: str) -> int:
-    # Over a Unix socket, gRPC would send the socket path as the HTTP/2 authority, which is not a valid one.
-    options = [("grpc.default_authority", "localhost")]
-    with grpc.insecure_channel(target, options=options) as channel:
+    with grpc.insecure_channel(target) as channel:
         queue = queue_pb2_grpc.QueueServiceStub(channel)
 
         # Subscribe before enqueueing, so that no event of the job is missed.

@@ -12,10 +12,8 @@ from queuectl.v1 import queue_pb2, queue_pb2_grpc
 
 
 def main(target: str, job_id: str) -> int:
-    # Over a Unix socket, gRPC would send the socket path as the HTTP/2 authority, which is not a valid one.
-    options = [("grpc.default_authority", "localhost")]
     out = sys.stdout.buffer
-    with grpc.insecure_channel(target, options=options) as channel:
+    with grpc.insecure_channel(target) as channel:
         queue = queue_pb2_grpc.QueueServiceStub(channel)
         run, offset = 0, 0
         while True:
