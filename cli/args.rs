@@ -2,6 +2,16 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// A duration on the command line: whole seconds (`300`), as job JSON takes them, or with units (`5m`, `1h 30m`).
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text).map_err(|error| {
+        format!("{error}; give seconds (300) or a duration such as 90s, 5m or 1h 30m")
+    })
+}
+
 const EXAMPLES: &str = "\
 Examples:
   queuectl enqueue '{\"command\":\"echo hello\"}'
@@ -148,12 +158,12 @@ pub enum Command {
   queuectl wait job1 job2
   queuectl wait                       # every job that is not final yet
   queuectl wait job7 --timeout 10m
-  id=$(queuectl enqueue '{\"command\":\"make\"}' | cut -d' ' -f3) && queuectl wait \"$id\"")]
+  id=$(queuectl enqueue --quiet '{\"command\":\"make\"}') && queuectl wait \"$id\"")]
     Wait {
         /// The jobs; none means every job that is not final now.
         ids: Vec<String>,
-        /// Give up after this long (e.g. 90s, 5m, 1h): exit 1.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Give up after this long (seconds, or e.g. 90s, 5m, 1h): exit 1.
+        #[arg(long, value_parser = duration)]
         timeout: Option<std::time::Duration>,
     },
     /// Check the server's health as grpc_health_probe does (never starts a server).
@@ -196,8 +206,8 @@ Examples:
         /// Which final jobs; repeat for several (default: completed).
         #[arg(long, value_enum)]
         state: Vec<FinalStateArg>,
-        /// Only jobs that ended at least this long ago (e.g. 90s, 12h, 7d).
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Only jobs that ended at least this long ago (seconds, or e.g. 90s, 12h, 7d).
+        #[arg(long, value_parser = duration)]
         older_than: Option<std::time::Duration>,
     },
     /// Stop starting jobs, on every server of the queue; running jobs finish. Holds across restarts.

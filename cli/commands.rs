@@ -1060,10 +1060,11 @@ pub async fn server_stop(client: &mut Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Asks on stdout, reads the answer from stdin (a terminal or a pipe); anything but y/yes is a no.
+/// Asks on stderr (stdout stays for what a script reads), reads the answer from stdin (a terminal or a pipe);
+/// anything but y/yes is a no.
 fn confirmed(question: &str) -> anyhow::Result<bool> {
-    print!("{question} (y/N): ");
-    std::io::stdout().flush()?;
+    eprint!("{question} (y/N): ");
+    std::io::stderr().flush()?;
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(matches!(

@@ -107,6 +107,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`queuectl list | head -1`) would fail loudly; a command
+    // line tool ends quietly there, as the default action of SIGPIPE does.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default touches no memory; no other thread runs yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

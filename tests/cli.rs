@@ -265,3 +265,59 @@ fn enqueue_prints_for_scripts_and_reads_jobs_from_stdin() {
     assert_eq!(ids, expected, "every job, in order, each id once");
     assert_eq!(home.jobs(&["--limit", "5000"]).len(), 2502);
 }
+
+#[cfg(unix)]
+#[test]
+fn a_reader_that_stops_early_ends_the_listing_quietly() {
+    use std::io::{BufRead, BufReader};
+    let home = Home::with_server(0);
+    let lines: String = (0..3000)
+        .map(|n| format!("{{\"command\":\"echo {n}\"}}\n"))
+        .collect();
+    let mut send = home
+        .command(&["enqueue", "--quiet", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut send.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+    assert!(send.wait().unwrap().success());
+    // As `queuectl list | head -1`: one line read, then the pipe closed with more than it holds still to come.
+    let mut list = home
+        .command(&["list", "--limit", "3000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(list.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("{\"id\": \"job1\""), "{first}");
+    let output = list.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr),
+        "",
+        "no error printed"
+    );
+    assert!(
+        !output.status.success(),
+        "ended by SIGPIPE, as `head` expects"
+    );
+}
+
+#[test]
+fn durations_on_the_command_line_take_plain_seconds() {
+    let home = Home::with_server(0);
+    home.enqueue(r#"{"command":"true"}"#);
+    let waited = home.try_queuectl(&["wait", "--timeout", "1", "job1"]);
+    let stderr = String::from_utf8(waited.stderr).unwrap();
+    assert!(
+        stderr.contains("still not final when the timeout ran out"),
+        "{stderr}"
+    );
+    assert!(
+        home.fails(&["clean", "--older-than", "soon"])
+            .contains("give seconds (300)")
+    );
+}

@@ -185,20 +185,24 @@ fn the_old_readme_walkthrough_works_step_by_step() {
     // 10. Every job is still listed.
     assert_eq!(home.jobs(&[]).len(), 5);
 
-    // 11. Reset asks first, and reads the answer from a pipe.
+    // 11. Reset asks first (on stderr, so that stdout stays for scripts), and reads the answer from a pipe.
     let mut reset = home
         .command(&["reset"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     reset.stdin.take().unwrap().write_all(b"y\n").unwrap();
     let reset = reset.wait_with_output().unwrap();
     assert!(reset.status.success());
     assert_eq!(
+        String::from_utf8(reset.stderr).unwrap(),
+        "This will stop all workers and delete all jobs. Continue? (y/N): "
+    );
+    assert_eq!(
         String::from_utf8(reset.stdout).unwrap(),
-        "This will stop all workers and delete all jobs. Continue? (y/N): \
-         Queue reset successful: all jobs and configurations cleared.\n"
+        "Queue reset successful: all jobs and configurations cleared.\n"
     );
 
     // 12. A clean state: no jobs, no workers, default settings, ids from job1 again.
