@@ -538,9 +538,9 @@ impl From<Event> for pb::WatchEventsResponse {
 /// stock gRPC client accepts (4 MiB), whatever the jobs hold.
 pub const MAX_LIST_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
-/// A page of jobs on the wire, cut short (with a token for the rest) where it would pass [`MAX_LIST_PAGE_BYTES`];
-/// it holds at least one job.
-pub fn list_page(page: Page) -> pb::ListResponse {
+/// A page of jobs of a listing filtered by `state` on the wire, cut short (with a token for the rest) where it
+/// would pass [`MAX_LIST_PAGE_BYTES`]; it holds at least one job.
+pub fn list_page(state: i32, page: Page) -> pb::ListResponse {
     use prost::Message;
     let mut jobs = Vec::with_capacity(page.jobs.len());
     let mut size = 0;
@@ -562,37 +562,48 @@ pub fn list_page(page: Page) -> pb::ListResponse {
     }
     pb::ListResponse {
         jobs,
-        next_page_token: next.map(page_token).unwrap_or_default(),
+        next_page_token: next
+            .map(|cursor| page_token(state, cursor))
+            .unwrap_or_default(),
     }
 }
 
-pub fn page_token(cursor: Cursor) -> String {
-    format!("{}.{}", cursor.priority, cursor.seq)
+/// The token of the page after `cursor` in a listing filtered by `state` (the request's field, 0 for all): opaque
+/// to clients, and good only for the same filter.
+pub fn page_token(state: i32, cursor: Cursor) -> String {
+    format!("{state}.{}.{}", cursor.priority, cursor.seq)
 }
 
-pub fn parse_page_token(token: &str) -> Result<Option<Cursor>, QueueError> {
+/// Where a listing filtered by `state` resumes, from a token [`page_token`] gave for the same filter. The error
+/// never repeats the token, which may be anything of any size.
+pub fn parse_page_token(state: i32, token: &str) -> Result<Option<Cursor>, QueueError> {
     if token.is_empty() {
         return Ok(None);
     }
-    let bad = || {
-        invalid(format!(
-            "page_token {token:?} is not one this server gave out"
-        ))
+    let bad =
+        || invalid("page_token is not one this server gave out; list again without it".into());
+    let mut parts = token.splitn(3, '.');
+    let (Some(filter), Some(priority), Some(seq)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
     };
-    let (priority, seq) = token.split_once('.').ok_or_else(bad)?;
+    if filter.parse::<i32>().map_err(|_| bad())? != state {
+        return Err(invalid(
+            "page_token belongs to a listing with another state filter; list again without it"
+                .into(),
+        ));
+    }
     Ok(Some(Cursor {
         priority: priority.parse().map_err(|_| bad())?,
         seq: seq.parse().map_err(|_| bad())?,
     }))
 }
 
-pub fn page_size(requested: u32) -> Result<u32, QueueError> {
+/// The page size a request gets: the default for 0, at most [`MAX_PAGE_SIZE`] (more is clamped, as AIP-158 says).
+pub fn page_size(requested: u32) -> u32 {
     match requested {
-        0 => Ok(DEFAULT_PAGE_SIZE),
-        1..=MAX_PAGE_SIZE => Ok(requested),
-        _ => Err(invalid(format!(
-            "page_size must be 1-{MAX_PAGE_SIZE}, got {requested}"
-        ))),
+        0 => DEFAULT_PAGE_SIZE,
+        _ => requested.min(MAX_PAGE_SIZE),
     }
 }
 
@@ -663,14 +674,36 @@ mod tests {
     }
 
     #[test]
-    fn page_tokens_round_trip_and_garbage_is_rejected() {
+    fn page_tokens_round_trip_for_their_filter_only_and_garbage_is_rejected() {
         let cursor = Cursor {
             priority: 3,
             seq: 42,
         };
-        assert_eq!(parse_page_token(&page_token(cursor)).unwrap(), Some(cursor));
-        assert!(parse_page_token("nonsense").is_err());
-        assert_eq!(parse_page_token("").unwrap(), None);
+        let dead = pb::JobState::Dead as i32;
+        assert_eq!(
+            parse_page_token(dead, &page_token(dead, cursor)).unwrap(),
+            Some(cursor)
+        );
+        let other = parse_page_token(0, &page_token(dead, cursor)).unwrap_err();
+        assert!(
+            other.to_string().contains("another state filter"),
+            "{other}"
+        );
+        let huge = "x".repeat(100_000);
+        let garbage = parse_page_token(0, &huge).unwrap_err().to_string();
+        assert!(
+            garbage.len() < 100,
+            "the error does not repeat the token: {garbage}"
+        );
+        assert!(parse_page_token(0, "1.2").is_err());
+        assert_eq!(parse_page_token(0, "").unwrap(), None);
+    }
+
+    #[test]
+    fn a_page_size_over_the_maximum_is_clamped() {
+        assert_eq!(page_size(0), DEFAULT_PAGE_SIZE);
+        assert_eq!(page_size(7), 7);
+        assert_eq!(page_size(100_000), MAX_PAGE_SIZE);
     }
 
     #[test]

@@ -104,11 +104,11 @@ impl QueueService for Grpc {
         let request = request.into_inner();
         let filter = ListFilter {
             state: convert::state_filter(request.state)?,
-            after: convert::parse_page_token(&request.page_token)?,
-            limit: convert::page_size(request.page_size)?,
+            after: convert::parse_page_token(request.state, &request.page_token)?,
+            limit: convert::page_size(request.page_size),
         };
         let page = self.queue.list(&filter).await?;
-        Ok(Response::new(convert::list_page(page)))
+        Ok(Response::new(convert::list_page(request.state, page)))
     }
 
     async fn status(

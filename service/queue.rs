@@ -275,13 +275,22 @@ impl Queue {
                 illegal.from
             ))
         })?;
-        let update = GuardedUpdate::unless_changed(&job, settled);
+        let update = GuardedUpdate::unless_changed(&job, settled.clone());
         if !self.writer.update(update, true).await? {
             return Err(QueueError::FailedPrecondition(format!(
                 "job '{id}' changed while it was being retried; look at it again and retry"
             )));
         }
-        self.get(id).await
+        // The job as this retry wrote it: read back, a worker may have claimed it already.
+        Ok(Job {
+            state: settled.state,
+            attempts: settled.attempts,
+            interruptions: settled.interruptions,
+            run_after: settled.run_after,
+            last_error: settled.last_error,
+            updated_at: crate::clock::now(),
+            ..job
+        })
     }
 
     /// Cancels job `id`, `by` saying who for its `last_error`. A waiting job is cancelled at once; a running one

@@ -163,6 +163,7 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
         r#"{{"jobs":[{}]}}"#,
         vec![r#"{"command":"x"}"#; 10_001].join(",")
     );
+    let huge_token = format!(r#"{{"page_token":"{}"}}"#, "t".repeat(100 * 1024));
     let invalid = "InvalidArgument";
     let cases: Vec<(&str, &str, &str, &str)> = vec![
         ("Enqueue", "{}", invalid, "command is required"),
@@ -331,7 +332,18 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
         ),
         ("DlqRetry", r#"{"id":""}"#, "NotFound", "no job with id ''"),
         ("List", r#"{"page_token":"garbage"}"#, invalid, "page_token"),
-        ("List", r#"{"page_size":100000}"#, invalid, "page_size"),
+        (
+            "List",
+            &huge_token,
+            invalid,
+            "page_token is not one this server gave out",
+        ),
+        (
+            "List",
+            r#"{"state":"JOB_STATE_PENDING","page_token":"5.5.1"}"#,
+            invalid,
+            "page_token belongs to a listing with another state filter",
+        ),
         ("List", r#"{"state":99}"#, invalid, "state"),
         (
             "SetConfig",
@@ -378,6 +390,15 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
             "{method} {body:.200}: expected {code} {message:?} in {stderr}"
         );
     }
+    let clamped = call(
+        &home,
+        &["-d", r#"{"page_size":100000}"#],
+        &["queuectl.v1.QueueService/List"],
+    );
+    assert!(
+        clamped.contains("\"jobs\""),
+        "a page size over the maximum is clamped: {clamped}"
+    );
     assert_eq!(home.ok(&["list"]), before, "nothing stored changed");
     assert_eq!(home.ok(&["config", "get", "backoff_base"]), "3\n");
 }

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Home, wait_until};
+use common::{DEADLINE, Home, python_has_grpc_tools, wait_until};
 use serde_json::Value;
 
 /// The output of `logs` without the attempt headers.
@@ -330,21 +330,6 @@ fn seq(count: u32) -> Vec<u8> {
         .collect()
 }
 
-fn python_has_grpc_tools() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "grpcio-tools is missing; .ci/run installs it"
-        );
-        eprintln!("skipping the Python part: pip install grpcio grpcio-tools");
-    }
-    found
-}
-
 #[test]
 fn ten_megabytes_of_logs_read_back_whole_through_the_cli_and_a_stock_python_client() {
     let home = Home::with_server(1);
@@ -368,12 +353,7 @@ fn ten_megabytes_of_logs_read_back_whole_through_the_cli_and_a_stock_python_clie
     if !python_has_grpc_tools() {
         return;
     }
-    let generated = home.file("generated");
-    let status = Command::new("clients/python/generate.sh")
-        .arg(&generated)
-        .status()
-        .unwrap();
-    assert!(status.success(), "generating the client failed");
+    let generated = common::generate_python_client(&home);
     let copy = home.file("big.out");
     let output = Command::new("python3")
         .arg("clients/python/logs.py")

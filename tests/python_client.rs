@@ -7,33 +7,11 @@ mod common;
 
 use std::process::Command;
 
-use common::Home;
-
-fn python_has_grpc_tools() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "grpcio-tools is missing; .ci/run installs it"
-        );
-        eprintln!("skipping: pip install grpcio grpcio-tools");
-    }
-    found
-}
+use common::{Home, python_has_grpc_tools};
 
 /// What a Python client prints for `script`, run with the client generated into `home`'s `generated`.
 fn run_python(home: &Home, script: &str) -> String {
-    let generated = home.file("generated");
-    if !generated.exists() {
-        let status = Command::new("clients/python/generate.sh")
-            .arg(&generated)
-            .status()
-            .unwrap();
-        assert!(status.success(), "generating the client failed");
-    }
+    let generated = common::generate_python_client(home);
     let output = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -82,13 +60,7 @@ fn the_generated_python_client_drives_a_real_server() {
         return;
     }
     let home = Home::with_server(1);
-    let generated = home.file("generated");
-    let status = Command::new("clients/python/generate.sh")
-        .arg(&generated)
-        .status()
-        .unwrap();
-    assert!(status.success(), "generating the client failed");
-
+    let generated = common::generate_python_client(&home);
     let output = Command::new("python3")
         .arg("clients/python/example.py")
         .arg(format!("unix://{}", home.file("queuectl.sock").display()))

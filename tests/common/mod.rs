@@ -241,6 +241,35 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitSt
 }
 
 /// grpcurl, or `None` outside CI when it is not installed (`.ci/run` installs it, so CI never skips).
+/// Whether python3 has grpcio and grpcio-tools, which CI must have (`.ci/run` installs them); says so when not.
+pub fn python_has_grpc_tools() -> bool {
+    let found = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "grpcio-tools is missing; .ci/run installs it"
+        );
+        eprintln!("skipping: pip install grpcio grpcio-tools");
+    }
+    found
+}
+
+/// The Python client generated from the proto into `home`'s `generated` (once), for PYTHONPATH.
+pub fn generate_python_client(home: &Home) -> PathBuf {
+    let generated = home.file("generated");
+    if !generated.exists() {
+        let status = Command::new("clients/python/generate.sh")
+            .arg(&generated)
+            .status()
+            .unwrap();
+        assert!(status.success(), "generating the client failed");
+    }
+    generated
+}
+
 pub fn grpcurl() -> Option<Command> {
     let found = Command::new("grpcurl").arg("-version").output().is_ok();
     if !found {
