@@ -26,8 +26,8 @@ Examples:
 The server (queuectld) is started in the background on first use, with no workers, and listens
 on a socket in QUEUECTL_HOME (default ~/.queuectl) that only you can reach.
 
-Exit codes: 0 done, 1 the request failed (or, for `wait`, a job ended dead), 2 bad usage, 3 no server
-could be reached. `health` exits as grpc_health_probe does: 0 serving, 2 cannot connect, 3 the check failed,
+Exit codes: 0 done, 1 the request failed (or, for `wait` and `logs --follow`, a job did not complete),
+2 bad usage (a bad job JSON or --server), 3 no server could be reached, 4 `wait` ran out of its --timeout. `health` exits as grpc_health_probe does: 0 serving, 2 cannot connect, 3 the check failed,
 4 not serving.";
 
 /// A durable background job queue for shell commands.

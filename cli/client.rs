@@ -94,9 +94,10 @@ fn parse_target(address: &str) -> anyhow::Result<Target> {
     if address.starts_with("http://") || address.starts_with("https://") {
         return Ok(Target::Tcp(address.to_owned()));
     }
-    anyhow::bail!(
+    Err(crate::commands::Usage(format!(
         "server address must be unix:/path/to/socket or http://HOST:PORT, got {address:?}"
-    )
+    ))
+    .into())
 }
 
 async fn open(target: &Target, patience: Patience) -> Result<Channel, tonic::transport::Error> {

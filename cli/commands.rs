@@ -150,11 +150,25 @@ fn add_env_flags(request: &mut pb::EnqueueRequest, flags: &[String]) -> anyhow::
     Ok(())
 }
 
+/// The command line itself is wrong (a bad job JSON, a bad flag value); exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// `wait` gave up at its `--timeout` with jobs still running; exit code 4.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TimedOut(pub String);
+
+fn usage(error: anyhow::Error) -> anyhow::Error {
+    Usage(format!("{error:#}")).into()
+}
+
 /// The job `queuectl enqueue` sends: its JSON, the `--env` variables on top, and the current directory as its
 /// `cwd` unless the JSON names one.
 pub fn job_request(json: &str, env: &[String]) -> anyhow::Result<pb::EnqueueRequest> {
-    let mut request = parse_job(json)?;
-    add_env_flags(&mut request, env)?;
+    let mut request = parse_job(json).map_err(usage)?;
+    add_env_flags(&mut request, env).map_err(usage)?;
     if request.cwd.is_none() {
         let here = std::env::current_dir()
             .context("cannot tell the current directory; give the job a \"cwd\"")?;
@@ -260,7 +274,9 @@ pub async fn enqueue(
         if line.trim().is_empty() {
             continue;
         }
-        requests.push(job_request(&line, env).with_context(|| format!("line {}", number + 1))?);
+        let request = job_request(&line, env)
+            .map_err(|error| Usage(format!("line {}: {error}", number + 1)))?;
+        requests.push(request);
     }
     let mut batch = Vec::new();
     let mut size = 0;
@@ -405,6 +421,7 @@ pub async fn logs(
     }
     // Subscribe before reading what is stored, so that nothing falls between the two.
     let mut events = subscribe_to(client, &id).await?;
+    let mut noted = false;
     loop {
         printer.read_stored(client).await?;
         let job = client
@@ -415,6 +432,10 @@ pub async fn logs(
             .context("the server sent no job")?;
         if is_final(job.state) {
             return printer.ended(&job);
+        }
+        if !noted && job.state != pb::JobState::Processing as i32 {
+            noted = true;
+            note_if_no_worker(client).await?;
         }
         // Until something changes: output stored right where the printing stands is printed at once; anything
         // else sends the loop back to the store, which also covers events this watcher never got.
@@ -449,6 +470,24 @@ pub async fn logs(
             }
         }
     }
+}
+
+/// Says once, on stderr, that jobs cannot progress when no server of the queue runs a worker.
+async fn note_if_no_worker(client: &mut Client) -> anyhow::Result<()> {
+    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+    let workers = status.worker_count
+        + status
+            .servers
+            .iter()
+            .skip(1)
+            .map(|server| server.worker_count)
+            .sum::<u32>();
+    if workers == 0 {
+        eprintln!(
+            "note: no worker is running, so nothing runs until one starts (`queuectl worker start`)"
+        );
+    }
+    Ok(())
 }
 
 /// How long `logs --follow` waits for an event before it reads the store again anyway.
@@ -718,6 +757,9 @@ pub async fn wait(
     let mut waiting: BTreeSet<String> = ids.iter().cloned().collect();
     let mut dead = Vec::new();
     recheck(client, &mut waiting, &mut dead).await?;
+    if !waiting.is_empty() {
+        note_if_no_worker(client).await?;
+    }
     let progress = if std::io::stdout().is_terminal() {
         let bar = indicatif::ProgressBar::new(ids.len() as u64);
         bar.set_style(
@@ -735,7 +777,11 @@ pub async fn wait(
             event = events.next() => event,
             () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 progress.abandon();
-                bail!("{} jobs were still not final when the timeout ran out", waiting.len());
+                return Err(TimedOut(format!(
+                    "{} jobs were still not final when the timeout ran out",
+                    waiting.len()
+                ))
+                .into());
             }
         };
         let event = match event.transpose() {

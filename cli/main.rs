@@ -106,14 +106,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Whether `error` is stdout's reader having closed the pipe.
+fn reader_went_away(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() {
-    // Rust ignores SIGPIPE, so printing into a closed pipe (`queuectl list | head -1`) would fail loudly; a command
-    // line tool ends quietly there, as the default action of SIGPIPE does.
-    #[cfg(unix)]
-    // SAFETY: setting a signal's disposition to its default touches no memory; no other thread runs yet.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,6 +124,11 @@ fn main() {
     let Err(error) = runtime.block_on(run(cli)) else {
         return;
     };
+    if reader_went_away(&error) {
+        // `queuectl list | head -1`: the reader has what it wanted. Quietly, with the status a shell gives a
+        // command that SIGPIPE ended (SIGPIPE itself stays ignored: the server's socket must not raise it).
+        std::process::exit(141);
+    }
     let (message, code) = if let Some(status) = error.downcast_ref::<tonic::Status>() {
         match client::timed_out(status, client::COMMAND) {
             Some(message) => (message, 3),
@@ -129,6 +136,10 @@ fn main() {
         }
     } else if error.is::<client::Unreachable>() {
         (error.to_string(), 3)
+    } else if error.is::<commands::Usage>() {
+        (error.to_string(), 2)
+    } else if error.is::<commands::TimedOut>() {
+        (error.to_string(), 4)
     } else {
         (format!("{error:#}"), 1)
     };

@@ -239,7 +239,7 @@ fn enqueue_prints_for_scripts_and_reads_jobs_from_stdin() {
         child.wait_with_output().unwrap()
     };
     let bad = send("{\"command\":\"true\"}\n{\"command\":\"true\",\"priority\":\"high\"}\n");
-    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(bad.status.code(), Some(2), "bad usage");
     let stderr = String::from_utf8(bad.stderr).unwrap();
     assert!(
         stderr.starts_with("error: line 2: priority must be an integer"),
@@ -300,10 +300,27 @@ fn a_reader_that_stops_early_ends_the_listing_quietly() {
         "",
         "no error printed"
     );
-    assert!(
-        !output.status.success(),
-        "ended by SIGPIPE, as `head` expects"
+    assert_eq!(
+        output.status.code(),
+        Some(141),
+        "the status a shell gives a command that SIGPIPE ended"
     );
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let home = Home::with_server(0);
+    for args in [
+        &["enqueue", "{not json"][..],
+        &["enqueue", r#"{"command":"true","priority":"high"}"#],
+        &["--server", "ftp://example", "status"],
+    ] {
+        let output = home.try_queuectl(args);
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+    assert!(home.jobs(&[]).is_empty());
 }
 
 #[test]
@@ -316,6 +333,16 @@ fn durations_on_the_command_line_take_plain_seconds() {
         stderr.contains("still not final when the timeout ran out"),
         "{stderr}"
     );
+    assert_eq!(
+        waited.status.code(),
+        Some(4),
+        "a timeout has its own exit code"
+    );
+    assert!(
+        stderr.starts_with("note: no worker is running"),
+        "said once that nothing can progress: {stderr}"
+    );
+    assert_eq!(stderr.matches("no worker").count(), 1);
     assert!(
         home.fails(&["clean", "--older-than", "soon"])
             .contains("give seconds (300)")
