@@ -226,9 +226,13 @@ fn spawn_server(home: &Path) -> anyhow::Result<()> {
     // Its own process group, so that Ctrl-C in this terminal does not reach it.
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
-    command
-        .spawn()
-        .map_err(|error| anyhow::anyhow!("cannot start {}: {error}", binary.display()))?;
+    // No server, and none can be started: as unreachable as one that does not answer (exit 3).
+    command.spawn().map_err(|error| {
+        Unreachable(format!(
+            "no queuectl server is running, and {} cannot be started: {error}; install queuectld beside queuectl",
+            binary.display()
+        ))
+    })?;
     Ok(())
 }
 

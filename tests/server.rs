@@ -400,6 +400,27 @@ fn a_missing_server_is_one_line_that_says_how_to_start_one() {
     );
 }
 
+#[cfg(unix)]
+#[test]
+fn a_missing_queuectld_is_an_unreachable_server() {
+    let home = Home::new();
+    let alone = home.file("bin");
+    std::fs::create_dir(&alone).unwrap();
+    let queuectl = alone.join("queuectl");
+    std::fs::copy(common::QUEUECTL, &queuectl).unwrap();
+    let output = std::process::Command::new(&queuectl)
+        .arg("status")
+        .env("QUEUECTL_HOME", home.file("home"))
+        .env_remove("QUEUECTL_NO_AUTOSTART")
+        .env_remove("QUEUECTL_SERVER")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("cannot be started"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
 #[test]
 fn stop_commands_never_start_a_server() {
     let home = Home::new();
