@@ -810,6 +810,7 @@ pub async fn wait(
                 state: pb::JobState::Cancelled.into(),
                 error: cancelled.error,
                 worker: 0,
+                run: 0,
             },
             _ => continue,
         };

@@ -3,7 +3,7 @@
 use prost_types::Timestamp;
 
 use crate::error::QueueError;
-use crate::event::Event;
+use crate::event::{Event, Stamped};
 use crate::job::{
     self, Job, JobContext, JobState, MICROS_PER_SEC, Micros, Outcome, PRIORITY_RANGE,
 };
@@ -477,8 +477,9 @@ impl From<ServerRecord> for pb::Server {
     }
 }
 
-impl From<Event> for pb::WatchEventsResponse {
-    fn from(event: Event) -> Self {
+impl From<Stamped> for pb::WatchEventsResponse {
+    fn from(stamped: Stamped) -> Self {
+        let Stamped { seq, at, event } = stamped;
         use pb::watch_events_response::Event as Wire;
         let wire = match event {
             Event::WorkerStarted { worker } => Wire::WorkerStarted(pb::WorkerStarted { worker }),
@@ -513,10 +514,12 @@ impl From<Event> for pb::WatchEventsResponse {
             Event::JobFinished {
                 worker,
                 job_id,
+                run,
                 state,
                 outcome,
             } => Wire::JobFinished(pb::JobFinished {
                 worker,
+                run,
                 job_id: job_id.to_string(),
                 state: job_state(state).into(),
                 error: match outcome {
@@ -529,7 +532,11 @@ impl From<Event> for pb::WatchEventsResponse {
                 error,
             }),
         };
-        pb::WatchEventsResponse { event: Some(wire) }
+        pb::WatchEventsResponse {
+            event: Some(wire),
+            seq,
+            time: Some(timestamp(at)),
+        }
     }
 }
 

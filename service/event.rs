@@ -1,9 +1,54 @@
 //! What the workers do, as a stream: `queuectl worker start`, `logs -f`, `wait` and the metrics follow it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use crate::job::{JobState, Outcome};
+use tokio::sync::broadcast;
+
+use crate::job::{JobState, Micros, Outcome};
 use crate::output::Stream;
+
+/// An event as watchers get it: numbered in the order the server sent its events, and when.
+#[derive(Clone, Debug)]
+pub struct Stamped {
+    /// From 1 at the server's start, one more for each event it sends.
+    pub seq: u64,
+    pub at: Micros,
+    pub event: Event,
+}
+
+/// The server's stream of events. Cheap to clone; every clone numbers from the same counter.
+#[derive(Clone)]
+pub struct Events {
+    sender: broadcast::Sender<Stamped>,
+    /// The last number given; held while sending, so that events go out in the order of their numbers.
+    last: Arc<Mutex<u64>>,
+}
+
+impl Events {
+    /// A stream that keeps up to `capacity` events for its slowest watcher.
+    pub fn new(capacity: usize) -> Events {
+        Events {
+            sender: broadcast::channel(capacity).0,
+            last: Arc::default(),
+        }
+    }
+
+    pub fn emit(&self, event: Event) {
+        let mut last = self.last.lock().expect("event counter lock");
+        *last += 1;
+        let stamped = Stamped {
+            seq: *last,
+            at: crate::clock::now(),
+            event,
+        };
+        // No subscriber is fine: nobody is watching.
+        let _ = self.sender.send(stamped);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Stamped> {
+        self.sender.subscribe()
+    }
+}
 
 /// Worker activity, as `queuectl worker start` prints it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +80,7 @@ pub enum Event {
     JobFinished {
         worker: u32,
         job_id: Arc<str>,
+        run: u32,
         state: JobState,
         outcome: Outcome,
     },

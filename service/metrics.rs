@@ -14,7 +14,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 
-use crate::event::Event;
+use crate::event::{Event, Stamped};
 use crate::job::{JobState, Outcome};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,10 +109,10 @@ impl Metrics {
     }
 
     /// Counts finished attempts and times them, from the supervisor's events.
-    pub async fn follow(self: Arc<Self>, mut events: broadcast::Receiver<Event>) {
+    pub async fn follow(self: Arc<Self>, mut events: broadcast::Receiver<Stamped>) {
         let mut started = HashMap::new();
         loop {
-            match events.recv().await {
+            match events.recv().await.map(|stamped| stamped.event) {
                 Ok(Event::JobPicked { worker, .. }) => {
                     started.insert(worker, std::time::Instant::now());
                 }

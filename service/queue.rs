@@ -2,10 +2,11 @@
 
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{Mutex, Notify, broadcast, mpsc, watch};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::{self, PAUSED_KEY, Settings};
 use crate::error::QueueError;
+use crate::event::Events;
 use crate::job::{self, Job, JobContext, JobState, Micros, NewJob};
 use crate::metrics::Metrics;
 use crate::output::Chunk;
@@ -122,7 +123,7 @@ impl Queue {
         }
         let paused = settings.read().expect("settings lock").paused();
         let wake = Arc::new(Notify::new());
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let events = Events::new(EVENT_BUFFER);
         let writer = Writer::spawn(
             store.clone(),
             settings.clone(),
@@ -547,7 +548,7 @@ impl Queue {
     }
 
     /// What the workers do from now on.
-    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::event::Event> {
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::event::Stamped> {
         self.supervisor.subscribe()
     }
 

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::event::Event;
+use crate::event::Stamped;
 use crate::pb;
 
 /// Bytes of encoded events a watcher may have waiting: 8 full output chunks. HTTP/2 buffers at most about
@@ -31,7 +31,7 @@ type Queued = (
 /// Streams the events of `job_id` (every event when empty) from `events`, until `closing` turns true, the watcher
 /// hangs up, or it falls behind.
 pub fn stream(
-    mut events: broadcast::Receiver<Event>,
+    mut events: broadcast::Receiver<Stamped>,
     mut closing: watch::Receiver<bool>,
     job_id: String,
 ) -> EventStream {
@@ -47,7 +47,11 @@ pub fn stream(
                 () = sender.closed() => return,
             };
             let event = match event {
-                Ok(event) if job_id.is_empty() || event.job_id() == Some(job_id.as_str()) => event,
+                Ok(stamped)
+                    if job_id.is_empty() || stamped.event.job_id() == Some(job_id.as_str()) =>
+                {
+                    stamped
+                }
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(

@@ -3,11 +3,11 @@
 
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::clock;
 use crate::config::Settings;
-use crate::event::Event;
+use crate::event::{Event, Events};
 use crate::job::{Job, NewJob};
 use crate::output::OutputWrite;
 use crate::store::{EnqueueRejected, GuardedUpdate, RunStarted, Store, StoreError, WriteBatch};
@@ -75,7 +75,7 @@ impl Writer {
         store: Arc<dyn Store>,
         settings: Arc<RwLock<Settings>>,
         enqueued: Arc<Notify>,
-        events: broadcast::Sender<Event>,
+        events: Events,
         owner: String,
     ) -> Writer {
         Writer::spawn_with_capacity(store, settings, enqueued, events, owner, QUEUE_CAPACITY)
@@ -85,7 +85,7 @@ impl Writer {
         store: Arc<dyn Store>,
         settings: Arc<RwLock<Settings>>,
         enqueued: Arc<Notify>,
-        events: broadcast::Sender<Event>,
+        events: Events,
         owner: String,
         capacity: usize,
     ) -> Writer {
@@ -185,7 +185,7 @@ struct Told {
     /// Woken when a commit may have given idle workers something to do.
     enqueued: Arc<Notify>,
     /// Hears of jobs a commit cancelled as dependents.
-    events: broadcast::Sender<Event>,
+    events: Events,
 }
 
 async fn write_loop(
@@ -266,8 +266,7 @@ async fn write_loop(
                     let _ = reply.send(Ok(claimed));
                 }
                 for (job_id, error) in outcome.cancelled {
-                    // No subscriber is fine: nobody is watching.
-                    let _ = told.events.send(Event::JobCancelled {
+                    told.events.emit(Event::JobCancelled {
                         job_id: job_id.into(),
                         error,
                     });
@@ -583,7 +582,7 @@ mod tests {
             store.clone(),
             Arc::new(RwLock::new(Settings::default())),
             enqueued.clone(),
-            broadcast::channel(16).0,
+            Events::new(16),
             "server-a".into(),
             capacity,
         );

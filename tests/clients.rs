@@ -299,3 +299,46 @@ fn wait_that_falls_behind_checks_its_jobs_again_and_still_finishes() {
         "wait did not fall behind, so this test checked nothing: {said:?}"
     );
 }
+
+#[test]
+fn events_are_numbered_in_order_with_their_time_and_run() {
+    use queuectl::pb::watch_events_response::Event;
+    let home = Home::with_server(1);
+    let socket = home.file("queuectl.sock");
+    let runtime = common::runtime();
+    let mut events = runtime.block_on(async {
+        let channel = queuectl::channel::unix(socket).await.unwrap();
+        let mut client = queuectl::pb::queue_service_client::QueueServiceClient::new(channel);
+        client
+            .watch_events(queuectl::pb::WatchEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    for _ in 0..3 {
+        home.enqueue(r#"{"command":"echo hi"}"#);
+    }
+    let mut seen = Vec::new();
+    let mut finished = 0;
+    while finished < 3 {
+        let response = runtime
+            .block_on(async { tokio::time::timeout(DEADLINE, events.next()).await })
+            .expect("events within the deadline")
+            .expect("the stream goes on")
+            .unwrap();
+        let time = response.time.expect("every event has a time");
+        if let Some(Event::JobFinished(done)) = &response.event {
+            assert_eq!(done.run, 1, "{done:?}");
+            finished += 1;
+        }
+        seen.push((response.seq, (time.seconds, time.nanos)));
+    }
+    assert!(
+        seen.len() >= 3 * 3,
+        "picked, output, finished for each: {seen:?}"
+    );
+    for pair in seen.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "numbers without gaps: {seen:?}");
+        assert!(pair[1].1 >= pair[0].1, "times in order: {seen:?}");
+    }
+}

@@ -121,6 +121,7 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     shared.emit(Event::JobFinished {
         worker,
         job_id,
+        run: job.runs,
         state,
         outcome: report.outcome,
     });

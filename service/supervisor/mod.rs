@@ -15,7 +15,7 @@ use tokio::sync::{Notify, broadcast, oneshot, watch};
 
 use crate::clock;
 use crate::config::Settings;
-use crate::event::Event;
+use crate::event::{Event, Events, Stamped};
 use crate::job::{self, JobState, Outcome};
 use crate::runner;
 use crate::store::{GuardedUpdate, InFlight, ServerRecord, Store, StoreError};
@@ -28,7 +28,7 @@ struct Shared {
     server_id: String,
     writer: Writer,
     settings: Arc<RwLock<Settings>>,
-    events: broadcast::Sender<Event>,
+    events: Events,
     slots: Mutex<Slots>,
     /// Wakes the scheduler: something may be claimable.
     wake: Arc<Notify>,
@@ -57,7 +57,7 @@ impl Supervisor {
         writer: Writer,
         settings: Arc<RwLock<Settings>>,
         wake: Arc<Notify>,
-        events: broadcast::Sender<Event>,
+        events: Events,
     ) -> Supervisor {
         Supervisor {
             shared: Arc::new(Shared {
@@ -112,7 +112,7 @@ impl Supervisor {
         self.shared.emit(event);
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Stamped> {
         self.shared.events.subscribe()
     }
 
@@ -255,7 +255,6 @@ impl Shared {
     }
 
     fn emit(&self, event: Event) {
-        // No subscriber is fine: nobody is watching.
-        let _ = self.events.send(event);
+        self.events.emit(event);
     }
 }
