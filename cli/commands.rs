@@ -740,6 +740,9 @@ async fn recheck(
     Ok(())
 }
 
+/// How often `wait` reads its jobs again at least, whatever the events say.
+const WAIT_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Blocks until every job in `ids` (or every unfinished job) is final; fails if one did not complete.
 pub async fn wait(
     client: &mut Client,
@@ -772,9 +775,19 @@ pub async fn wait(
         indicatif::ProgressBar::hidden()
     };
     let deadline = timeout.map(|limit| tokio::time::Instant::now() + limit);
+    // Events come from the server this command talks to; a job that another server of a shared database runs
+    // ends without one. So the jobs are read again now and then, less often the more there are.
+    let pause = WAIT_RECHECK.max(std::time::Duration::from_millis(2 * waiting.len() as u64));
+    let mut rechecks = tokio::time::interval_at(tokio::time::Instant::now() + pause, pause);
+    rechecks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !waiting.is_empty() {
         let event = tokio::select! {
             event = events.next() => event,
+            _ = rechecks.tick() => {
+                recheck(client, &mut waiting, &mut dead).await?;
+                progress.set_position((ids.len() - waiting.len()) as u64);
+                continue;
+            }
             () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 progress.abandon();
                 return Err(TimedOut(format!(

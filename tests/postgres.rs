@@ -748,4 +748,21 @@ fn a_cancel_and_a_pause_through_one_server_reach_the_others() {
     front.ok(&["resume"]);
     runner.ok(&["wait", "job2"]);
     assert_eq!(front.state("job1"), "cancelled", "never run again");
+
+    // The job runs on the other server, whose events this one never hears: wait and logs -f end all the same.
+    let id = front.enqueue(r#"{"command":"sleep 1; echo done"}"#);
+    let waited = common::output_within(&mut front.command(&["wait", &id]), DEADLINE);
+    assert!(
+        waited.status.success(),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let id = front.enqueue(r#"{"command":"sleep 1; echo followed"}"#);
+    let followed = common::output_within(&mut front.command(&["logs", &id, "--follow"]), DEADLINE);
+    assert!(followed.status.success());
+    assert!(
+        String::from_utf8_lossy(&followed.stdout).contains("followed\n"),
+        "{}",
+        String::from_utf8_lossy(&followed.stdout)
+    );
 }
