@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, Write};
 
 use anyhow::{Context, bail};
+use queuectl::convert::MAX_BATCH_JOBS;
 use queuectl::pb;
 use serde_json::Value;
 use tokio_stream::StreamExt;
@@ -245,8 +246,8 @@ pub enum Printed {
     Job(Format),
 }
 
-/// The most one EnqueueBatch of `enqueue -` holds, encoded: below the server's 1 MiB limit on a request.
-const BATCH_BYTES: usize = 768 * 1024;
+/// The most one EnqueueBatch of `enqueue -` holds, encoded: three quarters of the server's limit on a request.
+const BATCH_BYTES: usize = queuectl::server::MAX_REQUEST_BYTES / 4 * 3;
 
 pub async fn enqueue(
     client: &mut Client,
@@ -280,32 +281,37 @@ pub async fn enqueue(
     }
     let mut batch = Vec::new();
     let mut size = 0;
-    let mut requests = requests.into_iter().peekable();
-    while let Some(request) = requests.next() {
-        size += prost::Message::encoded_len(&request) + 8;
-        batch.push(request);
-        let full = batch.len() == MAX_BATCH_JOBS
-            || requests
-                .peek()
-                .is_some_and(|next| size + prost::Message::encoded_len(next) + 8 > BATCH_BYTES);
-        if full || requests.peek().is_none() {
-            let jobs = std::mem::take(&mut batch);
+    for request in requests {
+        let cost = prost::Message::encoded_len(&request) + 8;
+        if batch.len() == MAX_BATCH_JOBS || !batch.is_empty() && size + cost > BATCH_BYTES {
+            send_batch(client, std::mem::take(&mut batch), printed).await?;
             size = 0;
-            let stored = client
-                .enqueue_batch(pb::EnqueueBatchRequest { jobs })
-                .await?
-                .into_inner()
-                .jobs;
-            for job in &stored {
-                print_enqueued(job, printed);
-            }
         }
+        size += cost;
+        batch.push(request);
+    }
+    if !batch.is_empty() {
+        send_batch(client, batch, printed).await?;
     }
     Ok(())
 }
 
-/// The most jobs one EnqueueBatch holds, as the server allows.
-const MAX_BATCH_JOBS: usize = 10_000;
+/// Stores `jobs` in one EnqueueBatch, all or none, and prints them.
+async fn send_batch(
+    client: &mut Client,
+    jobs: Vec<pb::EnqueueRequest>,
+    printed: Printed,
+) -> anyhow::Result<()> {
+    let stored = client
+        .enqueue_batch(pb::EnqueueBatchRequest { jobs })
+        .await?
+        .into_inner()
+        .jobs;
+    for job in &stored {
+        print_enqueued(job, printed);
+    }
+    Ok(())
+}
 
 fn print_enqueued(job: &pb::Job, printed: Printed) {
     match printed {
@@ -475,14 +481,8 @@ pub async fn logs(
 /// Says once, on stderr, that jobs cannot progress when no server of the queue runs a worker.
 async fn note_if_no_worker(client: &mut Client) -> anyhow::Result<()> {
     let status = client.status(pb::StatusRequest {}).await?.into_inner();
-    let workers = status.worker_count
-        + status
-            .servers
-            .iter()
-            .skip(1)
-            .map(|server| server.worker_count)
-            .sum::<u32>();
-    if workers == 0 {
+    // `servers` holds every server of the queue, this one first.
+    if status.servers.iter().all(|server| server.worker_count == 0) {
         eprintln!(
             "note: no worker is running, so nothing runs until one starts (`queuectl worker start`)"
         );

@@ -108,8 +108,8 @@ impl Chunk {
         serde_json::to_string(&self.spans).expect("spans serialise")
     }
 
-    /// A stored chunk; an unreadable layout makes it one stdout span (output stored before streams were told
-    /// apart is stored that way).
+    /// A stored chunk. A layout that does not read, or does not add up to the data, makes it one stdout span:
+    /// the bytes are shown rather than lost.
     pub fn stored(start: u64, data: Vec<u8>, layout: &str) -> Chunk {
         let spans = serde_json::from_str::<Vec<Span>>(layout)
             .ok()

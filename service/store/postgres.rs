@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
-use super::sql;
+use super::sql::{self, offset};
 use super::{
     CancelRequest, Cluster, InFlight, ListFilter, OutputPage, Page, RunRecord, RunStarted,
     ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
@@ -476,11 +476,6 @@ impl Statements for PgStatements<'_> {
     async fn announce_jobs(&mut self) -> Result<(), sqlx::Error> {
         announce(self.conn, JOBS_CHANNEL).await
     }
-}
-
-/// An output offset as the database holds it.
-fn offset(at: u64) -> i64 {
-    i64::try_from(at).unwrap_or(i64::MAX)
 }
 
 async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {

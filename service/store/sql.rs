@@ -55,6 +55,11 @@ pub const OUTPUT_CHUNKS: &str = "SELECT o.start, o.data, o.streams FROM job_outp
 pub const FORGET_OUTPUT: &str = "DELETE FROM job_output
      WHERE job_seq = $1 AND run = $2 AND start >= $3 AND start + length(data) <= $4";
 
+/// An output offset as the databases hold it.
+pub fn offset(at: u64) -> i64 {
+    i64::try_from(at).unwrap_or(i64::MAX)
+}
+
 /// Of chunks `(start, length)` as [`OUTPUT_SIZES`] measured them, the last start a page of `budget` bytes reads
 /// up to (at least the first chunk), and whether more chunks follow it.
 pub fn page_end(sizes: &[(i64, i64)], budget: usize) -> Option<(i64, bool)> {

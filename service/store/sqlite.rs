@@ -13,7 +13,7 @@ use sqlx::sqlite::{
 };
 
 use super::row::{self, JobRow, RunRow, job_columns};
-use super::sql;
+use super::sql::{self, offset};
 
 use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
 use super::{
@@ -461,11 +461,6 @@ impl Statements for SqliteStatements<'_> {
         }
         Ok(())
     }
-}
-
-/// An output offset as the database holds it.
-fn offset(at: u64) -> i64 {
-    i64::try_from(at).unwrap_or(i64::MAX)
 }
 
 /// A recorded start, as the worker script reads it.

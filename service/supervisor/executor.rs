@@ -69,7 +69,6 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     });
     tracing::info!(job_id = %job.id, run = job.runs, worker, "job started");
     let report = run(shared, worker, &job, &job_id).await;
-    let final_output = report.output.clone();
     if let Outcome::NotStarted(reason) = &report.outcome {
         tracing::warn!(job_id = %job.id, run = job.runs, %reason,
             "could not start a job: the server is out of resources; the job waits and runs again");
@@ -93,7 +92,7 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
     let (finished, next) = if shared.slots().keeps_working(worker) {
         let (finished, next) = shared.writer.finish_and_claim(update.clone()).await;
         let finished = match finished {
-            Err(_) => record_finish(shared, update).await,
+            Err(_) => record_finish(shared, &update).await,
             applied => applied,
         };
         let next = next.unwrap_or_else(|error| {
@@ -102,9 +101,13 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
         });
         (finished, next.into_iter().next())
     } else {
-        (record_finish(shared, update).await, None)
+        (record_finish(shared, &update).await, None)
     };
-    if let (Some(write), Ok(_)) = (&final_output, &finished) {
+    let last_output = update
+        .ended
+        .as_ref()
+        .and_then(|ended| ended.output.as_ref());
+    if let (Some(write), Ok(_)) = (last_output, &finished) {
         announce_output(shared, worker, &job_id, write);
     }
     match finished {
@@ -268,7 +271,7 @@ async fn stopped(
 
 /// Writes a finished run's update, retrying with a capped backoff while the database fails (locked, read-only),
 /// so the job does not stay `processing` until a restart. Gives up only once the server drains.
-async fn record_finish(shared: &Shared, update: GuardedUpdate) -> Result<bool, StoreError> {
+async fn record_finish(shared: &Shared, update: &GuardedUpdate) -> Result<bool, StoreError> {
     let mut wait = FINISH_RETRY_FIRST;
     loop {
         match shared.writer.update(update.clone(), false).await {
