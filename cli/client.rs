@@ -48,6 +48,23 @@ pub fn timed_out(status: &Status, patience: Patience) -> Option<String> {
     })
 }
 
+/// The server's message for a refusal, with what a user of this CLI can do about it where the reason tells.
+pub fn explained(status: &Status) -> String {
+    use tonic_types::StatusExt;
+    let reason = status.get_details_error_info().map(|info| info.reason);
+    match reason.as_deref() {
+        Some("JOB_NOT_FOUND") => format!(
+            "{}; `queuectl list` shows the jobs there are",
+            status.message()
+        ),
+        Some("TOKEN_INVALID") => format!(
+            "{}; queuectl reads it from the server's token file, or QUEUECTL_TOKEN",
+            status.message()
+        ),
+        _ => status.message().to_owned(),
+    }
+}
+
 /// No server could be reached; exit code 3.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

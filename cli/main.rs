@@ -132,7 +132,7 @@ fn main() {
     let (message, code) = if let Some(status) = error.downcast_ref::<tonic::Status>() {
         match client::timed_out(status, client::COMMAND) {
             Some(message) => (message, 3),
-            None => (status.message().to_owned(), 1),
+            None => (client::explained(status), 1),
         }
     } else if error.is::<client::Unreachable>() {
         (error.to_string(), 3)

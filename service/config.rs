@@ -90,9 +90,12 @@ pub const KEYS: [Key; 9] = [
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unknown config key '{0}': expected one of {keys}", keys = key_names())]
+    #[error("unknown config key {}: expected one of {keys}", crate::error::quoted(.0), keys = key_names())]
     UnknownKey(String),
-    #[error("{key} must be an integer in {min}-{max}{unit}, got '{value}'")]
+    #[error(
+        "{key} must be an integer in {min}-{max}{unit}, got {}",
+        crate::error::quoted(value)
+    )]
     BadValue {
         unit: &'static str,
         key: &'static str,

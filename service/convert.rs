@@ -31,27 +31,31 @@ pub const MAX_ENV_BYTES: usize = 64 * 1024;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
-fn invalid(message: String) -> QueueError {
-    QueueError::InvalidArgument(message)
+fn invalid(field: &str, message: impl Into<String>) -> QueueError {
+    QueueError::field(field, message)
 }
 
-pub fn validate_id(id: &str) -> Result<(), QueueError> {
+/// A job id given in `field`.
+pub fn validate_id(field: &str, id: &str) -> Result<(), QueueError> {
     if id.is_empty() {
-        return Err(invalid("id must not be empty".into()));
+        return Err(invalid(field, "id must not be empty"));
     }
     if id.len() > MAX_ID_BYTES {
-        return Err(invalid(format!(
-            "id must be at most {MAX_ID_BYTES} bytes, got {}",
-            id.len()
-        )));
+        return Err(invalid(
+            field,
+            format!("id must be at most {MAX_ID_BYTES} bytes, got {}", id.len()),
+        ));
     }
     if let Some(bad) = id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(invalid(format!(
-            "id may hold only letters, digits, '-', '_', '.' and ':', got {bad:?} in {id:?}"
-        )));
+        return Err(invalid(
+            field,
+            format!(
+                "id may hold only letters, digits, '-', '_', '.' and ':', got {bad:?} in {id:?}"
+            ),
+        ));
     }
     Ok(())
 }
@@ -62,26 +66,34 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
     fn try_from(request: pb::EnqueueRequest) -> Result<Self, QueueError> {
         let command = request.command;
         if command.trim().is_empty() {
-            return Err(invalid("command is required and must not be empty".into()));
+            return Err(invalid(
+                "command",
+                "command is required and must not be empty",
+            ));
         }
         if command.len() > MAX_COMMAND_BYTES {
-            return Err(invalid(format!(
-                "command must be at most {MAX_COMMAND_BYTES} bytes, got {}",
-                command.len()
-            )));
+            return Err(invalid(
+                "command",
+                format!(
+                    "command must be at most {MAX_COMMAND_BYTES} bytes, got {}",
+                    command.len()
+                ),
+            ));
         }
         if command.contains('\0') {
-            return Err(invalid("command must not contain NUL bytes".into()));
+            return Err(invalid("command", "command must not contain NUL bytes"));
         }
         if let Some(id) = &request.id {
-            validate_id(id)?;
+            validate_id("id", id)?;
         }
         let priority = match request.priority {
             None => job::DEFAULT_PRIORITY,
             Some(priority) => u8::try_from(priority)
                 .ok()
                 .filter(|priority| PRIORITY_RANGE.contains(priority))
-                .ok_or_else(|| invalid(format!("priority must be 1-10, got {priority}")))?,
+                .ok_or_else(|| {
+                    invalid("priority", format!("priority must be 1-10, got {priority}"))
+                })?,
         };
         let max_retries = request
             .max_retries
@@ -90,9 +102,10 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
                     .ok()
                     .filter(|_| retries <= MAX_RETRIES)
                     .ok_or_else(|| {
-                        invalid(format!(
-                            "max_retries must be 0-{MAX_RETRIES}, got {retries}"
-                        ))
+                        invalid(
+                            "max_retries",
+                            format!("max_retries must be 0-{MAX_RETRIES}, got {retries}"),
+                        )
                     })
             })
             .transpose()?;
@@ -103,7 +116,7 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
                     .ok()
                     .filter(|_| secs <= MAX_TIMEOUT_SECS)
                     .ok_or_else(|| {
-                        invalid(format!(
+                        invalid("timeout", format!(
                             "timeout must be 0-{MAX_TIMEOUT_SECS} seconds (0: no limit), got {secs}"
                         ))
                     })
@@ -112,8 +125,8 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
         let start = match (request.run_at, request.delay) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
-                    "give run_at or delay, not both: run_at is a time, delay a wait from now"
-                        .into(),
+                    "run_at",
+                    "give run_at or delay, not both: run_at is a time, delay a wait from now",
                 ));
             }
             (Some(at), None) => Start::At(run_at(&at)?),
@@ -123,9 +136,9 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
         let after = dependencies(request.after)?;
         if !after.is_empty() && start != Start::Now {
             return Err(invalid(
+                "after",
                 "after cannot be combined with run_at or delay: the job runs as soon as the jobs it runs after \
-                 complete"
-                    .into(),
+                 complete",
             ));
         }
         Ok(JobSpec {
@@ -147,18 +160,25 @@ impl TryFrom<pb::EnqueueRequest> for JobSpec {
 /// A `cwd`: an absolute path, as the server's system reads paths.
 fn working_directory(cwd: String) -> Result<String, QueueError> {
     if cwd.len() > MAX_CWD_BYTES {
-        return Err(invalid(format!(
-            "cwd must be at most {MAX_CWD_BYTES} bytes, got {}",
-            cwd.len()
-        )));
+        return Err(invalid(
+            "cwd",
+            format!(
+                "cwd must be at most {MAX_CWD_BYTES} bytes, got {}",
+                cwd.len()
+            ),
+        ));
     }
     if cwd.contains('\0') {
-        return Err(invalid("cwd must not contain NUL bytes".into()));
+        return Err(invalid("cwd", "cwd must not contain NUL bytes"));
     }
     if !std::path::Path::new(&cwd).is_absolute() {
-        return Err(invalid(format!(
-            "cwd must be an absolute path, got {cwd:?}"
-        )));
+        return Err(invalid(
+            "cwd",
+            format!(
+                "cwd must be an absolute path, got {}",
+                crate::error::quoted(&cwd)
+            ),
+        ));
     }
     Ok(cwd)
 }
@@ -172,28 +192,38 @@ fn environment(
         .map(|(name, value)| name.len() + value.len())
         .sum();
     if size > MAX_ENV_BYTES {
-        return Err(invalid(format!(
-            "env must hold at most {MAX_ENV_BYTES} bytes of names and values, got {size}"
-        )));
+        return Err(invalid(
+            "env",
+            format!("env must hold at most {MAX_ENV_BYTES} bytes of names and values, got {size}"),
+        ));
     }
     for (name, value) in &env {
         if name.is_empty() {
-            return Err(invalid("env: a variable name must not be empty".into()));
+            return Err(invalid("env", "env: a variable name must not be empty"));
         }
         if name.contains(['=', '\0']) {
-            return Err(invalid(format!(
-                "env: variable name {name:?} must not contain '=' or NUL"
-            )));
+            return Err(invalid(
+                "env",
+                format!(
+                    "env: variable name {} must not contain '=' or NUL",
+                    crate::error::quoted(name)
+                ),
+            ));
         }
         if value.contains('\0') {
-            return Err(invalid(format!(
-                "env: the value of {name} must not contain NUL bytes"
-            )));
+            return Err(invalid(
+                "env",
+                format!(
+                    "env: the value of {} must not contain NUL bytes",
+                    crate::error::quoted(name)
+                ),
+            ));
         }
         if name == crate::runner::TAG_VARIABLE {
-            return Err(invalid(format!(
-                "env: {name} is set by the server for each run"
-            )));
+            return Err(invalid(
+                "env",
+                format!("env: {name} is set by the server for each run"),
+            ));
         }
     }
     Ok(env.into_iter().collect())
@@ -202,14 +232,15 @@ fn environment(
 /// The ids of an `after`: valid ids, each once, at most [`MAX_AFTER`].
 fn dependencies(ids: Vec<String>) -> Result<Vec<String>, QueueError> {
     if ids.len() > MAX_AFTER {
-        return Err(invalid(format!(
-            "after may name at most {MAX_AFTER} jobs, got {}",
-            ids.len()
-        )));
+        return Err(invalid(
+            "after",
+            format!("after may name at most {MAX_AFTER} jobs, got {}", ids.len()),
+        ));
     }
     let mut unique = Vec::with_capacity(ids.len());
-    for id in ids {
-        validate_id(&id).map_err(|error| invalid(format!("after: {error}")))?;
+    for (index, id) in ids.into_iter().enumerate() {
+        validate_id(&format!("after[{index}]"), &id)
+            .map_err(|error| invalid(&format!("after[{index}]"), format!("after: {error}")))?;
         if !unique.contains(&id) {
             unique.push(id);
         }
@@ -225,17 +256,23 @@ fn run_at(at: &Timestamp) -> Result<Micros, QueueError> {
         .and_then(|micros| micros.checked_add(i64::from(at.nanos / 1000)))
         .filter(|_| at.seconds >= 0 && (0..1_000_000_000).contains(&at.nanos))
         .ok_or_else(|| {
-            invalid(format!(
-                "run_at must be a time after 1970, got {}s {}ns",
-                at.seconds, at.nanos
-            ))
+            invalid(
+                "run_at",
+                format!(
+                    "run_at must be a time after 1970, got {}s {}ns",
+                    at.seconds, at.nanos
+                ),
+            )
         })?;
     let latest = crate::clock::now().saturating_add(MAX_SCHEDULE_AHEAD_SECS * MICROS_PER_SEC);
     if micros > latest {
-        return Err(invalid(format!(
-            "run_at must be at most a year ahead, got Unix time {} (milliseconds given as seconds?)",
-            at.seconds
-        )));
+        return Err(invalid(
+            "run_at",
+            format!(
+                "run_at must be at most a year ahead, got Unix time {} (milliseconds given as seconds?)",
+                at.seconds
+            ),
+        ));
     }
     Ok(micros)
 }
@@ -247,10 +284,13 @@ fn delay(wait: &prost_types::Duration) -> Result<Micros, QueueError> {
         && wait.nanos < 1_000_000_000
         && wait.seconds <= MAX_SCHEDULE_AHEAD_SECS;
     if !valid {
-        return Err(invalid(format!(
-            "delay must be 0 to {MAX_SCHEDULE_AHEAD_SECS} seconds (a year), got {}s {}ns",
-            wait.seconds, wait.nanos
-        )));
+        return Err(invalid(
+            "delay",
+            format!(
+                "delay must be 0 to {MAX_SCHEDULE_AHEAD_SECS} seconds (a year), got {}s {}ns",
+                wait.seconds, wait.nanos
+            ),
+        ));
     }
     Ok(wait.seconds * MICROS_PER_SEC + i64::from(wait.nanos / 1000))
 }
@@ -261,14 +301,18 @@ pub fn cancelled_by(reason: &str) -> Result<String, QueueError> {
         return Ok("by request".into());
     }
     if reason.len() > MAX_CANCEL_REASON_BYTES {
-        return Err(invalid(format!(
-            "reason must be at most {MAX_CANCEL_REASON_BYTES} bytes, got {}",
-            reason.len()
-        )));
+        return Err(invalid(
+            "reason",
+            format!(
+                "reason must be at most {MAX_CANCEL_REASON_BYTES} bytes, got {}",
+                reason.len()
+            ),
+        ));
     }
     if reason.chars().any(char::is_control) {
         return Err(invalid(
-            "reason must be one line of text, without control characters".into(),
+            "reason",
+            "reason must be one line of text, without control characters",
         ));
     }
     Ok(format!("by {reason}"))
@@ -285,10 +329,13 @@ pub fn purge_filter(request: pb::PurgeJobsRequest) -> Result<(Vec<JobState>, Mic
                 }
             }
             other => {
-                return Err(invalid(format!(
-                    "states may name only final states (completed, dead, cancelled), got {}",
-                    other.map_or("unspecified", JobState::as_str)
-                )));
+                return Err(invalid(
+                    "states",
+                    format!(
+                        "states may name only final states (completed, dead, cancelled), got {}",
+                        other.map_or("unspecified", JobState::as_str)
+                    ),
+                ));
             }
         }
     }
@@ -302,10 +349,13 @@ pub fn purge_filter(request: pb::PurgeJobsRequest) -> Result<(Vec<JobState>, Mic
             .saturating_mul(MICROS_PER_SEC)
             .saturating_add(i64::from(age.nanos / 1000)),
         Some(age) => {
-            return Err(invalid(format!(
-                "older_than must not be negative, got {}s {}ns",
-                age.seconds, age.nanos
-            )));
+            return Err(invalid(
+                "older_than",
+                format!(
+                    "older_than must not be negative, got {}s {}ns",
+                    age.seconds, age.nanos
+                ),
+            ));
         }
     };
     Ok((states, older_than))
@@ -332,7 +382,10 @@ pub fn state_filter(state: i32) -> Result<Option<JobState>, QueueError> {
         Ok(pb::JobState::Completed) => Ok(Some(JobState::Completed)),
         Ok(pb::JobState::Dead) => Ok(Some(JobState::Dead)),
         Ok(pb::JobState::Cancelled) => Ok(Some(JobState::Cancelled)),
-        Err(_) => Err(invalid(format!("state {state} is not a job state"))),
+        Err(_) => Err(invalid(
+            "state",
+            format!("state {state} is not a job state"),
+        )),
     }
 }
 
@@ -587,8 +640,12 @@ pub fn parse_page_token(state: i32, token: &str) -> Result<Option<Cursor>, Queue
     if token.is_empty() {
         return Ok(None);
     }
-    let bad =
-        || invalid("page_token is not one this server gave out; list again without it".into());
+    let bad = || {
+        invalid(
+            "page_token",
+            "page_token is not one this server gave out; list again without it",
+        )
+    };
     let mut parts = token.splitn(3, '.');
     let (Some(filter), Some(priority), Some(seq)) = (parts.next(), parts.next(), parts.next())
     else {
@@ -596,8 +653,8 @@ pub fn parse_page_token(state: i32, token: &str) -> Result<Option<Cursor>, Queue
     };
     if filter.parse::<i32>().map_err(|_| bad())? != state {
         return Err(invalid(
-            "page_token belongs to a listing with another state filter; list again without it"
-                .into(),
+            "page_token",
+            "page_token belongs to a listing with another state filter; list again without it",
         ));
     }
     Ok(Some(Cursor {

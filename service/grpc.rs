@@ -8,35 +8,7 @@ use crate::convert;
 use crate::error::QueueError;
 use crate::pb::{self, queue_service_server::QueueService};
 use crate::queue::{JobSpec, Queue};
-use crate::store::{ListFilter, StoreError};
-
-/// The one place where queue errors become gRPC statuses. Internal causes stay in the server log.
-impl From<QueueError> for Status {
-    fn from(error: QueueError) -> Self {
-        match error {
-            QueueError::InvalidArgument(message) => Status::invalid_argument(message),
-            QueueError::NotFound(message) => Status::not_found(message),
-            QueueError::AlreadyExists(message) => Status::already_exists(message),
-            QueueError::FailedPrecondition(message) => Status::failed_precondition(message),
-            QueueError::Store(StoreError::Unavailable(cause)) => {
-                tracing::warn!(%cause, "database unavailable");
-                Status::unavailable("the database is unavailable right now; try again shortly")
-            }
-            QueueError::Store(StoreError::Full(cause)) => {
-                tracing::error!(%cause, "database full");
-                Status::resource_exhausted("the server's disk is full; free space and try again")
-            }
-            QueueError::Store(StoreError::Broken(reason)) => {
-                tracing::error!(%reason, "database broken");
-                Status::unavailable(format!("the server cannot use its database: {reason}"))
-            }
-            QueueError::Store(StoreError::Internal(cause)) => {
-                tracing::error!(%cause, "database error");
-                Status::internal("internal error; the server log has the details")
-            }
-        }
-    }
-}
+use crate::store::ListFilter;
 
 pub struct Grpc {
     queue: Arc<Queue>,
@@ -67,18 +39,24 @@ impl QueueService for Grpc {
     ) -> Result<Response<pb::EnqueueBatchResponse>, Status> {
         let jobs = request.into_inner().jobs;
         if jobs.len() > convert::MAX_BATCH_JOBS {
-            return Err(Status::invalid_argument(format!(
-                "a batch holds at most {} jobs, got {}",
-                convert::MAX_BATCH_JOBS,
-                jobs.len()
-            )));
+            return Err(QueueError::field(
+                "jobs",
+                format!(
+                    "a batch holds at most {} jobs, got {}",
+                    convert::MAX_BATCH_JOBS,
+                    jobs.len()
+                ),
+            )
+            .into());
         }
         let specs = jobs
             .into_iter()
             .enumerate()
             .map(|(index, job)| {
-                JobSpec::try_from(job)
-                    .map_err(|error| Status::invalid_argument(format!("jobs[{index}]: {error}")))
+                JobSpec::try_from(job).map_err(|error| match error {
+                    QueueError::Refused(refusal) => Status::from(refusal.in_batch(index)),
+                    other => Status::from(other),
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let jobs = self.queue.enqueue(specs).await?;
@@ -91,7 +69,9 @@ impl QueueService for Grpc {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
-        let job = self.queue.get(&request.into_inner().id).await?;
+        let id = request.into_inner().id;
+        convert::validate_id("id", &id)?;
+        let job = self.queue.get(&id).await?;
         Ok(Response::new(pb::GetJobResponse {
             job: Some(job.into()),
         }))
@@ -140,6 +120,7 @@ impl QueueService for Grpc {
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let request = request.into_inner();
+        convert::validate_id("id", &request.id)?;
         let by = convert::cancelled_by(&request.reason)?;
         let job = self.queue.cancel(&request.id, &by).await?;
         Ok(Response::new(pb::CancelJobResponse {
@@ -151,7 +132,9 @@ impl QueueService for Grpc {
         &self,
         request: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
-        self.queue.delete(&request.into_inner().id).await?;
+        let id = request.into_inner().id;
+        convert::validate_id("id", &id)?;
+        self.queue.delete(&id).await?;
         Ok(Response::new(pb::DeleteJobResponse {}))
     }
 
@@ -184,7 +167,9 @@ impl QueueService for Grpc {
         &self,
         request: Request<pb::DlqRetryRequest>,
     ) -> Result<Response<pb::DlqRetryResponse>, Status> {
-        let job = self.queue.dlq_retry(&request.into_inner().id).await?;
+        let id = request.into_inner().id;
+        convert::validate_id("id", &id)?;
+        let job = self.queue.dlq_retry(&id).await?;
         Ok(Response::new(pb::DlqRetryResponse {
             job: Some(job.into()),
         }))
@@ -225,6 +210,7 @@ impl QueueService for Grpc {
         request: Request<pb::GetJobLogsRequest>,
     ) -> Result<Response<pb::GetJobLogsResponse>, Status> {
         let request = request.into_inner();
+        convert::validate_id("id", &request.id)?;
         let budget = convert::logs_budget(request.max_bytes);
         let page = self
             .queue
@@ -240,9 +226,9 @@ impl QueueService for Grpc {
         let request = request.into_inner();
         let count = request.count;
         if !(1..=1024).contains(&count) {
-            return Err(Status::invalid_argument(format!(
-                "count must be 1-1024, got {count}"
-            )));
+            return Err(
+                QueueError::field("count", format!("count must be 1-1024, got {count}")).into(),
+            );
         }
         self.queue.set_workers(count, request.all).await?;
         Ok(Response::new(pb::StartWorkersResponse { count }))
@@ -293,6 +279,9 @@ impl QueueService for Grpc {
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<crate::watch::EventStream>, Status> {
         let job_id = request.into_inner().job_id;
+        if !job_id.is_empty() {
+            convert::validate_id("job_id", &job_id)?;
+        }
         let events = self.queue.subscribe();
         Ok(Response::new(crate::watch::stream(
             events,

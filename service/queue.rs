@@ -5,7 +5,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 
 use crate::config::{self, PAUSED_KEY, Settings};
-use crate::error::QueueError;
+use crate::error::{QueueError, Reason, Refusal};
 use crate::event::Events;
 use crate::job::{self, Job, JobContext, JobState, Micros, NewJob};
 use crate::metrics::Metrics;
@@ -201,10 +201,19 @@ impl Queue {
                 self.metrics.enqueued(jobs.len());
                 Ok(jobs)
             }
-            Err(EnqueueRejected::DuplicateId(id)) => Err(QueueError::AlreadyExists(format!(
-                "a job with id '{id}' already exists; choose another id or leave it out to get one"
-            ))),
-            Err(EnqueueRejected::Dependency(problem)) => Err(QueueError::InvalidArgument(problem)),
+            Err(EnqueueRejected::DuplicateId(id)) => Err(QueueError::Refused(
+                Refusal::new(
+                    Reason::DuplicateId,
+                    format!(
+                        "a job with id '{id}' already exists; choose another id or leave it out to get one"
+                    ),
+                )
+                .at("id")
+                .about(&id),
+            )),
+            Err(EnqueueRejected::Dependency(problem)) => Err(QueueError::Refused(
+                Refusal::new(Reason::DependencyNotFound, problem).at("after"),
+            )),
         }
     }
 
@@ -271,16 +280,24 @@ impl Queue {
         let job = self.get(id).await?;
         let policy = self.settings().policy();
         let settled = job::revive(&job, policy, crate::clock::now()).map_err(|illegal| {
-            QueueError::FailedPrecondition(format!(
-                "job '{id}' is {}; only dead or cancelled jobs can be retried",
-                illegal.from
-            ))
+            QueueError::job(
+                Reason::JobNotRetryable,
+                id,
+                format!(
+                    "job '{id}' is {}; only dead or cancelled jobs can be retried",
+                    illegal.from
+                ),
+            )
         })?;
         let update = GuardedUpdate::unless_changed(&job, settled.clone());
         if !self.writer.update(update, true).await? {
-            return Err(QueueError::FailedPrecondition(format!(
-                "job '{id}' changed while it was being retried; look at it again and retry"
-            )));
+            return Err(QueueError::job(
+                Reason::JobChanged,
+                id,
+                format!(
+                    "job '{id}' changed while it was being retried; look at it again and retry"
+                ),
+            ));
         }
         // The job as this retry wrote it: read back, a worker may have claimed it already.
         Ok(Job {
@@ -321,23 +338,32 @@ impl Queue {
                     match ended.state {
                         JobState::Cancelled => return Ok(ended),
                         JobState::Completed => {
-                            return Err(QueueError::FailedPrecondition(format!(
-                                "job '{id}' completed before the cancel reached it"
-                            )));
+                            return Err(QueueError::job(
+                                Reason::JobAlreadyFinal,
+                                id,
+                                format!("job '{id}' completed before the cancel reached it"),
+                            ));
                         }
                         JobState::Dead => {
-                            return Err(QueueError::FailedPrecondition(format!(
-                                "job '{id}' went dead before the cancel reached it"
-                            )));
+                            return Err(QueueError::job(
+                                Reason::JobAlreadyFinal,
+                                id,
+                                format!("job '{id}' went dead before the cancel reached it"),
+                            ));
                         }
                         // Its run ended some other way and it waits again, or runs again: cancel that.
                         JobState::Pending | JobState::Failed | JobState::Processing => {}
                     }
                 }
                 state => {
-                    return Err(QueueError::FailedPrecondition(format!(
-                        "job '{id}' is {state} already; only pending, failed and processing jobs can be cancelled"
-                    )));
+                    return Err(QueueError::job(
+                        Reason::JobAlreadyFinal,
+                        id,
+                        format!(
+                            "job '{id}' is {state} already; only pending, failed and processing jobs can be \
+                             cancelled"
+                        ),
+                    ));
                 }
             }
         }
@@ -376,11 +402,15 @@ impl Queue {
                 return Ok(current);
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(QueueError::FailedPrecondition(format!(
-                    "job '{}' still runs: no server ended it in time (its server may have died, and the job is \
-                     rescued once its lease runs out); try the cancel again",
-                    job.id
-                )));
+                return Err(QueueError::job(
+                    Reason::JobStillRunning,
+                    &job.id,
+                    format!(
+                        "job '{}' still runs: no server ended it in time (its server may have died, and the job \
+                         is rescued once its lease runs out); try the cancel again",
+                        job.id
+                    ),
+                ));
             }
         }
     }
@@ -399,15 +429,21 @@ impl Queue {
     pub async fn delete(&self, id: &str) -> Result<(), QueueError> {
         let job = self.get(id).await?;
         if !job.state.is_final() {
-            return Err(QueueError::FailedPrecondition(format!(
-                "job '{id}' is {}; only completed, dead and cancelled jobs can be deleted (cancel it first)",
-                job.state
-            )));
+            return Err(QueueError::job(
+                Reason::JobNotFinal,
+                id,
+                format!(
+                    "job '{id}' is {}; only completed, dead and cancelled jobs can be deleted (cancel it first)",
+                    job.state
+                ),
+            ));
         }
         if self.store.delete_final(&[id]).await?.is_empty() {
-            return Err(QueueError::FailedPrecondition(format!(
-                "job '{id}' changed while it was being deleted; look at it again"
-            )));
+            return Err(QueueError::job(
+                Reason::JobChanged,
+                id,
+                format!("job '{id}' changed while it was being deleted; look at it again"),
+            ));
         }
         Ok(())
     }
@@ -568,10 +604,13 @@ impl Queue {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(QueueError::FailedPrecondition(format!(
-                    "{running} jobs still run on other servers; their workers were stopped, so try the reset again \
+                return Err(QueueError::new(
+                    Reason::JobStillRunning,
+                    format!(
+                        "{running} jobs still run on other servers; their workers were stopped, so try the reset again \
                      in a moment (nothing was deleted)"
-                )));
+                    ),
+                ));
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
@@ -607,18 +646,25 @@ impl Queue {
     /// Writes a consistent copy of the database to `path`, a new file made owner-only. Returns its size.
     pub async fn backup(&self, path: &std::path::Path) -> Result<u64, QueueError> {
         if !path.is_absolute() {
-            return Err(QueueError::InvalidArgument(format!(
-                "path must be absolute (the server writes it), got '{}'",
-                path.display()
-            )));
+            return Err(QueueError::field(
+                "path",
+                format!(
+                    "path must be absolute (the server writes it), got {}",
+                    crate::error::quoted(&path.to_string_lossy())
+                ),
+            ));
         }
         if !self.store.can_backup() {
-            return Err(QueueError::FailedPrecondition(
-                "this server keeps its jobs in PostgreSQL: back it up with pg_dump".into(),
+            return Err(QueueError::new(
+                Reason::BackupUnsupported,
+                "this server keeps its jobs in PostgreSQL: back it up with pg_dump",
             ));
         }
         crate::home::create_new_private(path).map_err(|error| {
-            QueueError::FailedPrecondition(format!("cannot create {}: {error}", path.display()))
+            QueueError::new(
+                Reason::BackupFailed,
+                format!("cannot create {}: {error}", path.display()),
+            )
         })?;
         let written = self.store.backup(path).await;
         if written.is_err() {
@@ -774,7 +820,5 @@ async fn follow_signals(
 }
 
 fn not_found(id: &str) -> QueueError {
-    QueueError::NotFound(format!(
-        "no job with id '{id}'; `queuectl list` shows the jobs there are"
-    ))
+    QueueError::job(Reason::JobNotFound, id, format!("no job with id '{id}'"))
 }

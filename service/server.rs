@@ -99,9 +99,12 @@ impl tonic::service::Interceptor for TokenCheck {
         if bool::from(presented.as_bytes().ct_eq(&self.expected)) {
             Ok(request)
         } else {
-            Err(Status::unauthenticated(
-                "missing or wrong token: queuectl reads it from the server's token file",
-            ))
+            Err(crate::error::Refusal::new(
+                crate::error::Reason::TokenInvalid,
+                "missing or wrong token: send `authorization: Bearer TOKEN` with the token the server keeps in \
+                 its home",
+            )
+            .into())
         }
     }
 }
@@ -352,7 +355,9 @@ impl Bound {
             }
         };
 
-        let mut router = Server::builder();
+        let mut router = Server::builder().layer(tower::util::MapResponseLayer::new(
+            crate::status::transport_refusals::<tonic::body::Body>,
+        ));
         match listener {
             #[cfg(unix)]
             Listener::Socket { listener, path } => {

@@ -86,7 +86,11 @@ pub fn stream(
 }
 
 fn fell_behind(how: &str) -> Status {
-    Status::resource_exhausted(format!(
-        "this watcher fell behind {how} and was cut; re-read the jobs with GetJob or List, and watch again"
-    ))
+    crate::error::Refusal::new(
+        crate::error::Reason::EventsMissed,
+        format!(
+            "this watcher fell behind {how} and was cut; re-read the jobs with GetJob or List, and watch again"
+        ),
+    )
+    .into()
 }

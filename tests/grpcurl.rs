@@ -285,8 +285,8 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
         (
             "Enqueue",
             &oversized,
-            "OutOfRange",
-            "decoded message length too large",
+            "ResourceExhausted",
+            "the request is too large (found",
         ),
         (
             "EnqueueBatch",
@@ -330,7 +330,7 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
             "FailedPrecondition",
             "is pending; only dead or cancelled jobs can be retried",
         ),
-        ("DlqRetry", r#"{"id":""}"#, "NotFound", "no job with id ''"),
+        ("DlqRetry", r#"{"id":""}"#, invalid, "id must not be empty"),
         ("List", r#"{"page_token":"garbage"}"#, invalid, "page_token"),
         (
             "List",

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use queuectl::convert::{MAX_COMMAND_BYTES, MAX_ID_BYTES, MAX_RETRIES, MAX_TIMEOUT_SECS};
-use queuectl::error::QueueError;
+use queuectl::error::{QueueError, Reason};
 use queuectl::job::{
     self, Event, Failure, Job, JobState, MAX_BACKOFF_SECS, Micros, Outcome, PRIORITY_RANGE, Policy,
 };
@@ -135,11 +135,12 @@ proptest! {
                     prop_assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)));
                 }
             }
-            Err(QueueError::InvalidArgument(message)) => {
-                let named = ["command", "id", "priority", "max_retries", "timeout", "cwd", "env"]
-                    .iter()
-                    .any(|field| message.starts_with(field));
-                prop_assert!(named, "the message names the field: {message}");
+            Err(QueueError::Refused(refusal)) if refusal.reason == Reason::InvalidField => {
+                let message = &refusal.message;
+                let field = refusal.field.as_deref().unwrap_or_default();
+                let fields = ["command", "id", "priority", "max_retries", "timeout", "cwd", "env"];
+                prop_assert!(fields.contains(&field), "a field is named: {refusal:?}");
+                prop_assert!(message.starts_with(field), "the message names the field: {message}");
                 prop_assert!(!message.contains('\n') || id.is_some_and(|id| id.contains('\n')));
             }
             Err(other) => prop_assert!(false, "not an invalid argument: {other:?}"),
