@@ -287,6 +287,7 @@ impl QueueService for Grpc {
             events,
             self.queue.closing(),
             job_id,
+            self.queue.metrics(),
         )))
     }
 }

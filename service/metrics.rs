@@ -11,6 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::sync::broadcast;
 
@@ -20,6 +21,29 @@ use crate::job::{JobState, Outcome};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabels {
+    method: String,
+    code: String,
+}
+
+type MethodHistograms = Family<MethodLabel, Histogram, fn() -> Histogram>;
+
+/// Buckets from 5 ms to past the longest job timeout (a week): 0.005 s times powers of 4.
+fn job_duration_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 4.0, 15))
+}
+
+/// Buckets from 0.1 ms to about 26 s: 0.0001 s times powers of 4.
+fn request_duration_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 4.0, 10))
 }
 
 pub struct Metrics {
@@ -34,6 +58,10 @@ pub struct Metrics {
     oldest_pending: Gauge<f64, AtomicU64>,
     workers: Gauge,
     workers_busy: Gauge,
+    requests: Family<AnswerLabels, Counter>,
+    request_duration: MethodHistograms,
+    events_dropped: Counter,
+    watchers_cut: Counter,
 }
 
 impl Default for Metrics {
@@ -46,10 +74,14 @@ impl Default for Metrics {
             failed_attempts: Counter::default(),
             dead: Counter::default(),
             not_started: Counter::default(),
-            duration: Histogram::new(exponential_buckets(0.005, 4.0, 10)),
+            duration: job_duration_buckets(),
             oldest_pending: Gauge::default(),
             workers: Gauge::default(),
             workers_busy: Gauge::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(request_duration_buckets),
+            events_dropped: Counter::default(),
+            watchers_cut: Counter::default(),
         };
         let registry = &mut metrics.registry;
         registry.register("jobs", "Jobs in each state", metrics.jobs.clone());
@@ -99,6 +131,32 @@ impl Default for Metrics {
             "Worker slots running a job now",
             metrics.workers_busy.clone(),
         );
+        registry.register(
+            "grpc_requests",
+            "gRPC requests answered, by method and the status code the answer began with (a stream may still end \
+             with another)",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Time from a gRPC request's arrival to the start of its answer (for a unary call, all of it)",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "watch_events_dropped",
+            "Events that event watchers did not get because they read too slowly",
+            metrics.events_dropped.clone(),
+        );
+        registry.register(
+            "watchers_cut",
+            "Event watchers ended because they fell behind (each is told, with reason EVENTS_MISSED)",
+            metrics.watchers_cut.clone(),
+        );
+        registry.register(
+            "build",
+            "The version of this server",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
         metrics
     }
 }
@@ -106,6 +164,32 @@ impl Default for Metrics {
 impl Metrics {
     pub fn enqueued(&self, count: usize) {
         self.enqueued.inc_by(count as u64);
+    }
+
+    /// Counts one answered gRPC request. Paths nobody serves (their code is UNIMPLEMENTED) share one label, so
+    /// that made-up paths cannot grow the metrics without bound.
+    pub fn answered(&self, path: &str, code: tonic::Code, took: std::time::Duration) {
+        let method = match code {
+            tonic::Code::Unimplemented => "unknown".to_owned(),
+            _ => path.trim_start_matches('/').to_owned(),
+        };
+        self.request_duration
+            .get_or_create(&MethodLabel {
+                method: method.clone(),
+            })
+            .observe(took.as_secs_f64());
+        self.requests
+            .get_or_create(&AnswerLabels {
+                method,
+                code: format!("{code:?}"),
+            })
+            .inc();
+    }
+
+    /// Counts a watcher cut for falling behind, and the events it missed.
+    pub fn watcher_cut(&self, events_missed: u64) {
+        self.watchers_cut.inc();
+        self.events_dropped.inc_by(events_missed);
     }
 
     /// Counts finished attempts and times them, from the supervisor's events.
@@ -145,7 +229,7 @@ impl Metrics {
         }
     }
 
-    /// The metrics in Prometheus' text format, with the gauges set to `now`.
+    /// The metrics in OpenMetrics' text format, with the gauges set to `now`.
     pub fn render(&self, now: &Gauges) -> Result<String, std::fmt::Error> {
         for (state, count) in JobState::ALL.into_iter().zip(now.counts) {
             let label = StateLabel {
@@ -175,7 +259,52 @@ pub struct Gauges {
     pub workers_busy: u32,
 }
 
-/// Serves `GET /metrics` on `address` until the process ends; `scrape` renders the text.
+/// OpenMetrics text as the Prometheus text format 0.0.4 has it: a counter's family takes the name of its `_total`
+/// sample, an info metric becomes a gauge named like its sample, and there are no UNIT or EOF lines.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let mut renamed: HashMap<&str, String> = HashMap::new();
+    for line in openmetrics.lines() {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            match declared.split_once(' ') {
+                Some((name, "counter")) => renamed.insert(name, format!("{name}_total")),
+                Some((name, "info")) => renamed.insert(name, format!("{name}_info")),
+                _ => None,
+            };
+        }
+    }
+    let mut text = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        let line = if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            match rest.split_once(' ') {
+                Some((name, "info")) => format!("# TYPE {} gauge", renamed[name]),
+                Some((name, kind)) if renamed.contains_key(name) => {
+                    format!("# TYPE {} {kind}", renamed[name])
+                }
+                _ => line.to_owned(),
+            }
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            match rest.split_once(' ') {
+                Some((name, help)) if renamed.contains_key(name) => {
+                    format!("# HELP {} {help}", renamed[name])
+                }
+                _ => line.to_owned(),
+            }
+        } else {
+            line.to_owned()
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves `GET /metrics` on `address` until the process ends; `scrape` renders OpenMetrics text, sent as it is to
+/// a scraper that accepts OpenMetrics (as Prometheus does) and in the Prometheus text format to any other.
 pub async fn serve<F, S>(address: SocketAddr, scrape: F) -> std::io::Result<()>
 where
     F: Fn() -> S + Clone + Send + Sync + 'static,
@@ -186,24 +315,129 @@ where
     tracing::info!(address = %listener.local_addr()?, "serving metrics");
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(async move || match scrape().await {
-            Ok(text) => (
-                StatusCode::OK,
-                [(
-                    header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )],
-                text,
-            ),
-            Err(error) => {
-                tracing::error!(%error, "rendering metrics failed");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-                    "the database is unavailable\n".to_owned(),
-                )
-            }
-        }),
+        axum::routing::get(
+            async move |headers: axum::http::HeaderMap| match scrape().await {
+                Ok(text) => {
+                    let openmetrics = headers
+                        .get_all(header::ACCEPT)
+                        .iter()
+                        .filter_map(|value| value.to_str().ok())
+                        .any(|accept| accept.contains("application/openmetrics-text"));
+                    if openmetrics {
+                        (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], text)
+                    } else {
+                        (
+                            StatusCode::OK,
+                            [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                            prometheus_text(&text),
+                        )
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "rendering metrics failed");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        "the database is unavailable\n".to_owned(),
+                    )
+                }
+            },
+        ),
     );
     axum::serve(listener, app).await
+}
+
+/// Counts each gRPC request in [`Metrics`] by method and answer, and times it.
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Observe<S> {
+    pub fn layer(metrics: Arc<Metrics>) -> impl tower::Layer<S, Service = Observe<S>> + Clone {
+        tower::layer::layer_fn(move |inner| Observe {
+            inner,
+            metrics: metrics.clone(),
+        })
+    }
+}
+
+impl<S, B, R> tower::Service<axum::http::Request<B>> for Observe<S>
+where
+    S: tower::Service<axum::http::Request<B>, Response = axum::http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let arrived = std::time::Instant::now();
+        let metrics = self.metrics.clone();
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            // A refusal comes as headers only, with its status; an answer that begins well has none yet.
+            let code = tonic::Status::from_header_map(response.headers())
+                .map_or(tonic::Code::Ok, |status| status.code());
+            metrics.answered(&path, code, arrived.elapsed());
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prometheus_text_names_counter_and_info_families_by_their_samples() {
+        let metrics = Metrics::default();
+        metrics.enqueued(3);
+        metrics.answered(
+            "/queuectl.v1.QueueService/Enqueue",
+            tonic::Code::Ok,
+            std::time::Duration::from_millis(2),
+        );
+        let openmetrics = metrics.render(&Gauges::default()).unwrap();
+        assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+        let text = prometheus_text(&openmetrics);
+        for expected in [
+            "# HELP queuectl_jobs_enqueued_total Jobs enqueued through this server.\n",
+            "# TYPE queuectl_jobs_enqueued_total counter\nqueuectl_jobs_enqueued_total 3\n",
+            "# TYPE queuectl_build_info gauge\n",
+            "queuectl_grpc_requests_total{method=\"queuectl.v1.QueueService/Enqueue\",code=\"Ok\"} 1\n",
+            "# TYPE queuectl_grpc_request_duration_seconds histogram\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in {text}");
+        }
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn made_up_paths_share_one_label() {
+        let metrics = Metrics::default();
+        for path in ["/x/1", "/x/2", "/y/3"] {
+            metrics.answered(path, tonic::Code::Unimplemented, std::time::Duration::ZERO);
+        }
+        let text = metrics.render(&Gauges::default()).unwrap();
+        assert!(
+            text.contains(
+                "queuectl_grpc_requests_total{method=\"unknown\",code=\"Unimplemented\"} 3"
+            ),
+            "{text}"
+        );
+    }
 }

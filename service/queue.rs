@@ -229,6 +229,11 @@ impl Queue {
         Ok(self.store.counts().await?)
     }
 
+    /// The counters the transport adds to.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// The metrics as Prometheus reads them, with the job counts and worker gauges read now.
     pub async fn metrics_text(&self) -> Result<String, QueueError> {
         let oldest = self.store.oldest_pending().await?;

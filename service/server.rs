@@ -355,9 +355,11 @@ impl Bound {
             }
         };
 
-        let mut router = Server::builder().layer(tower::util::MapResponseLayer::new(
-            crate::status::transport_refusals::<tonic::body::Body>,
-        ));
+        let mut router = Server::builder()
+            .layer(crate::metrics::Observe::layer(queue.metrics()))
+            .layer(tower::util::MapResponseLayer::new(
+                crate::status::transport_refusals::<tonic::body::Body>,
+            ));
         match listener {
             #[cfg(unix)]
             Listener::Socket { listener, path } => {

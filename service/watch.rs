@@ -14,6 +14,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::event::Stamped;
+use crate::metrics::Metrics;
 use crate::pb;
 
 /// Bytes of encoded events a watcher may have waiting: 8 full output chunks. HTTP/2 buffers at most about
@@ -34,6 +35,7 @@ pub fn stream(
     mut events: broadcast::Receiver<Stamped>,
     mut closing: watch::Receiver<bool>,
     job_id: String,
+    metrics: Arc<Metrics>,
 ) -> EventStream {
     let budget = Arc::new(Semaphore::new(BUFFER_BYTES));
     // Unbounded in count, bounded in bytes by `budget`: the last message, that the watcher fell behind, always
@@ -58,6 +60,7 @@ pub fn stream(
                         missed,
                         "an event watcher fell behind the broadcast; ending its stream"
                     );
+                    metrics.watcher_cut(missed);
                     let _ = sender.send((Err(fell_behind(&format!("by {missed} events"))), None));
                     return;
                 }
@@ -73,6 +76,8 @@ pub fn stream(
                     buffer_bytes = BUFFER_BYTES,
                     "an event watcher does not read; ending its stream"
                 );
+                // The event that did not fit is the one it misses: the stream ends with it.
+                metrics.watcher_cut(1);
                 let waiting = format!("with {} KiB of events waiting", BUFFER_BYTES / 1024);
                 let _ = sender.send((Err(fell_behind(&waiting)), None));
                 return;

@@ -156,11 +156,17 @@ fn logs_follow_streams_until_the_job_is_final() {
 }
 
 fn scrape(port: u16) -> String {
+    scrape_accepting(port, "*/*")
+}
+
+/// The whole HTTP response to `GET /metrics` with this Accept header.
+fn scrape_accepting(port: u16, accept: &str) -> String {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     response
@@ -200,6 +206,90 @@ fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
     ] {
         assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
     }
+}
+
+/// promtool, which CI must have (`.ci/run` installs Debian's prometheus package); says so when not.
+fn promtool() -> Option<std::process::Command> {
+    if std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is missing; .ci/run installs it"
+        );
+        eprintln!("skipping: promtool is not installed (apt-get install prometheus)");
+        return None;
+    }
+    Some(std::process::Command::new("promtool"))
+}
+
+#[test]
+fn the_metrics_pass_promtool_and_speak_both_text_formats() {
+    use std::io::Write;
+    let Some(mut promtool) = promtool() else {
+        return;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut home = Home::new();
+    let mut server = home.server_command(0);
+    server.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
+    home.start_server_with(server);
+    home.enqueue(r#"{"command":"true"}"#);
+    home.fails(&["get", "ghost"]);
+
+    // Prometheus asks for OpenMetrics first, and gets it.
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let openmetrics = scrape_accepting(port, prometheus_accept);
+    assert!(
+        openmetrics.contains("content-type: application/openmetrics-text; version=1.0.0")
+            && openmetrics.ends_with("# EOF\n"),
+        "{openmetrics}"
+    );
+
+    // Anything else gets the Prometheus text format, which promtool lints.
+    let response = scrape(port);
+    let (head, text) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    for line in [
+        "queuectl_build_info{version=\"",
+        "queuectl_grpc_requests_total{method=\"queuectl.v1.QueueService/Enqueue\",code=\"Ok\"} 1",
+        "queuectl_grpc_requests_total{method=\"queuectl.v1.QueueService/GetJob\",code=\"NotFound\"} 1",
+        "queuectl_grpc_request_duration_seconds_count{method=\"queuectl.v1.QueueService/Enqueue\"} 1",
+        "queuectl_watch_events_dropped_total 0",
+        "queuectl_job_duration_seconds_bucket{le=\"335544.32\"}",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+    let mut check = promtool
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 }
 
 #[test]

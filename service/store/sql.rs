@@ -79,7 +79,11 @@ pub fn page_end(sizes: &[(i64, i64)], budget: usize) -> Option<(i64, bool)> {
 /// Every write stamps updated_at, and nothing stamps it earlier than created_at.
 pub const NEWEST_TIME: &str = "SELECT MAX(updated_at) FROM jobs";
 
+/// The creation time of the oldest pending job, from the partial index `jobs_pending_age`, which SQLite must be
+/// told to use (its planner prefers `jobs_by_state` and reads every pending row: 40 ms at 300,000).
 pub const OLDEST_PENDING: &str = "SELECT MIN(created_at) FROM jobs WHERE state = 'pending'";
+pub const OLDEST_PENDING_SQLITE: &str =
+    "SELECT MIN(created_at) FROM jobs INDEXED BY jobs_pending_age WHERE state = 'pending'";
 
 pub const LOAD_CONFIG: &str = "SELECT key, value FROM config";
 

@@ -738,7 +738,7 @@ impl Store for SqliteStore {
     }
 
     async fn oldest_pending(&self) -> Result<Option<Micros>, StoreError> {
-        sqlx::query_scalar(sql::OLDEST_PENDING)
+        sqlx::query_scalar(sql::OLDEST_PENDING_SQLITE)
             .fetch_one(&self.reader)
             .await
             .map_err(classify)
