@@ -437,6 +437,9 @@ pub async fn logs(
             .job
             .context("the server sent no job")?;
         if is_final(job.state) {
+            // The read above may have come just before the job's last output was stored, which is stored with its
+            // final state: read once more.
+            printer.read_stored(client).await?;
             return printer.ended(&job);
         }
         if !noted && job.state != pb::JobState::Processing as i32 {
@@ -1029,9 +1032,13 @@ pub async fn worker_start(
                     }
                     Err(status) => return Err(status.into()),
                 };
-                let Some(event) = event.and_then(|response| response.event) else {
+                let Some(response) = event else {
                     println!("the server stopped");
                     return Ok(());
+                };
+                // The workers of other servers of a shared database are theirs to print.
+                let Some(event) = response.event.filter(|_| response.server.is_empty()) else {
+                    continue;
                 };
                 match &event {
                     Event::JobOutput(chunk) => stdout.write_all(&chunk.data)?,

@@ -488,29 +488,12 @@ pub fn logs_page(page: LogsPage, by_stream: bool) -> pb::GetJobLogsResponse {
     }
 }
 
-/// The most of a running job's command `Status` shows: a server with a thousand workers running 64 KiB commands
-/// still answers within what a stock gRPC client accepts.
-pub const MAX_STATUS_COMMAND_BYTES: usize = 1024;
-
-/// `command`, cut to [`MAX_STATUS_COMMAND_BYTES`] (at a character boundary) and marked when cut.
-fn shortened(mut command: String) -> String {
-    if command.len() > MAX_STATUS_COMMAND_BYTES {
-        let mut end = MAX_STATUS_COMMAND_BYTES;
-        while !command.is_char_boundary(end) {
-            end -= 1;
-        }
-        command.truncate(end);
-        command.push('…');
-    }
-    command
-}
-
 impl From<WorkerRecord> for pb::Worker {
     fn from(worker: WorkerRecord) -> Self {
         pb::Worker {
             index: worker.index,
             job_id: worker.job_id.unwrap_or_default(),
-            command: worker.command.map(shortened).unwrap_or_default(),
+            command: worker.command.map(job::shortened).unwrap_or_default(),
             started_at: worker.started_at.map(timestamp),
             stopping: worker.stopping,
         }
@@ -532,7 +515,12 @@ impl From<ServerRecord> for pb::Server {
 
 impl From<Stamped> for pb::WatchEventsResponse {
     fn from(stamped: Stamped) -> Self {
-        let Stamped { seq, at, event } = stamped;
+        let Stamped {
+            seq,
+            at,
+            server,
+            event,
+        } = stamped;
         use pb::watch_events_response::Event as Wire;
         let wire = match event {
             Event::WorkerStarted { worker } => Wire::WorkerStarted(pb::WorkerStarted { worker }),
@@ -589,6 +577,7 @@ impl From<Stamped> for pb::WatchEventsResponse {
             event: Some(wire),
             seq,
             time: Some(timestamp(at)),
+            server: server.map(|server| server.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -772,16 +761,16 @@ mod tests {
 
     #[test]
     fn status_shows_the_first_kib_of_a_long_command() {
-        assert_eq!(shortened("echo hi".into()), "echo hi");
+        assert_eq!(job::shortened("echo hi".into()), "echo hi");
         let long = format!(
             "{}é{}",
-            "x".repeat(MAX_STATUS_COMMAND_BYTES - 1),
+            "x".repeat(job::MAX_SHOWN_COMMAND_BYTES - 1),
             "y".repeat(100)
         );
-        let cut = shortened(long);
+        let cut = job::shortened(long);
         assert_eq!(
             cut,
-            format!("{}…", "x".repeat(MAX_STATUS_COMMAND_BYTES - 1))
+            format!("{}…", "x".repeat(job::MAX_SHOWN_COMMAND_BYTES - 1))
         );
     }
 

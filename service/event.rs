@@ -13,6 +13,8 @@ pub struct Stamped {
     /// From 1 at the server's start, one more for each event it sends.
     pub seq: u64,
     pub at: Micros,
+    /// The server whose worker it was, when another server of a shared database; `None` for this one.
+    pub server: Option<Arc<str>>,
     pub event: Event,
 }
 
@@ -34,11 +36,21 @@ impl Events {
     }
 
     pub fn emit(&self, event: Event) {
+        self.send(None, event);
+    }
+
+    /// Passes on an event of another server of a shared database, numbered among this server's own.
+    pub fn relay(&self, server: Arc<str>, event: Event) {
+        self.send(Some(server), event);
+    }
+
+    fn send(&self, server: Option<Arc<str>>, event: Event) {
         let mut last = self.last.lock().expect("event counter lock");
         *last += 1;
         let stamped = Stamped {
             seq: *last,
             at: crate::clock::now(),
+            server,
             event,
         };
         // No subscriber is fine: nobody is watching.
@@ -51,7 +63,7 @@ impl Events {
 }
 
 /// Worker activity, as `queuectl worker start` prints it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Event {
     WorkerStarted {
         worker: u32,
@@ -92,6 +104,16 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the servers of a shared database pass the event on to each other: what a job did (its start, its
+    /// end, its cancel), so that a watcher of any server sees it. Not output, which is read from the store, nor
+    /// worker slots, which are each server's own.
+    pub fn is_shared(&self) -> bool {
+        matches!(
+            self,
+            Event::JobPicked { .. } | Event::JobFinished { .. } | Event::JobCancelled { .. }
+        )
+    }
+
     /// The job the event is about, if any.
     pub fn job_id(&self) -> Option<&str> {
         match self {

@@ -26,8 +26,28 @@ pub const MAX_BACKOFF_SECS: u64 = 86_400;
 /// before it is tried again.
 pub const NOT_STARTED_RETRY_SECS: u64 = 1;
 
+/// The most of a running job's command that `Status` and the events other servers pass on show: a server with a
+/// thousand workers running 64 KiB commands still answers within what a stock gRPC client accepts.
+pub const MAX_SHOWN_COMMAND_BYTES: usize = 1024;
+
+/// `command`, cut to [`MAX_SHOWN_COMMAND_BYTES`] (at a character boundary) and marked when cut.
+pub fn shortened(mut command: String) -> String {
+    if command.len() > MAX_SHOWN_COMMAND_BYTES {
+        let mut end = MAX_SHOWN_COMMAND_BYTES;
+        while !command.is_char_boundary(end) {
+            end -= 1;
+        }
+        command.truncate(end);
+        command.push('…');
+    }
+    command
+}
+
 /// Where a job is in its lifecycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting for a worker.
     Pending,
@@ -157,7 +177,7 @@ pub struct NewJob {
 }
 
 /// Why an attempt did not succeed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Failure {
     /// The command exited with a non-zero status.
     Exit(i32),
@@ -184,7 +204,7 @@ impl fmt::Display for Failure {
 }
 
 /// How one attempt ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     Succeeded,
     Failed(Failure),

@@ -196,7 +196,12 @@ impl Metrics {
     pub async fn follow(self: Arc<Self>, mut events: broadcast::Receiver<Stamped>) {
         let mut started = HashMap::new();
         loop {
-            match events.recv().await.map(|stamped| stamped.event) {
+            // Other servers count their own jobs.
+            let event = match events.recv().await {
+                Ok(stamped) if stamped.server.is_some() => continue,
+                other => other.map(|stamped| stamped.event),
+            };
+            match event {
                 Ok(Event::JobPicked { worker, .. }) => {
                     started.insert(worker, std::time::Instant::now());
                 }

@@ -11,8 +11,8 @@ use crate::job::{self, Job, JobContext, JobState, Micros, NewJob};
 use crate::metrics::Metrics;
 use crate::output::Chunk;
 use crate::store::{
-    CancelRequest, EnqueueRejected, GuardedUpdate, ListFilter, Page, RunRecord, ServerRecord,
-    Signal, StateCounts, Store, StoreError,
+    CancelRequest, EnqueueRejected, GuardedUpdate, JobEvents, ListFilter, Page, RunRecord,
+    ServerRecord, Signal, StateCounts, Store, StoreError,
 };
 use crate::supervisor::Supervisor;
 use crate::writer::Writer;
@@ -124,6 +124,13 @@ impl Queue {
         let paused = settings.read().expect("settings lock").paused();
         let wake = Arc::new(Notify::new());
         let events = Events::new(EVENT_BUFFER);
+        if store.cluster().is_some() {
+            tokio::spawn(share_job_events(
+                store.clone(),
+                server_id.clone(),
+                events.subscribe(),
+            ));
+        }
         let writer = Writer::spawn(
             store.clone(),
             settings.clone(),
@@ -137,7 +144,7 @@ impl Queue {
             writer.clone(),
             settings.clone(),
             wake.clone(),
-            events,
+            events.clone(),
         );
         supervisor.pause(paused);
         // A server that cannot write yet (a full disk) still starts and serves reads; it keeps trying, and its
@@ -165,6 +172,7 @@ impl Queue {
                 settings.clone(),
                 supervisor.clone(),
                 wake,
+                events,
             ));
         }
         Ok(Queue {
@@ -787,16 +795,97 @@ async fn recover_until_done(supervisor: &Supervisor) {
     }
 }
 
-/// Applies what other servers of a shared database announce: new jobs, changed settings, worker counts.
+/// Passes this server's job events on to the other servers of a shared database, so that their watchers (`wait`,
+/// `logs -f`, any WatchEvents client) see jobs that run here. What arrived while one batch was sent goes in the
+/// next, in one round trip: the relay never holds up a job.
+async fn share_job_events(
+    store: Arc<dyn Store>,
+    server_id: String,
+    mut events: tokio::sync::broadcast::Receiver<crate::event::Stamped>,
+) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let Some(cluster) = store.cluster() else {
+        return;
+    };
+    loop {
+        let mut batch = Vec::new();
+        let mut next = match events.recv().await {
+            Ok(stamped) => Ok(stamped),
+            Err(RecvError::Lagged(missed)) => Err(missed),
+            Err(RecvError::Closed) => return,
+        };
+        loop {
+            match next {
+                Ok(stamped) if stamped.server.is_none() && stamped.event.is_shared() => {
+                    batch.push(shareable(stamped.event));
+                }
+                Ok(_) => {}
+                Err(missed) => {
+                    tracing::warn!(
+                        missed,
+                        "job events were not passed on to the other servers: too many at once"
+                    );
+                }
+            }
+            next = match events.try_recv() {
+                Ok(stamped) => Ok(stamped),
+                Err(TryRecvError::Lagged(missed)) => Err(missed),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => return,
+            };
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let shared = JobEvents {
+            server: server_id.clone(),
+            events: batch,
+        };
+        if let Err(error) = cluster.broadcast_events(&shared).await {
+            tracing::warn!(%error, events = shared.events.len(), "could not pass job events on to the other servers");
+        }
+    }
+}
+
+/// An event as other servers get it: a picked job's command cut to what `Status` shows, to fit a notification.
+fn shareable(event: crate::event::Event) -> crate::event::Event {
+    use crate::event::Event;
+    match event {
+        Event::JobPicked {
+            worker,
+            job_id,
+            command,
+            run,
+        } => Event::JobPicked {
+            worker,
+            job_id,
+            command: job::shortened(command.to_string()).into(),
+            run,
+        },
+        other => other,
+    }
+}
+
+/// Applies what other servers of a shared database announce: new jobs, changed settings, worker counts, and what
+/// their jobs did, for this server's watchers.
 async fn follow_signals(
     mut signals: mpsc::UnboundedReceiver<Signal>,
     store: Arc<dyn Store>,
     settings: Arc<RwLock<Settings>>,
     supervisor: Supervisor,
     wake: Arc<Notify>,
+    events: Events,
 ) {
+    let this_server = supervisor.record().id;
     while let Some(signal) = signals.recv().await {
         match signal {
+            Signal::Events(shared) if shared.server != this_server => {
+                let server: Arc<str> = shared.server.into();
+                for event in shared.events {
+                    events.relay(server.clone(), event);
+                }
+            }
+            Signal::Events(_) => {}
             Signal::Jobs => wake.notify_one(),
             Signal::Workers(count) => supervisor.set_workers(count),
             Signal::Reset => {

@@ -749,7 +749,7 @@ fn a_cancel_and_a_pause_through_one_server_reach_the_others() {
     runner.ok(&["wait", "job2"]);
     assert_eq!(front.state("job1"), "cancelled", "never run again");
 
-    // The job runs on the other server, whose events this one never hears: wait and logs -f end all the same.
+    // The job runs on the other server: wait and logs -f through this one end when it does, output and all.
     let id = front.enqueue(r#"{"command":"sleep 1; echo done"}"#);
     let waited = common::output_within(&mut front.command(&["wait", &id]), DEADLINE);
     assert!(
@@ -765,4 +765,90 @@ fn a_cancel_and_a_pause_through_one_server_reach_the_others() {
         "{}",
         String::from_utf8_lossy(&followed.stdout)
     );
+}
+
+#[test]
+fn a_watcher_of_one_server_sees_what_the_jobs_of_another_do() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let (mut watched, mut runner) = (Home::new(), Home::new());
+    start(&mut watched, &database, 0);
+    start(&mut runner, &database, 1);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (runner_id, seen) = runtime.block_on(async {
+        let runner_id = client(&runner)
+            .await
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .servers[0]
+            .id
+            .clone();
+        let mut watcher = client(&watched).await;
+        let mut events = watcher
+            .watch_events(pb::WatchEventsRequest {
+                job_id: "job1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watcher
+            .enqueue(pb::EnqueueRequest {
+                command: "exit 3".into(),
+                max_retries: Some(0),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        tokio::time::timeout(DEADLINE, async {
+            while let Some(response) = events.message().await.unwrap() {
+                let finished = matches!(
+                    response.event,
+                    Some(pb::watch_events_response::Event::JobFinished(_))
+                );
+                seen.push(response);
+                if finished {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the watcher of the idle server is told the job finished");
+        (runner_id, seen)
+    });
+    use pb::watch_events_response::Event;
+    let kinds: Vec<_> = seen
+        .iter()
+        .map(|response| match &response.event {
+            Some(Event::JobPicked(picked)) => {
+                format!("picked {} run {}", picked.job_id, picked.run)
+            }
+            Some(Event::JobFinished(finished)) => format!(
+                "finished {} {} {}",
+                finished.job_id,
+                output_state(finished.state),
+                finished.error
+            ),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(kinds, ["picked job1 run 1", "finished job1 dead exit:3"]);
+    for response in &seen {
+        assert_eq!(
+            response.server, runner_id,
+            "the event names the server that ran the job"
+        );
+        assert!(response.seq > 0 && response.time.is_some());
+    }
+}
+
+fn output_state(state: i32) -> &'static str {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Dead) => "dead",
+        Ok(pb::JobState::Completed) => "completed",
+        _ => "other",
+    }
 }

@@ -210,6 +210,16 @@ pub enum Signal {
     Reset,
     /// Someone cancelled run `run` of a job: the server running it ends it.
     Cancel(CancelRequest),
+    /// What the jobs of a server did, for the watchers of the others.
+    Events(JobEvents),
+}
+
+/// Job events of one server, as it passes them on to the other servers of the database.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JobEvents {
+    /// The id of the server whose workers they were.
+    pub server: String,
+    pub events: Vec<crate::event::Event>,
 }
 
 /// A cancel of a running job, as servers pass it on: which run, and who cancels it (for its `last_error`).
@@ -356,6 +366,10 @@ pub trait Cluster: Send + Sync {
 
     /// Asks the server that runs `cancel.run` of a job to end it as cancelled.
     async fn broadcast_cancel(&self, cancel: &CancelRequest) -> Result<(), StoreError>;
+
+    /// Passes job events on to every server of the database (this one included, which ignores its own). Events
+    /// may be dropped, as a slow watcher's are: watchers re-read the jobs.
+    async fn broadcast_events(&self, events: &JobEvents) -> Result<(), StoreError>;
 
     /// Changes made through other servers; the first caller takes the stream.
     fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>>;

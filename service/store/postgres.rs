@@ -15,8 +15,8 @@ use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql::{self, offset};
 use super::{
-    CancelRequest, Cluster, InFlight, ListFilter, OutputPage, Page, RunRecord, RunStarted,
-    ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
+    CancelRequest, Cluster, InFlight, JobEvents, ListFilter, OutputPage, Page, RunRecord,
+    RunStarted, ServerRecord, Signal, StateCounts, Store, StoreError, WriteBatch, WriteOutcome,
 };
 use crate::job::{self, Job, JobState, Micros, Policy};
 use crate::output::{Chunk, OutputWrite};
@@ -26,6 +26,9 @@ const CONFIG_CHANNEL: &str = "queuectl_config";
 const WORKERS_CHANNEL: &str = "queuectl_workers";
 const RESET_CHANNEL: &str = "queuectl_reset";
 const CANCEL_CHANNEL: &str = "queuectl_cancel";
+const EVENTS_CHANNEL: &str = "queuectl_events";
+/// The longest NOTIFY payload PostgreSQL takes is just under 8000 bytes.
+const MAX_NOTIFY_PAYLOAD: usize = 7900;
 
 /// How long connecting to the database, or waiting for a free connection, may take before it is an error.
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
@@ -104,6 +107,7 @@ impl PgStore {
                 WORKERS_CHANNEL,
                 RESET_CHANNEL,
                 CANCEL_CHANNEL,
+                EVENTS_CHANNEL,
             ])
             .await
             .map_err(classify)?;
@@ -166,6 +170,13 @@ async fn forward_notifications(mut listener: PgListener, signals: mpsc::Unbounde
             CANCEL_CHANNEL => match serde_json::from_str(notification.payload()) {
                 Ok(cancel) => Signal::Cancel(cancel),
                 Err(_) => continue,
+            },
+            EVENTS_CHANNEL => match serde_json::from_str(notification.payload()) {
+                Ok(events) => Signal::Events(events),
+                Err(error) => {
+                    tracing::warn!(%error, "ignoring job events another server sent in a form this one cannot read");
+                    continue;
+                }
             },
             _ => continue,
         };
@@ -958,7 +969,85 @@ impl Cluster for PgStore {
         .await
     }
 
+    async fn broadcast_events(&self, events: &JobEvents) -> Result<(), StoreError> {
+        let payloads = notify_payloads(events)?;
+        within(ANSWER_LIMIT, async {
+            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                .bind(EVENTS_CHANNEL)
+                .bind(payloads)
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?;
+            Ok(())
+        })
+        .await
+    }
+
     fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
         self.signals.lock().expect("signals lock").take()
+    }
+}
+
+/// `events` as JSON payloads that each fit a NOTIFY. An event too large for one on its own is left out.
+fn notify_payloads(events: &JobEvents) -> Result<Vec<String>, StoreError> {
+    let encoding =
+        |error: serde_json::Error| StoreError::Internal(format!("encoding events: {error}"));
+    let head = format!(
+        r#"{{"server":{},"events":["#,
+        serde_json::to_string(&events.server).map_err(encoding)?
+    );
+    let mut payloads = Vec::new();
+    let mut payload = head.clone();
+    for event in &events.events {
+        let encoded = serde_json::to_string(event).map_err(encoding)?;
+        if head.len() + encoded.len() + 2 > MAX_NOTIFY_PAYLOAD {
+            tracing::warn!(
+                bytes = encoded.len(),
+                "a job event is too large to pass on to the other servers"
+            );
+            continue;
+        }
+        if payload.len() + encoded.len() + 3 > MAX_NOTIFY_PAYLOAD {
+            payload.push_str("]}");
+            payloads.push(std::mem::replace(&mut payload, head.clone()));
+        }
+        if payload.len() > head.len() {
+            payload.push(',');
+        }
+        payload.push_str(&encoded);
+    }
+    if payload.len() > head.len() {
+        payload.push_str("]}");
+        payloads.push(payload);
+    }
+    Ok(payloads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Event;
+
+    #[test]
+    fn job_events_are_split_into_payloads_that_fit_a_notify_and_read_back_whole() {
+        let events = JobEvents {
+            server: "host:1".into(),
+            events: (0..500)
+                .map(|n| Event::JobCancelled {
+                    job_id: format!("job{n}").into(),
+                    error: "cancelled by someone".into(),
+                })
+                .collect(),
+        };
+        let payloads = notify_payloads(&events).unwrap();
+        assert!(payloads.len() > 1);
+        let mut read = Vec::new();
+        for payload in payloads {
+            assert!(payload.len() <= MAX_NOTIFY_PAYLOAD, "{}", payload.len());
+            let part: JobEvents = serde_json::from_str(&payload).unwrap();
+            assert_eq!(part.server, "host:1");
+            read.extend(part.events);
+        }
+        assert_eq!(read, events.events);
     }
 }
