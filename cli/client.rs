@@ -207,31 +207,58 @@ fn home_server_running(home: &Path) -> bool {
     )
 }
 
-/// The address of the home's own server.
+/// The address of the home's own server: the TCP address a running server recorded (`queuectld --listen`), else
+/// the socket (on Windows, always the recorded address).
 fn home_target(home: &Path) -> Target {
+    let recorded = std::fs::read_to_string(home.join(ADDRESS_FILE)).unwrap_or_default();
+    let recorded = recorded.trim();
     #[cfg(unix)]
     {
-        Target::Socket(home.join(home::SOCKET_FILE))
+        if recorded.is_empty() || !home_server_running(home) {
+            return Target::Socket(home.join(home::SOCKET_FILE));
+        }
     }
-    #[cfg(windows)]
-    {
-        let url = std::fs::read_to_string(home.join(ADDRESS_FILE)).unwrap_or_default();
-        Target::Tcp(url.trim().to_owned())
-    }
+    Target::Tcp(recorded.to_owned())
 }
 
 fn autostart_disabled() -> bool {
     std::env::var("QUEUECTL_NO_AUTOSTART").is_ok_and(|value| !value.is_empty() && value != "0")
 }
 
+/// A server this command started, and where its log stood before it started.
+struct Started {
+    server: std::process::Child,
+    log_start: u64,
+}
+
+impl Started {
+    /// Why the server exited, if it has: the error it logged last (`queuectld: ...`).
+    fn failure(&mut self, home: &Path) -> Option<String> {
+        use std::io::{Read, Seek};
+        let status = self.server.try_wait().ok()??;
+        let mut logged = String::new();
+        if let Ok(mut log) = std::fs::File::open(home.join(LOG_FILE)) {
+            let _ = log.seek(std::io::SeekFrom::Start(self.log_start));
+            let _ = log.take(64 * 1024).read_to_string(&mut logged);
+        }
+        let reason = logged
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("queuectld: "))
+            .map_or_else(|| format!("it exited with {status}"), str::to_owned);
+        Some(reason)
+    }
+}
+
 /// Starts `queuectld` for `home`, detached, with no workers and its log in the home folder.
-fn spawn_server(home: &Path) -> anyhow::Result<()> {
+fn spawn_server(home: &Path) -> anyhow::Result<Started> {
     if !home.exists() {
         home::create_dir_private(home)?;
     }
     let binary = std::env::current_exe()?
         .with_file_name(format!("queuectld{}", std::env::consts::EXE_SUFFIX));
     let log = home::open_private(&home.join(LOG_FILE))?;
+    let log_start = log.metadata()?.len();
     let mut command = std::process::Command::new(&binary);
     command
         .arg("--workers")
@@ -244,13 +271,13 @@ fn spawn_server(home: &Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     // No server, and none can be started: as unreachable as one that does not answer (exit 3).
-    command.spawn().map_err(|error| {
+    let server = command.spawn().map_err(|error| {
         Unreachable(format!(
             "no queuectl server is running, and {} cannot be started: {error}; install queuectld beside queuectl",
             binary.display()
         ))
     })?;
-    Ok(())
+    Ok(Started { server, log_start })
 }
 
 /// Connects to the server, starting the home's own one if it is not running and `autostart` allows it.
@@ -295,12 +322,18 @@ pub async fn channel(
         ))
         .into());
     }
-    spawn_server(&home)?;
+    let mut started = spawn_server(&home)?;
     let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
     loop {
         let target = home_target(&home);
         match open(&target, patience).await {
             Ok(channel) => return Ok(channel),
+            Err(_) if let Some(reason) = started.failure(&home) => {
+                return Err(Unreachable(format!(
+                    "no queuectl server is running, and queuectld could not start: {reason}"
+                ))
+                .into());
+            }
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(Unreachable(format!(
                     "started queuectld, but it did not answer at {target} within {}s ({error}); \

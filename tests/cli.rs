@@ -438,3 +438,33 @@ fn durations_on_the_command_line_take_plain_seconds() {
             .contains("give seconds (300)")
     );
 }
+
+#[test]
+fn an_autostart_that_fails_says_why_at_once() {
+    let home = Home::new();
+    let output = home
+        .command(&["status"])
+        .env_remove("QUEUECTL_NO_AUTOSTART")
+        .env("QUEUECTL_DATABASE_URL", "nonsense://db")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert_eq!(
+        stderr,
+        "error: no queuectl server is running, and queuectld could not start: opening the database: the database \
+         is unavailable: the database URL must start with postgres:// or postgresql://\n"
+    );
+}
+
+#[test]
+fn the_cli_finds_the_tcp_address_its_homes_server_recorded() {
+    let mut home = Home::new();
+    let mut server = home.server_command(0);
+    server.args(["--listen", "http://127.0.0.1:0"]);
+    // Waits until `queuectl status`, with no --server and no autostart, reaches it.
+    home.start_server_with(server);
+    assert!(!home.file("queuectl.sock").exists());
+    assert_eq!(home.enqueue(r#"{"command":"true"}"#), "job1");
+    assert_eq!(home.state("job1"), "pending");
+}
