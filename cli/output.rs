@@ -54,6 +54,9 @@ struct JobLine<'a> {
     cwd: &'a str,
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     env: std::collections::BTreeMap<&'a str, &'a str>,
+    /// Only where aging has moved the job up: the Python queuectl's lines stay as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    effective_priority: Option<u32>,
 }
 
 /// `", "` before every item but the first, as Python's `json.dumps` separates items.
@@ -128,6 +131,7 @@ pub fn job_json(job: &pb::Job) -> String {
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_str()))
             .collect(),
+        effective_priority: aged(job),
     };
     let mut out = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonStyle);
@@ -235,21 +239,35 @@ pub fn run_json(run: &pb::JobRun, only: Option<pb::OutputStream>) -> String {
     .to_string()
 }
 
+/// The priority aging has given `job`, where it differs from its own (a server that does not age sends 0).
+fn aged(job: &pb::Job) -> Option<u32> {
+    (job.effective_priority != 0 && job.effective_priority != job.priority)
+        .then_some(job.effective_priority)
+}
+
 pub fn table_header() -> String {
     format!(
-        "{:<16} {:<10} {:>3} {:>8} {:<20} {}",
+        "{:<16} {:<10} {:>6} {:>8} {:<20} {}",
         "ID", "STATE", "PRI", "ATTEMPTS", "UPDATED", "COMMAND"
     )
+}
+
+/// The priority column: the aged priority the job competes with, and its own in parentheses when they differ.
+fn priority_cell(job: &pb::Job) -> String {
+    match aged(job) {
+        Some(effective) => format!("{effective} ({})", job.priority),
+        None => job.priority.to_string(),
+    }
 }
 
 pub fn job_row(job: &pb::Job) -> String {
     let updated = iso_time(job.updated_at.as_ref());
     let command = job.command.replace('\n', " ");
     format!(
-        "{:<16} {:<10} {:>3} {:>8} {:<20} {}",
+        "{:<16} {:<10} {:>6} {:>8} {:<20} {}",
         job.id,
         state_name(job.state),
-        job.priority,
+        priority_cell(job),
         format!("{}/{}", job.attempts, job.max_retries),
         updated.get(..19).unwrap_or(&updated),
         command
@@ -387,6 +405,7 @@ mod tests {
             after: Vec::new(),
             cwd: String::new(),
             env: Default::default(),
+            effective_priority: 5,
         };
         assert_eq!(
             job_json(&job),

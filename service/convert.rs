@@ -406,6 +406,7 @@ impl From<Job> for pb::Job {
             attempts: job.attempts,
             max_retries: job.max_retries,
             priority: u32::from(job.priority),
+            effective_priority: u32::from(job.priority),
             created_at: Some(timestamp(job.created_at)),
             updated_at: Some(timestamp(job.updated_at)),
             run_after: (!held).then(|| timestamp(job.run_after)),
@@ -582,25 +583,24 @@ impl From<Stamped> for pb::WatchEventsResponse {
     }
 }
 
-/// Page tokens are `priority.seq` of the last job of the previous page.
 /// The most a page of jobs holds, encoded: jobs past it go to the next page, so that no listing exceeds what a
 /// stock gRPC client accepts (4 MiB), whatever the jobs hold.
 pub const MAX_LIST_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 /// A page of jobs of a listing filtered by `state` on the wire, cut short (with a token for the rest) where it
 /// would pass [`MAX_LIST_PAGE_BYTES`]; it holds at least one job.
-pub fn list_page(state: i32, page: Page) -> pb::ListResponse {
+pub fn list_page(state: i32, page: Page, aged: impl Fn(&Job) -> u8) -> pb::ListResponse {
     use prost::Message;
     let mut jobs = Vec::with_capacity(page.jobs.len());
     let mut size = 0;
     let mut next = page.next;
     let mut last = None;
-    for job in page.jobs {
-        let cursor = Cursor {
-            priority: job.priority,
-            seq: job.seq,
+    for (job, cursor) in page.jobs.into_iter().zip(page.positions) {
+        let effective = aged(&job);
+        let job = pb::Job {
+            effective_priority: u32::from(effective),
+            ..pb::Job::from(job)
         };
-        let job = pb::Job::from(job);
         size += job.encoded_len() + 8;
         if size > MAX_LIST_PAGE_BYTES && last.is_some() {
             next = last;
@@ -620,7 +620,7 @@ pub fn list_page(state: i32, page: Page) -> pb::ListResponse {
 /// The token of the page after `cursor` in a listing filtered by `state` (the request's field, 0 for all): opaque
 /// to clients, and good only for the same filter.
 pub fn page_token(state: i32, cursor: Cursor) -> String {
-    format!("{state}.{}.{}", cursor.priority, cursor.seq)
+    format!("{state}.{}.{}", cursor.key, cursor.seq)
 }
 
 /// Where a listing filtered by `state` resumes, from a token [`page_token`] gave for the same filter. The error
@@ -636,8 +636,7 @@ pub fn parse_page_token(state: i32, token: &str) -> Result<Option<Cursor>, Queue
         )
     };
     let mut parts = token.splitn(3, '.');
-    let (Some(filter), Some(priority), Some(seq)) = (parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(filter), Some(key), Some(seq)) = (parts.next(), parts.next(), parts.next()) else {
         return Err(bad());
     };
     if filter.parse::<i32>().map_err(|_| bad())? != state {
@@ -647,7 +646,7 @@ pub fn parse_page_token(state: i32, token: &str) -> Result<Option<Cursor>, Queue
         ));
     }
     Ok(Some(Cursor {
-        priority: priority.parse().map_err(|_| bad())?,
+        key: key.parse().map_err(|_| bad())?,
         seq: seq.parse().map_err(|_| bad())?,
     }))
 }
@@ -728,10 +727,7 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip_for_their_filter_only_and_garbage_is_rejected() {
-        let cursor = Cursor {
-            priority: 3,
-            seq: 42,
-        };
+        let cursor = Cursor { key: 3, seq: 42 };
         let dead = pb::JobState::Dead as i32;
         assert_eq!(
             parse_page_token(dead, &page_token(dead, cursor)).unwrap(),

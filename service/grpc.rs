@@ -72,8 +72,12 @@ impl QueueService for Grpc {
         let id = request.into_inner().id;
         convert::validate_id("id", &id)?;
         let job = self.queue.get(&id).await?;
+        let effective = self.queue.effective_priority(&job);
         Ok(Response::new(pb::GetJobResponse {
-            job: Some(job.into()),
+            job: Some(pb::Job {
+                effective_priority: u32::from(effective),
+                ..job.into()
+            }),
         }))
     }
 
@@ -88,7 +92,11 @@ impl QueueService for Grpc {
             limit: convert::page_size(request.page_size),
         };
         let page = self.queue.list(&filter).await?;
-        Ok(Response::new(convert::list_page(request.state, page)))
+        Ok(Response::new(convert::list_page(
+            request.state,
+            page,
+            |job| self.queue.effective_priority(job),
+        )))
     }
 
     async fn status(

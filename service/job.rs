@@ -394,6 +394,21 @@ pub fn backoff_secs(base: u32, attempts: u32) -> u64 {
 
 /// The order in which ready jobs run: lowest key first, ties by enqueue order.
 ///
+/// The priority `job` competes with at `now`: for a job waiting to run, its own less one level per
+/// `aging_interval_secs` it has been ready (never better than the best level); any other job keeps its own. Jobs
+/// run in the order of these, oldest first among equals, as [`queue_key`] orders them.
+pub fn effective_priority(job: &Job, now: Micros, aging_interval_secs: u64) -> u8 {
+    let waiting = matches!(job.state, JobState::Pending | JobState::Failed);
+    let waited = now.saturating_sub(job.run_after);
+    if !waiting || waited <= 0 || aging_interval_secs == 0 {
+        return job.priority;
+    }
+    let levels = waited / secs_to_micros(aging_interval_secs).max(1);
+    let best = *PRIORITY_RANGE.start();
+    let levels = u8::try_from(levels).unwrap_or(u8::MAX);
+    job.priority.saturating_sub(levels).max(best)
+}
+
 /// Aging gives a waiting job one priority level per `aging_interval` seconds. A job of priority `p` that became
 /// ready at `t` therefore outranks every job of priority `q` that became ready after
 /// `t + (p - q) * aging_interval`, which is exactly the order of `t + (p - 1) * aging_interval`. The key is fixed
@@ -636,6 +651,39 @@ mod tests {
         assert!(old_low < new_high);
         let fresh_high = queue_key(60 * 7 * MICROS_PER_SEC, 1, 60);
         assert!(fresh_high < old_low);
+    }
+
+    #[test]
+    fn a_waiting_job_gains_a_level_per_interval_down_to_the_best_and_no_other_job_ages() {
+        let job = Job {
+            state: JobState::Pending,
+            priority: 5,
+            run_after: 0,
+            ..processing_job(0, 3)
+        };
+        let at = |secs: i64| effective_priority(&job, secs * MICROS_PER_SEC, 60);
+        assert_eq!(
+            [
+                at(-10),
+                at(0),
+                at(59),
+                at(60),
+                at(150),
+                at(240),
+                at(100_000)
+            ],
+            [5, 5, 5, 4, 3, 1, 1]
+        );
+        let running = Job {
+            state: JobState::Processing,
+            ..job.clone()
+        };
+        assert_eq!(
+            effective_priority(&running, 100_000 * MICROS_PER_SEC, 60),
+            5
+        );
+        // Its aged priority orders it as its key does: after 3 levels it runs before a fresh priority 3 job.
+        assert!(queue_key(0, 5, 60) < queue_key(180 * MICROS_PER_SEC + 1, 3, 60));
     }
 
     #[test]

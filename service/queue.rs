@@ -237,6 +237,12 @@ impl Queue {
         Ok(self.store.counts().await?)
     }
 
+    /// The priority `job` competes with now, by the current aging interval.
+    pub fn effective_priority(&self, job: &Job) -> u8 {
+        let aging = self.settings().policy().aging_interval_secs;
+        job::effective_priority(job, crate::clock::now(), aging)
+    }
+
     /// The counters the transport adds to.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()

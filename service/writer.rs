@@ -451,6 +451,7 @@ mod tests {
         async fn list(&self, _filter: &ListFilter) -> Result<Page, StoreError> {
             Ok(Page {
                 jobs: Vec::new(),
+                positions: Vec::new(),
                 next: None,
             })
         }

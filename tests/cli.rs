@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{DEADLINE, Home};
+use common::{DEADLINE, Home, wait_until};
 use serde_json::Value;
 
 #[test]
@@ -467,4 +467,43 @@ fn the_cli_finds_the_tcp_address_its_homes_server_recorded() {
     assert!(!home.file("queuectl.sock").exists());
     assert_eq!(home.enqueue(r#"{"command":"true"}"#), "job1");
     assert_eq!(home.state("job1"), "pending");
+}
+
+#[test]
+fn list_shows_pending_jobs_by_their_aged_priority_as_they_will_run() {
+    let home = Home::with_server(0);
+    home.ok(&["config", "set", "aging_interval", "2"]);
+    home.enqueue(r#"{"id":"old-9","command":"true","priority":9}"#);
+    wait_until("the old job to gain two levels", DEADLINE, || {
+        home.job("old-9")["effective_priority"] == 7
+    });
+    // Ready 4 s or more after the old job: it overtakes a new 8, and a new 1 stays ahead of it for 16 s.
+    home.enqueue(r#"{"id":"new-8","command":"true","priority":8}"#);
+    home.enqueue(r#"{"id":"new-1","command":"true","priority":1}"#);
+    let listed = home.ok(&["list", "--state", "pending", "--output", "table"]);
+    let ids: Vec<&str> = listed
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    assert_eq!(ids, ["new-1", "old-9", "new-8"], "{listed}");
+    let old = listed
+        .lines()
+        .find(|line| line.starts_with("old-9"))
+        .unwrap();
+    assert!(
+        ["7 (9)", "6 (9)"].iter().any(|cell| old.contains(cell)),
+        "the aged priority, with the stored one beside it: {old}"
+    );
+    let jobs = home.jobs(&["--state", "pending"]);
+    assert_eq!(
+        (jobs[1]["id"].as_str(), jobs[1]["priority"].as_u64()),
+        (Some("old-9"), Some(9))
+    );
+    assert!(jobs[1]["effective_priority"].as_u64().unwrap() < 9);
+    assert!(
+        jobs[0].get("effective_priority").is_none(),
+        "a job aging has not moved keeps the Python queuectl's keys: {}",
+        jobs[0]
+    );
 }

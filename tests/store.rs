@@ -1421,6 +1421,48 @@ async fn listing_ends_where_the_jobs_end(t: Ctx) {
     assert!(completed.jobs.is_empty() && completed.next.is_none());
 }
 
+/// A listing of pending jobs comes in the order claims take them (aged priority, then age), page by page.
+async fn a_pending_listing_is_in_the_order_jobs_will_run(t: Ctx) {
+    let store = t.store.as_ref();
+    // An old low-priority job has aged past the new ones where the store takes the caller's clock (SQLite); a
+    // shared database takes its own, and then it is simply the last.
+    let old = clock::now() - 600 * MICROS_PER_SEC;
+    enqueue_at(store, vec![vec![new_job("old", 9)]], old).await;
+    let jobs: Vec<NewJob> = [("a", 5), ("b", 1), ("d", 1), ("e", 5)]
+        .iter()
+        .map(|(id, priority)| new_job(id, *priority))
+        .collect();
+    enqueue_at(store, vec![jobs], clock::now()).await;
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list(&ListFilter {
+                state: Some(JobState::Pending),
+                after,
+                limit: 2,
+            })
+            .await
+            .unwrap();
+        listed.extend(page.jobs.into_iter().map(|job| job.id));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let expected: &[&str] = match t.backend {
+        Backend::Sqlite => &["old", "b", "d", "a", "e"],
+        Backend::Postgres => &["b", "d", "a", "e", "old"],
+    };
+    assert_eq!(listed, expected);
+    let claimed = claim(store, 5, clock::now(), OWNER).await.unwrap();
+    assert_eq!(
+        ids(&claimed),
+        listed,
+        "claims take them in the listed order"
+    );
+}
+
 /// counts tallies the jobs in every state.
 async fn counts_tally_every_state(t: Ctx) {
     let store = t.store.as_ref();
@@ -2198,6 +2240,7 @@ conformance!(
     get_returns_the_job_as_stored,
     listing_pages_through_every_job_once,
     listing_ends_where_the_jobs_end,
+    a_pending_listing_is_in_the_order_jobs_will_run,
     counts_tally_every_state,
     the_newest_time_is_the_last_change_of_any_job,
     oldest_pending_is_the_longest_waiting_job,

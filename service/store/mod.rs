@@ -148,7 +148,9 @@ pub struct InFlight {
 /// Where a listing resumes: after this (priority, insertion order) position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
-    pub priority: u8,
+    /// Where the last job stands in the listing's order: its priority, or its queue key in a listing of
+    /// waiting jobs (pending or failed), which runs in the order they will run.
+    pub key: i64,
     pub seq: i64,
 }
 
@@ -162,6 +164,8 @@ pub struct ListFilter {
 #[derive(Debug, Clone)]
 pub struct Page {
     pub jobs: Vec<Job>,
+    /// Where each job stands in the listing's order, for a page cut short after it.
+    pub positions: Vec<Cursor>,
     /// Set when more jobs may follow.
     pub next: Option<Cursor>,
 }

@@ -666,13 +666,13 @@ impl Store for PgStore {
 
     async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
         within(ANSWER_LIMIT, async {
-            let (sql, after) = sql::listing(filter);
-            let mut query = sqlx::query(sql)
-                .bind(i64::from(after.priority))
-                .bind(after.seq)
+            let listing = sql::listing(filter);
+            let mut query = sqlx::query(listing.statement)
+                .bind(listing.after.key)
+                .bind(listing.after.seq)
                 .bind(i64::from(filter.limit) + 1);
-            if let Some(state) = filter.state {
-                query = query.bind(state.as_str());
+            if let Some(state) = listing.state {
+                query = query.bind(state);
             }
             let rows = query.fetch_all(&self.pool).await.map_err(classify)?;
             row::page(&rows, filter.limit, classify)

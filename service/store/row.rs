@@ -177,18 +177,19 @@ where
 {
     let limit = limit as usize;
     let mut jobs = Vec::with_capacity(rows.len().min(limit));
-    let mut last = None;
+    let mut positions = Vec::with_capacity(jobs.capacity());
     for row in rows.iter().take(limit) {
         let job: Job = JobRow::from_row(row).map_err(classify)?.try_into()?;
-        last = Some(Cursor {
-            priority: job.priority,
+        positions.push(Cursor {
+            key: row.try_get("list_key").map_err(classify)?,
             seq: job.seq,
         });
         jobs.push(job);
     }
     Ok(Page {
         jobs,
-        next: last.filter(|_| rows.len() > limit),
+        next: positions.last().copied().filter(|_| rows.len() > limit),
+        positions,
     })
 }
 

@@ -2,35 +2,62 @@
 
 use super::row::job_columns;
 use super::{Cursor, ListFilter};
+use crate::job::JobState;
 
 pub const GET_JOB: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1");
 
-/// A page of jobs in listing order, after the cursor `($1, $2)`, at most `$3` rows.
+/// A page of jobs in listing order (priority, then age), after the cursor `($1, $2)`, at most `$3` rows.
 pub const LIST_JOBS: &str = concat!(
     "SELECT ",
     job_columns!(),
-    " FROM jobs WHERE (priority, seq) > ($1, $2) ORDER BY priority, seq LIMIT $3"
+    ", CAST(priority AS BIGINT) AS list_key FROM jobs WHERE (priority, seq) > ($1, $2) ORDER BY priority, seq LIMIT $3"
 );
 
 /// As [`LIST_JOBS`], of the jobs in state `$4`.
 pub const LIST_JOBS_IN_STATE: &str = concat!(
     "SELECT ",
     job_columns!(),
-    " FROM jobs WHERE (priority, seq) > ($1, $2) AND state = $4 ORDER BY priority, seq LIMIT $3"
+    ", CAST(priority AS BIGINT) AS list_key FROM jobs WHERE (priority, seq) > ($1, $2) AND state = $4 ORDER BY priority, seq \
+     LIMIT $3"
 );
 
-/// The statement that lists what `filter` asks for, and the position it resumes after (`$1`, `$2`).
-pub fn listing(filter: &ListFilter) -> (&'static str, Cursor) {
-    let statement = if filter.state.is_some() {
-        LIST_JOBS_IN_STATE
-    } else {
-        LIST_JOBS
+/// Pending jobs in the order they will run: by their aged priority, which their queue key orders, as claims do.
+pub const LIST_PENDING: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    ", queue_key AS list_key FROM jobs WHERE state = 'pending' AND (queue_key, seq) > ($1, $2) \
+     ORDER BY queue_key, seq LIMIT $3"
+);
+
+/// As [`LIST_PENDING`], of the failed jobs waiting for their retry.
+pub const LIST_FAILED: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    ", queue_key AS list_key FROM jobs WHERE state = 'failed' AND (queue_key, seq) > ($1, $2) \
+     ORDER BY queue_key, seq LIMIT $3"
+);
+
+/// How to list what a filter asks for: the statement, the position it resumes after (`$1`, `$2`), and the state
+/// to bind as `$4`, if the statement takes one.
+pub struct Listing {
+    pub statement: &'static str,
+    pub after: Cursor,
+    pub state: Option<&'static str>,
+}
+
+pub fn listing(filter: &ListFilter) -> Listing {
+    let after = filter.after.unwrap_or(Cursor { key: 0, seq: 0 });
+    let (statement, state) = match filter.state {
+        None => (LIST_JOBS, None),
+        Some(JobState::Pending) => (LIST_PENDING, None),
+        Some(JobState::Failed) => (LIST_FAILED, None),
+        Some(state) => (LIST_JOBS_IN_STATE, Some(state.as_str())),
     };
-    let after = filter.after.unwrap_or(Cursor {
-        priority: 0,
-        seq: 0,
-    });
-    (statement, after)
+    Listing {
+        statement,
+        after,
+        state,
+    }
 }
 
 pub const RUNS_OF_JOB: &str =
