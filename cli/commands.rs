@@ -794,8 +794,8 @@ pub async fn wait(
             () = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
                 progress.abandon();
                 return Err(TimedOut(format!(
-                    "{} jobs were still not final when the timeout ran out",
-                    waiting.len()
+                    "{} still not final when the timeout ran out",
+                    counted(waiting.len(), "job was", "jobs were")
                 ))
                 .into());
             }
@@ -844,9 +844,9 @@ pub async fn wait(
     progress.finish_and_clear();
     if !dead.is_empty() {
         bail!(
-            "{} of {} jobs did not complete: {}",
+            "{} of {} did not complete: {}",
             dead.len(),
-            ids.len(),
+            counted(ids.len(), "job", "jobs"),
             dead.join(", ")
         );
     }
@@ -880,7 +880,7 @@ where
         }
     }
     if failed > 0 {
-        bail!("{failed} of {total} jobs failed");
+        bail!("{failed} of {} failed", counted(total, "job", "jobs"));
     }
     Ok(())
 }
@@ -932,7 +932,7 @@ pub async fn clean(
         .await?
         .into_inner()
         .jobs_deleted;
-    println!("Removed {deleted} jobs");
+    println!("Removed {}", counted(deleted, "job", "jobs"));
     Ok(())
 }
 
@@ -1163,6 +1163,12 @@ pub async fn backup(client: &mut Client, file: &std::path::Path) -> anyhow::Resu
         written.path, written.bytes
     );
     Ok(())
+}
+
+/// `count` and the noun that agrees with it: `1 job`, `2 jobs`.
+fn counted(count: impl TryInto<u64>, one: &str, many: &str) -> String {
+    let count = count.try_into().unwrap_or(u64::MAX);
+    format!("{count} {}", if count == 1 { one } else { many })
 }
 
 #[cfg(test)]

@@ -65,7 +65,7 @@ fn a_waiting_job_is_cancelled_for_good_and_can_be_retried() {
     // `wait` counts a cancelled job as not completed.
     let stderr = home.fails(&["wait", &id]);
     assert!(
-        stderr.contains(&format!("1 of 1 jobs did not complete: {id} (cancelled)")),
+        stderr.contains(&format!("1 of 1 job did not complete: {id} (cancelled)")),
         "{stderr}"
     );
 
@@ -220,7 +220,7 @@ fn remove_and_clean_delete_only_final_jobs() {
     );
     assert_eq!(
         home.ok(&["clean", "--state", "cancelled"]).trim(),
-        "Removed 1 jobs"
+        "Removed 1 job"
     );
     let refused = home.fails(&["clean", "--state", "pending"]);
     assert!(refused.contains("invalid value 'pending'"), "{refused}");
