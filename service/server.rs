@@ -328,6 +328,8 @@ impl Bound {
                 .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                // The google.rpc error details, so that grpcurl and other reflecting clients decode them.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let reflection_error = |error| ServerError::Listen(format!("building reflection: {error}"));
         let reflection = described().build_v1().map_err(reflection_error)?;

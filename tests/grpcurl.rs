@@ -389,6 +389,13 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
             stderr.contains(&format!("Code: {code}")) && stderr.contains(message),
             "{method} {body:.200}: expected {code} {message:?} in {stderr}"
         );
+        // Reflection serves the google.rpc types, so grpcurl prints the details rather than raw bytes.
+        assert!(
+            stderr.contains(
+                r#""@type":"type.googleapis.com/google.rpc.ErrorInfo","domain":"queuectl""#
+            ),
+            "{method}: {stderr}"
+        );
     }
     let clamped = call(
         &home,
