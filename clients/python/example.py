@@ -9,7 +9,7 @@ import sys
 
 import grpc
 
-from queuectl.v1 import queue_pb2, queue_pb2_grpc
+from queuectl_grpc.v1 import queue_pb2, queue_pb2_grpc
 
 FINAL = {queue_pb2.JOB_STATE_COMPLETED, queue_pb2.JOB_STATE_DEAD}
 

@@ -8,7 +8,7 @@ import sys
 
 import grpc
 
-from queuectl.v1 import queue_pb2, queue_pb2_grpc
+from queuectl_grpc.v1 import queue_pb2, queue_pb2_grpc
 
 
 def main(target: str, job_id: str) -> int:

@@ -240,7 +240,6 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitSt
     }
 }
 
-/// grpcurl, or `None` outside CI when it is not installed (`.ci/run` installs it, so CI never skips).
 /// Whether python3 has grpcio and grpcio-tools, which CI must have (`.ci/run` installs them); says so when not.
 pub fn python_has_grpc_tools() -> bool {
     let found = Command::new("python3")
@@ -257,7 +256,8 @@ pub fn python_has_grpc_tools() -> bool {
     found
 }
 
-/// The Python client generated from the proto into `home`'s `generated` (once), for PYTHONPATH.
+/// The Python client (the package `queuectl_grpc`) generated from the proto into `home`'s `generated` (once), for
+/// PYTHONPATH.
 pub fn generate_python_client(home: &Home) -> PathBuf {
     let generated = home.file("generated");
     if !generated.exists() {
@@ -270,6 +270,7 @@ pub fn generate_python_client(home: &Home) -> PathBuf {
     generated
 }
 
+/// grpcurl, or `None` outside CI when it is not installed (`.ci/run` installs it, so CI never skips).
 pub fn grpcurl() -> Option<Command> {
     let found = Command::new("grpcurl").arg("-version").output().is_ok();
     if !found {
