@@ -26,6 +26,7 @@ pub mod queue;
 pub mod reaper;
 pub mod runner;
 pub mod server;
+pub mod server_args;
 pub mod status;
 pub mod store;
 pub mod supervisor;

@@ -1,74 +1,10 @@
 //! `queuectld`: the queuectl server.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Parser;
 use queuectl::server::{self, Listen, Options};
-
-/// The queuectl server: stores jobs in SQLite and runs them on its workers.
-///
-/// Listens on a Unix socket in QUEUECTL_HOME that only its owner can reach. Logs go to stderr
-/// (RUST_LOG=debug for more). SIGTERM or `queuectl server stop` drains it: running jobs get the
-/// shutdown_grace setting to finish, then return to the queue.
-#[derive(Parser)]
-#[command(
-    version,
-    after_help = "Examples:\n  queuectld --workers 4\n  QUEUECTL_HOME=/srv/queue queuectld"
-)]
-struct Args {
-    /// Jobs run at once; `queuectl worker start --count N` changes it later.
-    #[arg(long, default_value_t = 0)]
-    workers: u32,
-    /// The folder with the database and the socket.
-    #[arg(long, env = "QUEUECTL_HOME")]
-    home: Option<PathBuf>,
-    /// Listen on TCP at this loopback address (http://127.0.0.1:PORT) instead of the socket;
-    /// clients then need the token the server writes to QUEUECTL_HOME/token.
-    #[arg(long, value_name = "URL")]
-    listen: Option<String>,
-    /// Keep the queue in this PostgreSQL database (postgres://...), shared with other queuectld
-    /// servers, instead of SQLite in QUEUECTL_HOME. The URL can hold a password: prefer the variable.
-    #[arg(
-        long,
-        env = "QUEUECTL_DATABASE_URL",
-        value_name = "URL",
-        hide_env_values = true
-    )]
-    database_url: Option<String>,
-    /// With PostgreSQL: seconds after its last heartbeat before another server takes over a
-    /// server's running jobs.
-    #[arg(long, env = "QUEUECTL_LEASE_TIMEOUT", default_value_t = 30, value_name = "SECONDS",
-          value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    lease_timeout: u64,
-    /// With --listen: serve TLS with this certificate (PEM); needs --tls-key.
-    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "listen"])]
-    tls_cert: Option<PathBuf>,
-    /// With --listen: the private key (PEM) of --tls-cert.
-    #[arg(long, value_name = "PATH", requires = "tls_cert")]
-    tls_key: Option<PathBuf>,
-    /// With --listen: allow a non-loopback address without TLS. Anyone who can listen on that
-    /// network sees the token and can then run commands as you.
-    #[arg(long, requires = "listen")]
-    insecure_allow_remote: bool,
-    /// Serve Prometheus metrics at http://ADDRESS/metrics (e.g. 127.0.0.1:9464). Off by default; a
-    /// non-loopback address needs --metrics-allow-remote.
-    #[arg(long, value_name = "ADDRESS")]
-    metrics_listen: Option<SocketAddr>,
-    /// With --metrics-listen: allow a non-loopback address. Metrics need no token: whoever reaches
-    /// the port sees job counts, durations and worker activity (no commands, ids or output).
-    #[arg(long, requires = "metrics_listen")]
-    metrics_allow_remote: bool,
-    /// `text` for people (without timestamps when journald adds its own), `json` for log collectors.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+use queuectl::server_args::{LogFormat, ServerArgs};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -101,7 +37,7 @@ fn parse_listen(url: &str) -> anyhow::Result<Listen> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = ServerArgs::parse();
     init_logging(args.log_format);
     let listen = match &args.listen {
         Some(url) => parse_listen(url)?,
