@@ -3,6 +3,7 @@
 mod args;
 mod client;
 mod commands;
+mod man;
 mod output;
 
 use clap::{CommandFactory, Parser};
@@ -22,8 +23,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             return Ok(());
         }
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+        Command::Man { dir: None } => {
+            man::main_page(&mut std::io::stdout())?;
+            return Ok(());
+        }
+        Command::Man { dir: Some(dir) } => {
+            for page in man::write_pages(dir)? {
+                println!("{}", page.display());
+            }
             return Ok(());
         }
         Command::Health => {
@@ -43,7 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut client = client::connect(cli.server.as_deref(), autostart).await?;
     let client = &mut client;
     match cli.command {
-        Command::Completions { .. } | Command::Man | Command::Health => Ok(()),
+        Command::Completions { .. } | Command::Man { .. } | Command::Health => Ok(()),
         Command::Enqueue {
             job,
             env,

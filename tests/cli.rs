@@ -1,4 +1,4 @@
-//! The CLI in its ecosystem: health probes, completions, the man page, `wait`, JSON on every read command.
+//! The CLI in its ecosystem: health probes, completions, man pages and help, `wait`, JSON on every read command.
 
 mod common;
 
@@ -56,6 +56,187 @@ fn completions_and_man_page_come_from_the_same_definitions() {
     assert!(
         home.fails(&["completions", "tcsh"])
             .contains("invalid value")
+    );
+}
+
+/// Every command of `queuectl`, as the words that name it (`["dlq", "retry"]`), read from `--help` as a user
+/// would find them; the `help` command is left out.
+fn commands(home: &Home) -> Vec<Vec<String>> {
+    fn below(home: &Home, path: Vec<String>, found: &mut Vec<Vec<String>>) {
+        let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
+        args.push("--help");
+        let help = home.ok(&args);
+        let listed = help
+            .lines()
+            .skip_while(|line| *line != "Commands:")
+            .skip(1)
+            .take_while(|line| !line.is_empty())
+            .filter(|line| line.starts_with("  ") && !line.starts_with("   "));
+        for line in listed {
+            let name = line.split_whitespace().next().unwrap();
+            if name != "help" {
+                let mut sub = path.clone();
+                sub.push(name.to_owned());
+                found.push(sub.clone());
+                below(home, sub, found);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    below(home, Vec::new(), &mut found);
+    found
+}
+
+/// The roff of a man page's section `name`, up to the next section.
+fn man_section(page: &str, name: &str) -> Option<String> {
+    let mut lines = page.lines().skip_while(|line| {
+        line.strip_prefix(".SH ")
+            .is_none_or(|heading| heading.trim_matches('"') != name)
+    });
+    lines.next()?;
+    let body: Vec<&str> = lines.take_while(|line| !line.starts_with(".SH ")).collect();
+    Some(body.join("\n"))
+}
+
+/// Every `QUEUECTL_*` variable named in the sources of the CLI and the server.
+fn variables_in_the_sources() -> std::collections::BTreeSet<String> {
+    fn visit(dir: &std::path::Path, found: &mut std::collections::BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, found);
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for (at, _) in text.match_indices("QUEUECTL_") {
+                    let name: String = text[at..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                        .collect();
+                    if name.len() > "QUEUECTL_".len() {
+                        found.insert(name);
+                    }
+                }
+            }
+        }
+    }
+    let mut found = std::collections::BTreeSet::new();
+    visit(std::path::Path::new("cli"), &mut found);
+    visit(std::path::Path::new("service"), &mut found);
+    found
+}
+
+#[test]
+fn every_command_has_a_man_page_with_exit_status_and_environment() {
+    let home = Home::new();
+    let dir = home.file("man");
+    let listed = home.ok(&["man", "--dir", dir.to_str().unwrap()]);
+    let mut expected: Vec<std::path::PathBuf> = vec![dir.join("man1/queuectl.1")];
+    for command in commands(&home) {
+        expected.push(dir.join(format!("man1/queuectl-{}.1", command.join("-"))));
+    }
+    assert!(expected.len() > 20, "{expected:?}");
+    expected.push(dir.join("man8/queuectld.8"));
+    let written: Vec<std::path::PathBuf> = listed.lines().map(Into::into).collect();
+    assert_eq!(written, expected, "one page per command, and queuectld's");
+
+    for path in &written {
+        let page = std::fs::read_to_string(path).unwrap().replace("\\-", "-");
+        for section in [
+            "NAME",
+            "SYNOPSIS",
+            "DESCRIPTION",
+            "EXIT STATUS",
+            "ENVIRONMENT",
+        ] {
+            assert!(
+                man_section(&page, section).is_some(),
+                "{} has no {section}",
+                path.display()
+            );
+        }
+        // Each page it refers to exists: `queuectl-dlq(1)`, `queuectld(8)`.
+        for (at, _) in page.match_indices("queuectl") {
+            let reference: String = page[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '(' || *c == ')')
+                .collect();
+            if let Some((name, section)) = reference
+                .strip_suffix(')')
+                .and_then(|reference| reference.split_once('('))
+            {
+                let target = dir.join(format!("man{section}/{name}.{section}"));
+                assert!(target.exists(), "{} refers to {reference}", path.display());
+            }
+        }
+        // An example is one line, pasted as it is printed, within an 80-column man page.
+        let examples = man_section(&page, "EXAMPLES").unwrap_or_default();
+        for example in examples.lines().filter(|line| !line.starts_with('.')) {
+            let example = example.replace("\\*(Aq", "'").replace("\\e", "\\");
+            assert!(
+                example.chars().count() <= 73,
+                "{}: {example}",
+                path.display()
+            );
+        }
+    }
+
+    let client = std::fs::read_to_string(dir.join("man1/queuectl.1")).unwrap();
+    let server = std::fs::read_to_string(dir.join("man8/queuectld.8")).unwrap();
+    for variable in variables_in_the_sources() {
+        assert!(
+            [&client, &server]
+                .iter()
+                .any(|page| man_section(page, "ENVIRONMENT")
+                    .unwrap()
+                    .contains(&variable)),
+            "{variable} is read but neither queuectl(1) nor queuectld(8) describes it"
+        );
+    }
+}
+
+#[test]
+fn help_fits_in_80_columns() {
+    let home = Home::new();
+    let mut helps = Vec::new();
+    for command in std::iter::once(Vec::new()).chain(commands(&home)) {
+        for flag in ["--help", "-h"] {
+            let mut args: Vec<&str> = command.iter().map(String::as_str).collect();
+            args.push(flag);
+            let output = home.command(&args).env("COLUMNS", "80").output().unwrap();
+            assert!(output.status.success(), "{args:?}");
+            helps.push((format!("queuectl {}", args.join(" ")), output.stdout));
+        }
+    }
+    for flag in ["--help", "-h"] {
+        let output = std::process::Command::new(common::QUEUECTLD)
+            .arg(flag)
+            .env("COLUMNS", "80")
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        helps.push((format!("queuectld {flag}"), output.stdout));
+    }
+    for (command, help) in helps {
+        for line in String::from_utf8(help).unwrap().lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "{command}: a line of {} columns: {line}",
+                line.chars().count()
+            );
+        }
+    }
+}
+
+#[test]
+fn queuectld_names_itself() {
+    let output = std::process::Command::new(common::QUEUECTLD)
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(
+        version,
+        format!("queuectld {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
 
