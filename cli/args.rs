@@ -154,6 +154,7 @@ sent; the variables are stored with the job, in the server's database.")]
     #[command(after_help = "Example:\n  queuectl get job1")]
     Get {
         /// The job's id (job7, or the id its JSON gave).
+        #[arg(add = crate::complete::job_ids())]
         id: String,
         /// One JSON object, or a table.
         #[arg(long, value_enum, default_value_t)]
@@ -176,6 +177,7 @@ Exit status:
   3  no server could be reached")]
     Logs {
         /// The job's id.
+        #[arg(add = crate::complete::job_ids())]
         id: String,
         /// Print everything so far, then what the job prints, until it is final; exit 1 if it did not complete.
         #[arg(long, short, conflicts_with = "output")]
@@ -206,6 +208,7 @@ Exit status:
   4  --timeout ran out with jobs still not final")]
     Wait {
         /// The jobs; none means every job that is not final now.
+        #[arg(add = crate::complete::job_ids())]
         ids: Vec<String>,
         /// Give up after this long (seconds, or e.g. 90s, 5m, 1h): exit 4.
         #[arg(long, value_parser = duration)]
@@ -226,6 +229,12 @@ Exit status:
   queuectl completions bash > /etc/bash_completion.d/queuectl
   queuectl completions zsh > \"${fpath[1]}/_queuectl\"
   queuectl completions fish > ~/.config/fish/completions/queuectl.fish
+
+To also complete job ids (asked of the running server) and settings, let the
+shell ask queuectl itself instead, in ~/.bashrc or ~/.zshrc:
+  source <(COMPLETE=bash queuectl)
+  source <(COMPLETE=zsh queuectl)
+or in fish: COMPLETE=fish queuectl | source
 
 Exit status:
   0  printed
@@ -256,20 +265,21 @@ Exit status:
     #[command(after_help = "Examples:\n  queuectl cancel job7\n  queuectl cancel job7 job8 job9")]
     Cancel {
         /// The jobs' ids.
-        #[arg(required = true)]
+        #[arg(add = crate::complete::job_ids(), required = true)]
         ids: Vec<String>,
     },
     /// Send a dead or cancelled job back to the queue with its attempts reset to 0.
     #[command(after_help = "Example:\n  queuectl retry job5")]
     Retry {
         /// The job's id.
+        #[arg(add = crate::complete::job_ids())]
         id: String,
     },
     /// Delete final jobs (completed, dead or cancelled) and their logs.
     #[command(after_help = "Examples:\n  queuectl remove job3\n  queuectl remove job3 job4")]
     Remove {
         /// The jobs' ids.
-        #[arg(required = true)]
+        #[arg(add = crate::complete::job_ids(), required = true)]
         ids: Vec<String>,
     },
     /// Delete final jobs in bulk (completed ones unless --state says otherwise) and print how many.
@@ -343,6 +353,7 @@ pub enum DlqCommand {
     #[command(after_help = "Example:\n  queuectl dlq retry job5")]
     Retry {
         /// The job's id.
+        #[arg(add = crate::complete::job_ids())]
         id: String,
     },
 }
@@ -355,6 +366,7 @@ pub enum ConfigCommand {
     )]
     Get {
         /// The setting (see `config set --help`); none prints them all.
+        #[arg(add = crate::complete::setting_keys())]
         key: Option<String>,
         /// `json` prints an object of settings; the default prints the value (or key = value lines).
         #[arg(long, value_enum)]
@@ -382,6 +394,7 @@ Example:
   queuectl config set backoff_base 3")]
     Set {
         /// The setting: one of those under Settings.
+        #[arg(add = crate::complete::setting_keys())]
         key: String,
         /// Its new value: a whole number; the settings in seconds also take e.g. 90s, 5m, 7d.
         value: String,

@@ -3,6 +3,7 @@
 mod args;
 mod client;
 mod commands;
+mod complete;
 mod man;
 mod output;
 
@@ -123,6 +124,8 @@ fn reader_went_away(error: &anyhow::Error) -> bool {
 }
 
 fn main() {
+    // With COMPLETE set, a shell asks for completions: answer and exit.
+    clap_complete::CompleteEnv::with_factory(Cli::command).complete();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -688,3 +688,49 @@ fn list_shows_pending_jobs_by_their_aged_priority_as_they_will_run() {
         jobs[0]
     );
 }
+
+/// What a shell completing `words` (the last one being completed) gets from `queuectl`, one per line.
+fn completions(home: &Home, words: &[&str]) -> String {
+    let output = home
+        .command(&[])
+        .env("COMPLETE", "bash")
+        .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
+        .env("_CLAP_IFS", "\n")
+        .arg("--")
+        .args(words)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn shells_complete_job_ids_from_the_running_server_and_setting_keys() {
+    let home = Home::with_server(0);
+    for id in ["alpha", "alpine", "beta"] {
+        home.enqueue(&format!(r#"{{"id":"{id}","command":"true"}}"#));
+    }
+    assert_eq!(
+        completions(&home, &["queuectl", "get", "al"]),
+        "alpha\nalpine"
+    );
+    assert_eq!(
+        completions(&home, &["queuectl", "cancel", "beta", "al"]),
+        "alpha\nalpine"
+    );
+    assert_eq!(
+        completions(&home, &["queuectl", "config", "set", "aging"]),
+        "aging_interval"
+    );
+    let bare = Home::new();
+    assert_eq!(
+        completions(&bare, &["queuectl", "get", "al"]),
+        "",
+        "no server: nothing to offer, and none is started"
+    );
+    assert!(!bare.file("queuectl.sock").exists());
+}
