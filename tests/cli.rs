@@ -353,17 +353,23 @@ fn scrape_accepting(port: u16, accept: &str) -> String {
     response
 }
 
-#[test]
-fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
+/// A home whose server runs `workers` workers and serves metrics on a free port of loopback, and that port.
+fn with_metrics(workers: u32) -> (Home, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let mut home = Home::new();
-    let mut server = home.server_command(1);
+    let mut server = home.server_command(workers);
     server.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
     home.start_server_with(server);
+    (home, port)
+}
+
+#[test]
+fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
+    let (home, port) = with_metrics(1);
     home.enqueue(r#"{"command":"true"}"#);
     home.enqueue(r#"{"command":"exit 1","max_retries":0}"#);
     home.wait_for_state("job2", "dead");
@@ -412,15 +418,7 @@ fn the_metrics_pass_promtool_and_speak_both_text_formats() {
     let Some(mut promtool) = promtool() else {
         return;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut home = Home::new();
-    let mut server = home.server_command(0);
-    server.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
-    home.start_server_with(server);
+    let (home, port) = with_metrics(0);
     home.enqueue(r#"{"command":"true"}"#);
     home.fails(&["get", "ghost"]);
 

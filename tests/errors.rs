@@ -235,24 +235,9 @@ with grpc.insecure_channel("unix:" + sys.argv[1]) as channel:
     String::from_utf8(output.stdout).unwrap()
 }
 
-fn python_has_grpc_status() -> bool {
-    let found = Command::new("python3")
-        .args(["-c", "import grpc, grpc_status"])
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "grpcio-status is missing; .ci/run installs it"
-        );
-        eprintln!("skipping: pip install grpcio grpcio-status");
-    }
-    found
-}
-
 #[test]
 fn requests_that_do_not_decode_or_are_too_large_get_the_conventional_codes() {
-    if !python_has_grpc_status() {
+    if !common::python_has("grpc, grpc_status", "grpcio grpcio-status") {
         return;
     }
     let home = Home::with_server(0);

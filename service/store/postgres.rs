@@ -666,7 +666,7 @@ impl Store for PgStore {
 
     async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
         within(ANSWER_LIMIT, async {
-            let listing = sql::listing(filter);
+            let listing = sql::listing(filter, &sql::WAITING);
             let mut query = sqlx::query(listing.statement)
                 .bind(listing.after.key)
                 .bind(listing.after.seq)

@@ -21,21 +21,38 @@ pub const LIST_JOBS_IN_STATE: &str = concat!(
      LIMIT $3"
 );
 
-/// Pending jobs in the order they will run: by their aged priority, which their queue key orders, as claims do.
-pub const LIST_PENDING: &str = concat!(
-    "SELECT ",
-    job_columns!(),
-    ", queue_key AS list_key FROM jobs WHERE state = 'pending' AND (queue_key, seq) > ($1, $2) \
-     ORDER BY queue_key, seq LIMIT $3"
-);
+/// A listing of the waiting jobs of one state, in the order they will run: by their aged priority,
+/// which their queue key orders, as claims take them.
+macro_rules! list_waiting {
+    ($state:literal, $index_hint:literal) => {
+        concat!(
+            "SELECT ",
+            job_columns!(),
+            ", queue_key AS list_key FROM jobs ",
+            $index_hint,
+            " WHERE state IN ('pending', 'failed') AND state = '",
+            $state,
+            "' AND (queue_key, seq) > ($1, $2) ORDER BY queue_key, seq LIMIT $3"
+        )
+    };
+}
 
-/// As [`LIST_PENDING`], of the failed jobs waiting for their retry.
-pub const LIST_FAILED: &str = concat!(
-    "SELECT ",
-    job_columns!(),
-    ", queue_key AS list_key FROM jobs WHERE state = 'failed' AND (queue_key, seq) > ($1, $2) \
-     ORDER BY queue_key, seq LIMIT $3"
-);
+/// The statements that list the pending and the failed jobs in run order, from the index claims use
+/// (`jobs_ready`): PostgreSQL's planner finds it; SQLite's must be told, or it sorts every waiting job.
+pub struct WaitingListings {
+    pub pending: &'static str,
+    pub failed: &'static str,
+}
+
+pub const WAITING: WaitingListings = WaitingListings {
+    pending: list_waiting!("pending", ""),
+    failed: list_waiting!("failed", ""),
+};
+
+pub const WAITING_SQLITE: WaitingListings = WaitingListings {
+    pending: list_waiting!("pending", "INDEXED BY jobs_ready"),
+    failed: list_waiting!("failed", "INDEXED BY jobs_ready"),
+};
 
 /// How to list what a filter asks for: the statement, the position it resumes after (`$1`, `$2`), and the state
 /// to bind as `$4`, if the statement takes one.
@@ -45,12 +62,12 @@ pub struct Listing {
     pub state: Option<&'static str>,
 }
 
-pub fn listing(filter: &ListFilter) -> Listing {
+pub fn listing(filter: &ListFilter, waiting: &WaitingListings) -> Listing {
     let after = filter.after.unwrap_or(Cursor { key: 0, seq: 0 });
     let (statement, state) = match filter.state {
         None => (LIST_JOBS, None),
-        Some(JobState::Pending) => (LIST_PENDING, None),
-        Some(JobState::Failed) => (LIST_FAILED, None),
+        Some(JobState::Pending) => (waiting.pending, None),
+        Some(JobState::Failed) => (waiting.failed, None),
         Some(state) => (LIST_JOBS_IN_STATE, Some(state.as_str())),
     };
     Listing {

@@ -710,7 +710,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, filter: &ListFilter) -> Result<Page, StoreError> {
-        let listing = sql::listing(filter);
+        let listing = sql::listing(filter, &sql::WAITING_SQLITE);
         let mut query = sqlx::query(listing.statement)
             .bind(listing.after.key)
             .bind(listing.after.seq)

@@ -242,16 +242,22 @@ pub fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitSt
 
 /// Whether python3 has grpcio and grpcio-tools, which CI must have (`.ci/run` installs them); says so when not.
 pub fn python_has_grpc_tools() -> bool {
+    python_has("grpc, grpc_tools", "grpcio grpcio-tools")
+}
+
+/// Whether python3 can import `modules` (`grpc, grpc_status`), which CI must (`.ci/run` installs `packages`);
+/// outside CI, says that the test skips.
+pub fn python_has(modules: &str, packages: &str) -> bool {
     let found = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
+        .args(["-c", &format!("import {modules}")])
         .output()
         .is_ok_and(|output| output.status.success());
     if !found {
         assert!(
             std::env::var_os("CI").is_none(),
-            "grpcio-tools is missing; .ci/run installs it"
+            "python3 cannot import {modules}; .ci/run installs {packages}"
         );
-        eprintln!("skipping: pip install grpcio grpcio-tools");
+        eprintln!("skipping: pip install {packages}");
     }
     found
 }
