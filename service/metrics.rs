@@ -1,7 +1,7 @@
 //! The opt-in Prometheus endpoint: jobs by state, what happened to them since the server started, how long they
 //! ran, how long the oldest one has waited, and how busy the workers are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -166,13 +166,9 @@ impl Metrics {
         self.enqueued.inc_by(count as u64);
     }
 
-    /// Counts one answered gRPC request. Paths nobody serves (their code is UNIMPLEMENTED) share one label, so
-    /// that made-up paths cannot grow the metrics without bound.
-    pub fn answered(&self, path: &str, code: tonic::Code, took: std::time::Duration) {
-        let method = match code {
-            tonic::Code::Unimplemented => "unknown".to_owned(),
-            _ => path.trim_start_matches('/').to_owned(),
-        };
+    /// Counts one answered gRPC request to `method` (a [`ServedMethods::label`]).
+    pub fn answered(&self, method: &str, code: tonic::Code, took: std::time::Duration) {
+        let method = method.to_owned();
         self.request_duration
             .get_or_create(&MethodLabel {
                 method: method.clone(),
@@ -352,18 +348,61 @@ where
     axum::serve(listener, app).await
 }
 
+/// The gRPC methods a server has, as `package.Service/Method`: the only request paths counted under their own
+/// label. Anyone who reaches the port can send any path, with or without a token, so every other path shares the
+/// label `unknown` and cannot grow the metrics without bound.
+#[derive(Debug)]
+pub struct ServedMethods(HashSet<String>);
+
+impl ServedMethods {
+    /// The methods of every service described in these encoded `FileDescriptorSet`s.
+    pub fn described_in(sets: &[&[u8]]) -> Result<Self, prost::DecodeError> {
+        use prost::Message;
+        let mut methods = HashSet::new();
+        for set in sets {
+            for file in prost_types::FileDescriptorSet::decode(*set)?.file {
+                for service in &file.service {
+                    for method in &service.method {
+                        methods.insert(format!(
+                            "{}.{}/{}",
+                            file.package(),
+                            service.name(),
+                            method.name()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Self(methods))
+    }
+
+    /// The label of a request path.
+    pub fn label<'a>(&'a self, path: &'a str) -> &'a str {
+        match path.strip_prefix('/') {
+            Some(method) if self.0.contains(method) => method,
+            _ => "unknown",
+        }
+    }
+}
+
 /// Counts each gRPC request in [`Metrics`] by method and answer, and times it.
 #[derive(Clone)]
 pub struct Observe<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    methods: Arc<ServedMethods>,
 }
 
 impl<S> Observe<S> {
-    pub fn layer(metrics: Arc<Metrics>) -> impl tower::Layer<S, Service = Observe<S>> + Clone {
+    pub fn layer(
+        metrics: Arc<Metrics>,
+        methods: ServedMethods,
+    ) -> impl tower::Layer<S, Service = Observe<S>> + Clone {
+        let methods = Arc::new(methods);
         tower::layer::layer_fn(move |inner| Observe {
             inner,
             metrics: metrics.clone(),
+            methods: methods.clone(),
         })
     }
 }
@@ -385,7 +424,7 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        let path = request.uri().path().to_owned();
+        let method = self.methods.label(request.uri().path()).to_owned();
         let arrived = std::time::Instant::now();
         let metrics = self.metrics.clone();
         let answer = self.inner.call(request);
@@ -394,7 +433,7 @@ where
             // A refusal comes as headers only, with its status; an answer that begins well has none yet.
             let code = tonic::Status::from_header_map(response.headers())
                 .map_or(tonic::Code::Ok, |status| status.code());
-            metrics.answered(&path, code, arrived.elapsed());
+            metrics.answered(&method, code, arrived.elapsed());
             Ok(response)
         })
     }
@@ -409,7 +448,7 @@ mod tests {
         let metrics = Metrics::default();
         metrics.enqueued(3);
         metrics.answered(
-            "/queuectl.v1.QueueService/Enqueue",
+            "queuectl.v1.QueueService/Enqueue",
             tonic::Code::Ok,
             std::time::Duration::from_millis(2),
         );
@@ -432,17 +471,27 @@ mod tests {
     }
 
     #[test]
-    fn made_up_paths_share_one_label() {
-        let metrics = Metrics::default();
-        for path in ["/x/1", "/x/2", "/y/3"] {
-            metrics.answered(path, tonic::Code::Unimplemented, std::time::Duration::ZERO);
+    fn only_the_methods_served_have_their_own_label() {
+        let methods = ServedMethods::described_in(&[
+            crate::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ])
+        .unwrap();
+        for served in [
+            "/queuectl.v1.QueueService/Enqueue",
+            "/queuectl.v1.QueueService/WatchEvents",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert_eq!(methods.label(served), &served[1..]);
         }
-        let text = metrics.render(&Gauges::default()).unwrap();
-        assert!(
-            text.contains(
-                "queuectl_grpc_requests_total{method=\"unknown\",code=\"Unimplemented\"} 3"
-            ),
-            "{text}"
-        );
+        for made_up in [
+            "/queuectl.v1.QueueService/MadeUp",
+            "/queuectl.v1.QueueService/Enqueue/x",
+            "queuectl.v1.QueueService/Enqueue",
+            "/x",
+            "",
+        ] {
+            assert_eq!(methods.label(made_up), "unknown", "{made_up:?}");
+        }
     }
 }

@@ -331,6 +331,13 @@ impl Bound {
                 // The google.rpc error details, so that grpcurl and other reflecting clients decode them.
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
+        let served_methods = crate::metrics::ServedMethods::described_in(&[
+            crate::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ])
+        .map_err(|error| ServerError::Listen(format!("reading the served methods: {error}")))?;
         let reflection_error = |error| ServerError::Listen(format!("building reflection: {error}"));
         let reflection = described().build_v1().map_err(reflection_error)?;
         // grpcurl and older clients still ask the v1alpha service.
@@ -358,7 +365,10 @@ impl Bound {
         };
 
         let mut router = Server::builder()
-            .layer(crate::metrics::Observe::layer(queue.metrics()))
+            .layer(crate::metrics::Observe::layer(
+                queue.metrics(),
+                served_methods,
+            ))
             .layer(tower::util::MapResponseLayer::new(
                 crate::status::transport_refusals::<tonic::body::Body>,
             ));

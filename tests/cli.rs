@@ -336,30 +336,9 @@ fn logs_follow_streams_until_the_job_is_final() {
     );
 }
 
-fn scrape(port: u16) -> String {
-    scrape_accepting(port, "*/*")
-}
-
-/// The whole HTTP response to `GET /metrics` with this Accept header.
-fn scrape_accepting(port: u16, accept: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let request = format!(
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 /// A home whose server runs `workers` workers and serves metrics on a free port of loopback, and that port.
 fn with_metrics(workers: u32) -> (Home, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let mut home = Home::new();
     let mut server = home.server_command(workers);
     server.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
@@ -375,11 +354,11 @@ fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
     home.wait_for_state("job2", "dead");
     home.wait_for_state("job1", "completed");
     common::wait_until("the metrics to count both jobs", DEADLINE, || {
-        let metrics = scrape(port);
+        let metrics = common::scrape(port);
         metrics.starts_with("HTTP/1.1 200")
             && metrics.contains("queuectl_job_duration_seconds_count 2")
     });
-    let metrics = scrape(port);
+    let metrics = common::scrape(port);
     for line in [
         "queuectl_jobs{state=\"completed\"} 1",
         "queuectl_jobs{state=\"dead\"} 1",
@@ -425,7 +404,7 @@ fn the_metrics_pass_promtool_and_speak_both_text_formats() {
     // Prometheus asks for OpenMetrics first, and gets it.
     let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
                              version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
-    let openmetrics = scrape_accepting(port, prometheus_accept);
+    let openmetrics = common::scrape_accepting(port, prometheus_accept);
     assert!(
         openmetrics.contains("content-type: application/openmetrics-text; version=1.0.0")
             && openmetrics.ends_with("# EOF\n"),
@@ -433,7 +412,7 @@ fn the_metrics_pass_promtool_and_speak_both_text_formats() {
     );
 
     // Anything else gets the Prometheus text format, which promtool lints.
-    let response = scrape(port);
+    let response = common::scrape(port);
     let (head, text) = response.split_once("\r\n\r\n").unwrap();
     assert!(
         head.contains("content-type: text/plain; version=0.0.4"),

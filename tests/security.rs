@@ -592,3 +592,58 @@ fn metrics_on_a_non_loopback_address_need_an_explicit_flag() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
 }
+
+/// Methods of the queue's service that no server has.
+const MADE_UP_PROTO: &str = r#"syntax = "proto3";
+package queuectl.v1;
+message Nothing {}
+service QueueService {
+  rpc MadeUpOne(Nothing) returns (Nothing);
+  rpc MadeUpTwo(Nothing) returns (Nothing);
+  rpc MadeUpThree(Nothing) returns (Nothing);
+}
+"#;
+
+/// Anyone who can reach the port can send any path: the metrics must not grow a label for each, with or without
+/// the token.
+#[test]
+fn made_up_methods_share_one_metrics_label() {
+    if common::grpcurl().is_none() {
+        return;
+    }
+    let home = Home::new();
+    let port = common::free_port();
+    let mut command = tcp_server(&home, "http://127.0.0.1:0");
+    command.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
+    let (mut server, url) = start_listening(&home, command);
+    let protos = tempfile::tempdir().unwrap();
+    std::fs::write(protos.path().join("made_up.proto"), MADE_UP_PROTO).unwrap();
+    let import = protos.path().to_str().unwrap();
+    let token = std::fs::read_to_string(home.file("token")).unwrap();
+    let bearer = format!("authorization: Bearer {}", token.trim());
+    for method in ["MadeUpOne", "MadeUpTwo", "MadeUpThree"] {
+        let path = format!("queuectl.v1.QueueService/{method}");
+        for (flags, code) in [
+            (vec![], "Unauthenticated"),
+            (vec!["-H", bearer.as_str()], "Unimplemented"),
+        ] {
+            let mut flags = flags;
+            flags.extend(["-import-path", import, "-proto", "made_up.proto"]);
+            let answer = grpcurl_tcp(&url, &flags, &[&path]);
+            let stderr = String::from_utf8_lossy(&answer.stderr);
+            assert!(
+                !answer.status.success() && stderr.contains(code),
+                "{path} {flags:?}: {stderr}"
+            );
+        }
+    }
+    let metrics = common::scrape(port);
+    server.kill().unwrap();
+    assert!(!metrics.contains("MadeUp"), "{metrics}");
+    for line in [
+        "queuectl_grpc_requests_total{method=\"unknown\",code=\"Unauthenticated\"} 3",
+        "queuectl_grpc_requests_total{method=\"unknown\",code=\"Unimplemented\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line:?} missing from:\n{metrics}");
+    }
+}

@@ -356,3 +356,30 @@ pub fn signal(pid: u32, name: &str) {
             .success()
     );
 }
+
+/// A port of loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The whole HTTP response to `GET /metrics` on this loopback port.
+pub fn scrape(port: u16) -> String {
+    scrape_accepting(port, "*/*")
+}
+
+/// The whole HTTP response to `GET /metrics` with this Accept header.
+pub fn scrape_accepting(port: u16, accept: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
