@@ -322,13 +322,23 @@ pub async fn channel(
         ))
         .into());
     }
-    let mut started = spawn_server(&home)?;
+    // Another command may be starting the home's server right now (it holds the home's lock before it listens):
+    // wait for that one rather than start a second, which would only step back.
+    let mut started = match home_server_running(&home) {
+        true => None,
+        false => Some(spawn_server(&home)?),
+    };
     let deadline = tokio::time::Instant::now() + STARTUP_LIMIT;
     loop {
         let target = home_target(&home);
         match open(&target, patience).await {
             Ok(channel) => return Ok(channel),
-            Err(_) if let Some(reason) = started.failure(&home) => {
+            // A server that exited because another took the home is no failure: that one is starting.
+            Err(_)
+                if let Some(reason) =
+                    started.as_mut().and_then(|started| started.failure(&home))
+                    && !home_server_running(&home) =>
+            {
                 return Err(Unreachable(format!(
                     "no queuectl server is running, and queuectld could not start: {reason}"
                 ))
@@ -336,7 +346,7 @@ pub async fn channel(
             }
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(Unreachable(format!(
-                    "started queuectld, but it did not answer at {target} within {}s ({error}); \
+                    "queuectld was started, but it did not answer at {target} within {}s ({error}); \
                      see {}",
                     STARTUP_LIMIT.as_secs(),
                     home.join(LOG_FILE).display()

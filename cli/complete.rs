@@ -44,11 +44,26 @@ pub fn job_ids() -> ArgValueCompleter {
         jobs.into_iter()
             .filter(|job| job.id.starts_with(prefix))
             .map(|job| {
-                let about = format!("{}: {}", crate::output::state_name(job.state), job.command);
+                let about = format!(
+                    "{}: {}",
+                    crate::output::state_name(job.state),
+                    summary(&job.command)
+                );
                 CompletionCandidate::new(job.id).help(Some(about.into()))
             })
             .collect()
     })
+}
+
+/// A command as one short line: a shell prints each candidate's help on one line, beside its id.
+fn summary(command: &str) -> String {
+    const SHOWN_CHARS: usize = 60;
+    let first_line = command.lines().next().unwrap_or_default();
+    let mut shown: String = first_line.chars().take(SHOWN_CHARS).collect();
+    if shown.len() < command.trim_end().len() {
+        shown.push('…');
+    }
+    shown
 }
 
 /// The settings, with what each one means.

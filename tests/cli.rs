@@ -615,6 +615,65 @@ fn an_autostart_that_fails_says_why_at_once() {
     );
 }
 
+/// Commands started together in a home with no server each start one; one of those servers takes the home, the
+/// others step back, and every command is served by the one that took it.
+#[test]
+fn commands_that_autostart_together_share_one_server() {
+    let home = Home::new();
+    let commands: Vec<_> = (0..4)
+        .map(|_| {
+            home.command(&["status"])
+                .env_remove("QUEUECTL_NO_AUTOSTART")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = commands
+        .into_iter()
+        .map(|command| command.wait_with_output().unwrap())
+        .collect();
+    let stopped = home.try_queuectl(&["server", "stop"]);
+    for output in &outputs {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert!(stopped.status.success(), "{stopped:?}");
+    let log = std::fs::read_to_string(home.file("server.log")).unwrap();
+    assert_eq!(log.matches("queuectld ready").count(), 1, "{log}");
+}
+
+/// A command that finds the home's lock held (another command's server is starting) waits for that server to
+/// answer, instead of reporting that the server it started stepped back.
+#[cfg(unix)]
+#[test]
+fn an_autostart_waits_for_the_server_that_holds_the_home() {
+    let home = Home::new();
+    std::fs::create_dir_all(home.path()).unwrap();
+    let lock = std::fs::File::create(home.file("server.lock")).unwrap();
+    lock.try_lock().unwrap();
+    let waiting = home
+        .command(&["status"])
+        .env_remove("QUEUECTL_NO_AUTOSTART")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The lock's holder begins to answer: a server of another home, reached through this home's socket path.
+    let other = Home::with_server(0);
+    std::os::unix::fs::symlink(other.file("queuectl.sock"), home.file("queuectl.sock")).unwrap();
+    let output = waiting.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn the_cli_finds_the_tcp_address_its_homes_server_recorded() {
     let mut home = Home::new();
@@ -666,11 +725,11 @@ fn list_shows_pending_jobs_by_their_aged_priority_as_they_will_run() {
     );
 }
 
-/// What a shell completing `words` (the last one being completed) gets from `queuectl`, one per line.
-fn completions(home: &Home, words: &[&str]) -> String {
+/// What `shell` completing `words` (the last one being completed) gets from `queuectl`, one per line.
+fn completions_in(shell: &str, home: &Home, words: &[&str]) -> String {
     let output = home
         .command(&[])
-        .env("COMPLETE", "bash")
+        .env("COMPLETE", shell)
         .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
         .env("_CLAP_IFS", "\n")
         .arg("--")
@@ -683,6 +742,10 @@ fn completions(home: &Home, words: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+fn completions(home: &Home, words: &[&str]) -> String {
+    completions_in("bash", home, words)
 }
 
 #[test]
@@ -710,4 +773,20 @@ fn shells_complete_job_ids_from_the_running_server_and_setting_keys() {
         "no server: nothing to offer, and none is started"
     );
     assert!(!bare.file("queuectl.sock").exists());
+}
+
+/// Shells that show what a candidate is (fish, zsh) get each job's state and its command on one short line.
+#[test]
+fn a_jobs_completion_shows_its_command_on_one_short_line() {
+    let home = Home::with_server(0);
+    let long = "x".repeat(100);
+    home.enqueue(r#"{"id":"j-lines","command":"echo one\necho two"}"#);
+    home.enqueue(&format!(r#"{{"id":"j-long","command":"echo {long}"}}"#));
+    home.enqueue(r#"{"id":"j-short","command":"true"}"#);
+    let shown = completions_in("fish", &home, &["queuectl", "get", "j-"]);
+    let expected = format!(
+        "j-lines\tpending: echo one…\nj-long\tpending: echo {}…\nj-short\tpending: true\n",
+        &long[..55]
+    );
+    assert_eq!(shown, expected);
 }
