@@ -193,6 +193,18 @@ pub async fn bind(options: Options) -> Result<Bound, ServerError> {
     let home = &options.home;
     home::prepare(home)?;
     let lock = home::lock(home)?;
+    // We hold the lock, so an address recorded here belongs to a server that died (killed before it could remove
+    // it); clients must not go there, nor send it the home's token. A TCP server records its own once it listens.
+    let recorded = home.join(ADDRESS_FILE);
+    match fs::remove_file(&recorded) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(ServerError::Listen(format!(
+                "cannot remove {}, the address of a server that is gone: {error}",
+                recorded.display()
+            )));
+        }
+        _ => {}
+    }
     if let Some(address) = options.metrics
         && !address.ip().is_loopback()
         && !options.metrics_allow_remote

@@ -517,6 +517,29 @@ fn the_homes_token_goes_only_to_the_homes_own_server() {
     let _ = server.wait();
 }
 
+/// A TCP server killed -9 leaves its address recorded, and someone else may listen there next; the home's next
+/// server, on the socket, forgets that address, so the CLI neither talks to it nor sends it the home's token.
+#[test]
+fn a_killed_tcp_servers_address_is_forgotten_by_the_next_server() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut home = Home::new();
+    let (mut tcp, _) = start_tcp(&home);
+    tcp.kill().unwrap();
+    tcp.wait().unwrap();
+    let (seen, stranger) = recording_server(&runtime);
+    // The freed port, taken by a stranger.
+    std::fs::write(home.file("server.addr"), &stranger).unwrap();
+
+    home.start_server(0);
+    assert!(!home.file("server.addr").exists());
+    assert_eq!(home.enqueue(r#"{"command":"true"}"#), "job1");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "the CLI went to the stale address: {:?}",
+        seen.lock().unwrap()
+    );
+}
+
 /// A job gets stdin, stdout and stderr only, whatever descriptors whoever started the server left open.
 #[cfg(target_os = "linux")]
 #[test]
