@@ -1007,7 +1007,8 @@ fn notify_payloads(events: &JobEvents) -> Result<Vec<String>, StoreError> {
             );
             continue;
         }
-        if payload.len() + encoded.len() + 3 > MAX_NOTIFY_PAYLOAD {
+        if payload.len() > head.len() && payload.len() + 1 + encoded.len() + 2 > MAX_NOTIFY_PAYLOAD
+        {
             payload.push_str("]}");
             payloads.push(std::mem::replace(&mut payload, head.clone()));
         }
@@ -1049,5 +1050,32 @@ mod tests {
             read.extend(part.events);
         }
         assert_eq!(read, events.events);
+    }
+
+    #[test]
+    fn an_event_that_just_fits_goes_alone_and_no_payload_is_empty() {
+        let event = |error_bytes: usize| Event::JobCancelled {
+            job_id: "job1".into(),
+            error: "x".repeat(error_bytes),
+        };
+        let overhead =
+            serde_json::to_string(&event(0)).unwrap().len() + r#"{"server":"h","events":[]}"#.len();
+        for error_bytes in MAX_NOTIFY_PAYLOAD - overhead - 3..=MAX_NOTIFY_PAYLOAD - overhead + 1 {
+            let fits = usize::from(error_bytes <= MAX_NOTIFY_PAYLOAD - overhead);
+            for (before, expected) in [(vec![], fits), (vec![event(1)], 1 + fits)] {
+                let mut events = JobEvents {
+                    server: "h".into(),
+                    events: before,
+                };
+                events.events.push(event(error_bytes));
+                let payloads = notify_payloads(&events).unwrap();
+                assert_eq!(payloads.len(), expected, "{error_bytes}");
+                for payload in &payloads {
+                    assert!(payload.len() <= MAX_NOTIFY_PAYLOAD, "{}", payload.len());
+                    let part: JobEvents = serde_json::from_str(payload).unwrap();
+                    assert!(!part.events.is_empty(), "{error_bytes}: {payload:.80}");
+                }
+            }
+        }
     }
 }
