@@ -727,21 +727,14 @@ fn list_shows_pending_jobs_by_their_aged_priority_as_they_will_run() {
 
 /// What `shell` completing `words` (the last one being completed) gets from `queuectl`, one per line.
 fn completions_in(shell: &str, home: &Home, words: &[&str]) -> String {
-    let output = home
-        .command(&[])
-        .env("COMPLETE", shell)
-        .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
-        .env("_CLAP_IFS", "\n")
-        .arg("--")
-        .args(words)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    common::succeeds(
+        home.command(&[])
+            .env("COMPLETE", shell)
+            .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
+            .env("_CLAP_IFS", "\n")
+            .arg("--")
+            .args(words),
+    )
 }
 
 fn completions(home: &Home, words: &[&str]) -> String {

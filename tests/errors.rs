@@ -221,18 +221,12 @@ with grpc.insecure_channel("unix:" + sys.argv[1]) as channel:
                 detail.Unpack(info)
                 print(error.code().name, info.reason, info.domain)
 "#;
-    let output = Command::new("python3")
-        .args(["-c", script])
-        .arg(home.file("queuectl.sock"))
-        .arg(request_bytes)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    common::succeeds(
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(home.file("queuectl.sock"))
+            .arg(request_bytes),
+    )
 }
 
 #[test]

@@ -22,19 +22,8 @@ fn started_at_secs(header: &str) -> f64 {
 fn the_old_readme_walkthrough_works_step_by_step() {
     // Autostart: the old steps run config and enqueue before any worker exists.
     let home = Home::new();
-    let autostart = |args: &[&str]| {
-        let output = home
-            .command(args)
-            .env_remove("QUEUECTL_NO_AUTOSTART")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    };
+    let autostart =
+        |args: &[&str]| common::succeeds(home.command(args).env_remove("QUEUECTL_NO_AUTOSTART"));
 
     // 1. The default configuration.
     assert_eq!(autostart(&["config", "get", "default_max_retries"]), "3\n");

@@ -14,6 +14,17 @@ pub const QUEUECTLD: &str = env!("CARGO_BIN_EXE_queuectld");
 /// Generous: CI machines are slow, and a deadline only matters when something is broken.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// Runs `command`, asserts that it succeeded (showing its stderr if not) and returns its stdout.
+pub fn succeeds(command: &mut Command) -> String {
+    let output = command.output().expect("the command runs");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8 output")
+}
+
 /// Polls `condition` until it holds, failing the test with `what` after `limit`.
 pub fn wait_until(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -143,13 +154,7 @@ impl Home {
 
     /// Runs `queuectl`, asserts success and returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let output = self.try_queuectl(args);
-        assert!(
-            output.status.success(),
-            "queuectl {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("utf-8 output")
+        succeeds(&mut self.command(args))
     }
 
     /// Runs `queuectl`, asserts failure and returns stderr.
