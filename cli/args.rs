@@ -349,7 +349,7 @@ pub enum DlqCommand {
         #[arg(long, value_enum, default_value_t)]
         output: Format,
     },
-    /// Send a dead job back to the queue with its attempts reset to 0.
+    /// Send a dead or cancelled job back to the queue with its attempts reset to 0.
     #[command(after_help = "Example:\n  queuectl dlq retry job5")]
     Retry {
         /// The job's id.

@@ -351,6 +351,8 @@ fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
     let (home, port) = with_metrics(1);
     home.enqueue(r#"{"command":"true"}"#);
     home.enqueue(r#"{"command":"exit 1","max_retries":0}"#);
+    home.enqueue(r#"{"command":"true","delay":"1h"}"#);
+    home.ok(&["cancel", "job3"]);
     home.wait_for_state("job2", "dead");
     home.wait_for_state("job1", "completed");
     common::wait_until("the metrics to count both jobs", DEADLINE, || {
@@ -362,8 +364,9 @@ fn prometheus_scrapes_the_opt_in_metrics_endpoint() {
     for line in [
         "queuectl_jobs{state=\"completed\"} 1",
         "queuectl_jobs{state=\"dead\"} 1",
+        "queuectl_jobs{state=\"cancelled\"} 1",
         "queuectl_jobs{state=\"pending\"} 0",
-        "queuectl_jobs_enqueued_total 2",
+        "queuectl_jobs_enqueued_total 3",
         "queuectl_jobs_completed_total 1",
         "queuectl_jobs_dead_total 1",
         "queuectl_workers 1",

@@ -92,6 +92,53 @@ fn grpcurl_lists_enqueues_and_checks_health() {
     assert!(status.contains(r#""paused": true"#), "{status}");
     call(&home, &[], &["queuectl.v1.QueueService/ResumeQueue"]);
     assert!(!home.ok(&["status"]).contains("paused"));
+    let again = refused(&home, "CancelJob", r#"{"id":"job1"}"#);
+    assert!(
+        again.contains("Code: FailedPrecondition") && again.contains("is cancelled already"),
+        "{again}"
+    );
+
+    let later = call(
+        &home,
+        &[
+            "-d",
+            r#"{"id":"later","command":"make report","delay":"3600s"}"#,
+        ],
+        &["queuectl.v1.QueueService/Enqueue"],
+    );
+    assert!(later.contains(r#""runAfter": ""#), "{later}");
+    let mail = call(
+        &home,
+        &[
+            "-d",
+            r#"{"id":"mail","command":"mail-report","after":["later"]}"#,
+        ],
+        &["queuectl.v1.QueueService/Enqueue"],
+    );
+    assert!(
+        mail.split_whitespace()
+            .collect::<String>()
+            .contains(r#""after":["later"]"#),
+        "{mail}"
+    );
+    let deleted = call(
+        &home,
+        &["-d", r#"{"id":"job1"}"#],
+        &["queuectl.v1.QueueService/DeleteJob"],
+    );
+    assert_eq!(deleted.split_whitespace().collect::<String>(), "{}");
+    call(
+        &home,
+        &["-d", r#"{"id":"later"}"#],
+        &["queuectl.v1.QueueService/CancelJob"],
+    );
+    let purged = call(
+        &home,
+        &["-d", r#"{"states":["JOB_STATE_CANCELLED"]}"#],
+        &["queuectl.v1.QueueService/PurgeJobs"],
+    );
+    assert!(purged.contains(r#""jobsDeleted": "2""#), "{purged}");
+    assert!(home.jobs(&[]).is_empty());
 
     let described = call(&home, &[], &["describe", "queuectl.v1.EnqueueRequest"]);
     assert!(described.contains("optional int32 priority"), "{described}");
@@ -167,6 +214,24 @@ fn raw_grpc_bad_input_gets_the_right_code_naming_the_field_and_changes_nothing()
     let invalid = "InvalidArgument";
     let cases: Vec<(&str, &str, &str, &str)> = vec![
         ("Enqueue", "{}", invalid, "command is required"),
+        (
+            "Enqueue",
+            r#"{"command":"x","delay":"-5s"}"#,
+            invalid,
+            "delay must be 0 to 31622400 seconds (a year), got -5s 0ns",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","run_at":"1960-01-01T00:00:00Z"}"#,
+            invalid,
+            "run_at must be a time after 1970",
+        ),
+        (
+            "Enqueue",
+            r#"{"command":"x","run_at":"2026-01-01T00:00:00Z","delay":"1s"}"#,
+            invalid,
+            "give run_at or delay, not both",
+        ),
         (
             "Enqueue",
             r#"{"command":""}"#,

@@ -126,6 +126,39 @@ fn cancelling_a_running_job_kills_every_process_it_started_and_never_reruns_it()
     assert_eq!(runs_of(&home, &id).len(), 1);
 }
 
+/// A job that ignores SIGTERM is killed once `shutdown_grace` has passed: a cancel always ends the run.
+#[test]
+fn a_cancelled_job_that_ignores_sigterm_is_killed_after_the_grace() {
+    let home = Home::with_server(1);
+    home.ok(&["config", "set", "shutdown_grace", "1"]);
+    let pid_file = home.file("stubborn.pid");
+    // Ignored signals stay ignored in the children too.
+    let command = format!(
+        "trap '' TERM; sleep 300 & echo $! > {}; wait; wait",
+        pid_file.display()
+    );
+    let id = home.enqueue(&serde_json::json!({ "command": command }).to_string());
+    wait_until("the job's child to start", DEADLINE, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|text| text.ends_with('\n'))
+    });
+    let child: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let cancel = common::output_within(&mut home.command(&["cancel", &id]), DEADLINE);
+    assert!(
+        cancel.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    assert_eq!(home.state(&id), "cancelled");
+    wait_until("the job's child to be gone", Duration::from_secs(5), || {
+        !alive(child)
+    });
+}
+
 #[test]
 fn a_cancel_that_races_a_completion_ends_in_exactly_one_final_state() {
     let home = Home::with_server(2);
@@ -243,6 +276,30 @@ fn completed_jobs_past_their_retention_are_deleted_by_the_server() {
 }
 
 #[test]
+fn dead_and_cancelled_jobs_past_their_retention_are_deleted_by_the_server() {
+    let home = Home::with_server(1);
+    home.ok(&["config", "set", "dead_retention", "2s"]);
+    let done = home.enqueue(r#"{"command":"true"}"#);
+    let dead = home.enqueue(r#"{"command":"false","max_retries":0}"#);
+    let cancelled = home.enqueue(r#"{"command":"true","delay":"1h"}"#);
+    home.ok(&["cancel", &cancelled]);
+    home.ok(&["wait", &done]);
+    home.wait_for_state(&dead, "dead");
+    for gone in [&dead, &cancelled] {
+        wait_until("the final job to be purged", DEADLINE, || {
+            home.try_queuectl(&["get", gone])
+                .stderr
+                .starts_with(b"error: no job with id")
+        });
+    }
+    assert_eq!(
+        home.state(&done),
+        "completed",
+        "completed jobs keep their own retention"
+    );
+}
+
+#[test]
 fn a_delayed_job_waits_pending_and_runs_on_time() {
     let home = Home::with_server(1);
     let now = std::time::SystemTime::now();
@@ -254,7 +311,12 @@ fn a_delayed_job_waits_pending_and_runs_on_time() {
     let run_after = job["run_after"].as_i64().unwrap();
     let expected =
         i64::try_from(at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
-    assert_eq!(run_after, expected, "list and get show when it runs");
+    assert_eq!(run_after, expected, "get shows when it runs");
+    assert_eq!(
+        home.jobs(&[])[0]["run_after"],
+        run_after,
+        "and so does list"
+    );
 
     home.ok(&["wait", &id]);
     let runs = runs_of(&home, &id);
@@ -415,6 +477,9 @@ fn a_chain_runs_in_order_and_a_dead_link_cancels_the_rest() {
         "get shows what it waits for"
     );
     assert_eq!(c["run_after"], Value::Null, "and no time while it waits");
+    let listed = home.jobs(&["--state", "pending"]);
+    let c_listed = listed.iter().find(|job| job["id"] == "c").unwrap();
+    assert_eq!(c_listed["after"], c["after"], "list shows it too");
     home.ok(&["worker", "start", "--count", "3", "--daemon"]);
     home.ok(&["wait", "a", "b", "c"]);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "a\nb\nc\n");
@@ -466,6 +531,10 @@ fn a_chain_runs_in_order_and_a_dead_link_cancels_the_rest() {
         (
             r#"{"command":"true","after":[7]}"#,
             "after must hold job ids",
+        ),
+        (
+            &serde_json::json!({ "command": "true", "after": vec!["a"; 101] }).to_string(),
+            "after may name at most 100 jobs, got 101",
         ),
     ] {
         let stderr = home.fails(&["enqueue", job]);

@@ -532,12 +532,13 @@ async fn pump(
     }
 }
 
-/// Enqueues through `through` a job that writes its shell's pid into a file of `runner`'s home, then sleeps for two
-/// minutes; waits until it runs. Returns the file and the pid.
+/// Enqueues through `through` a job whose shell starts a child that sleeps for two minutes, writes the child's
+/// pid into a file of `runner`'s home and waits for it; waits until it runs. Returns the file and the child's pid:
+/// the job is over only once the processes it started are gone too.
 fn run_a_long_job(through: &Home, runner: &Home) -> (std::path::PathBuf, u32) {
     let pid_file = runner.file("job.pid");
     through.enqueue(&format!(
-        r#"{{"command":"echo $$ > {}; sleep 120"}}"#,
+        r#"{{"command":"sleep 120 & echo $! > {}; wait"}}"#,
         pid_file.display()
     ));
     wait_until("the long job runs", DEADLINE, || {
@@ -742,6 +743,12 @@ fn a_cancel_and_a_pause_through_one_server_reach_the_others() {
     wait_until("the pause to reach the other server", DEADLINE, || {
         runner.ok(&["status"]).contains("Queue: paused")
     });
+    runner.stop_server();
+    start(&mut runner, &database, 1);
+    assert!(
+        runner.ok(&["status"]).contains("Queue: paused"),
+        "the pause holds across a restart"
+    );
     front.enqueue(r#"{"command":"true"}"#);
     let stderr = runner.fails(&["wait", "job2", "--timeout", "1s"]);
     assert!(stderr.contains("still not final"), "{stderr}");
