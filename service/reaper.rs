@@ -4,6 +4,7 @@
 //! run's and are only reaped once they exit.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,33 +44,35 @@ pub fn enter(pid: u32) {
 }
 
 /// Ends an attempt: forgets its shell (tokio reaped it), kills every process that carries `tag` and reaps them.
+/// The run's orphans came back to the server, so only what lies below it is searched, not every process of the
+/// machine: reading all of /proc at each end halved the drain.
 pub fn end(pid: u32, tag: &str) {
     shells(|shells| shells.remove(&pid));
-    kill_tagged(tag);
+    match below_server() {
+        Some(candidates) => kill_tagged_among(candidates, tag),
+        None => kill_tagged(tag),
+    };
     reap();
 }
 
-/// Sends SIGKILL to every process with `QUEUECTL_JOB=<tag>` in its environment, wherever it went. Returns how
-/// many.
+/// Sends SIGKILL to every process with `QUEUECTL_JOB=<tag>` in its environment, wherever it went (after a crash,
+/// orphans of the previous server went to init). Returns how many.
 pub fn kill_tagged(tag: &str) -> usize {
+    kill_tagged_among(every_process(), tag)
+}
+
+fn kill_tagged_among(candidates: Vec<u32>, tag: &str) -> usize {
     let wanted = format!("{}={tag}", crate::runner::TAG_VARIABLE);
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut killed = 0;
-    for process in processes.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        let tagged = std::fs::read(process.path().join("environ")).is_ok_and(|environ| {
+    for pid in candidates {
+        let tagged = std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
             environ
                 .split(|byte| *byte == 0)
                 .any(|entry| entry == wanted.as_bytes())
         });
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            continue;
+        };
         if tagged {
             // SAFETY: kill(2) only sends a signal.
             unsafe {
@@ -81,14 +84,68 @@ pub fn kill_tagged(tag: &str) -> usize {
     killed
 }
 
+fn every_process() -> Vec<u32> {
+    std::fs::read_dir("/proc").map_or_else(
+        |_| Vec::new(),
+        |processes| {
+            processes
+                .flatten()
+                .filter_map(|process| process.file_name().to_str()?.parse().ok())
+                .collect()
+        },
+    )
+}
+
+/// Whether the kernel lists each thread's children (Linux 3.5 and later, with CONFIG_PROC_CHILDREN).
+fn lists_children() -> bool {
+    static LISTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *LISTS.get_or_init(|| Path::new("/proc/thread-self/children").exists())
+}
+
+/// The children of `pid`, as its threads' `children` lists give them.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    threads
+        .flatten()
+        .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
+        .flat_map(|listed| {
+            listed
+                .split_whitespace()
+                .filter_map(|child| child.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Every process below the server, but for the job shells still running and what they started: that is where
+/// the orphans of ended runs are. `None` where the kernel does not list children.
+fn below_server() -> Option<Vec<u32>> {
+    if !lists_children() {
+        return None;
+    }
+    let running = shells(|shells| shells.clone());
+    let mut found = Vec::new();
+    let mut next = children_of(std::process::id());
+    while let Some(pid) = next.pop() {
+        if !running.contains(&pid) {
+            found.push(pid);
+            next.extend(children_of(pid));
+        }
+    }
+    Some(found)
+}
+
 /// Reaps the zombie children of the server that are not job shells: orphans that came back to it and exited.
 fn reap() {
     let me = std::process::id();
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return;
+    let candidates = match lists_children() {
+        true => children_of(me),
+        false => every_process(),
     };
-    for process in processes.flatten() {
-        let Ok(stat) = std::fs::read_to_string(process.path().join("stat")) else {
+    for candidate in candidates {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{candidate}/stat")) else {
             continue;
         };
         let Some((pid, rest)) = stat.split_once(' ') else {
