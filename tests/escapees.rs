@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::{DEADLINE, Home, alive, wait_until};
@@ -66,17 +65,6 @@ fn restart(home: &mut Home, mode: Mode) {
 }
 
 /// The pid a job wrote to `path`, once it did.
-fn pid_in(path: &Path) -> u32 {
-    wait_until("the job to write its pid", DEADLINE, || {
-        std::fs::read_to_string(path).is_ok_and(|pid| pid.ends_with('\n'))
-    });
-    std::fs::read_to_string(path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 fn gone(what: &str, pid: u32) {
     wait_until(what, DEADLINE, || !alive(pid));
 }
@@ -89,7 +77,7 @@ fn enqueue_escapee(home: &Home, id: &str, then: &str, extra: &str) -> u32 {
         r#"{{"id":"{id}","command":"setsid sh -c 'echo $$ > {pid}; exec sleep 3000' & while [ ! -s {pid} ]; do sleep 0.01; done; {then}"{extra}}}"#,
         pid = pid_file.display()
     ));
-    pid_in(&pid_file)
+    common::pid_written_to(&pid_file)
 }
 
 /// A job that starts a `sleep` out of its process group and without the run's tag, then sleeps itself.
@@ -99,7 +87,7 @@ fn enqueue_untagged(home: &Home, id: &str) -> u32 {
         r#"{{"id":"{id}","command":"env -i setsid sh -c 'echo $$ > {pid}; exec sleep 3000' & exec sleep 3000"}}"#,
         pid = pid_file.display()
     ));
-    let pid = pid_in(&pid_file);
+    let pid = common::pid_written_to(&pid_file);
     wait_until("the sleep to run without the tag", DEADLINE, || {
         std::fs::read(format!("/proc/{pid}/cmdline"))
             .is_ok_and(|cmdline| cmdline.starts_with(b"sleep"))

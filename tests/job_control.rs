@@ -97,14 +97,7 @@ fn cancelling_a_running_job_kills_every_process_it_started_and_never_reruns_it()
         pid_file.display()
     );
     let id = home.enqueue(&serde_json::json!({ "command": command }).to_string());
-    wait_until("the job's child to start", DEADLINE, || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|text| text.ends_with('\n'))
-    });
-    let child: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = common::pid_written_to(&pid_file);
     assert_eq!(home.state(&id), "processing");
 
     home.ok(&["cancel", &id]);
@@ -138,14 +131,7 @@ fn a_cancelled_job_that_ignores_sigterm_is_killed_after_the_grace() {
         pid_file.display()
     );
     let id = home.enqueue(&serde_json::json!({ "command": command }).to_string());
-    wait_until("the job's child to start", DEADLINE, || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|text| text.ends_with('\n'))
-    });
-    let child: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = common::pid_written_to(&pid_file);
 
     let cancel = common::output_within(&mut home.command(&["cancel", &id]), DEADLINE);
     assert!(

@@ -541,14 +541,7 @@ fn run_a_long_job(through: &Home, runner: &Home) -> (std::path::PathBuf, u32) {
         r#"{{"command":"sleep 120 & echo $! > {}; wait"}}"#,
         pid_file.display()
     ));
-    wait_until("the long job runs", DEADLINE, || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
-    });
-    let pid = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = common::pid_written_to(&pid_file);
     (pid_file, pid)
 }
 

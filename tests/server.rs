@@ -227,14 +227,7 @@ fn a_job_interrupted_by_kill_9_of_the_server_runs_again_after_restart() {
         pid_file.display()
     );
     home.enqueue(&job);
-    wait_until("the job to start", DEADLINE, || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
-    });
-    let orphan: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let orphan = common::pid_written_to(&pid_file);
     home.kill_server();
     assert!(
         common::alive(orphan),
@@ -257,14 +250,7 @@ fn a_job_interrupted_by_kill_9_of_the_server_runs_again_after_restart() {
         "an interrupted run is not the job's failure"
     );
     // Let it finish quickly: kill its sleep, and the job completes.
-    wait_until("the rerun to record its pid", DEADLINE, || {
-        std::fs::read_to_string(&pid_file).is_ok_and(|pid| pid.ends_with('\n'))
-    });
-    let rerun: u32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let rerun = common::pid_written_to(&pid_file);
     kill_pid(rerun);
     home.wait_for_state("job1", "completed");
 }

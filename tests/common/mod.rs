@@ -388,3 +388,15 @@ pub fn scrape_accepting(port: u16, accept: &str) -> String {
     stream.read_to_string(&mut response).unwrap();
     response
 }
+
+/// The pid a job writes into `path` (`echo $! > path`), once its whole line is there.
+pub fn pid_written_to(path: &Path) -> u32 {
+    wait_until("the job to write its pid", DEADLINE, || {
+        std::fs::read_to_string(path).is_ok_and(|pid| pid.ends_with('\n'))
+    });
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
