@@ -344,6 +344,10 @@ pub async fn channel(
                 ))
                 .into());
             }
+            // The server this command waited for is gone (it was stopping): start one after all.
+            Err(_) if started.is_none() && !home_server_running(&home) => {
+                started = Some(spawn_server(&home)?);
+            }
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(Unreachable(format!(
                     "queuectld was started, but it did not answer at {target} within {}s ({error}); \
