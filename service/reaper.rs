@@ -109,14 +109,34 @@ fn children_of(pid: u32) -> Vec<u32> {
     };
     threads
         .flatten()
-        .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
+        .filter_map(|thread| read_whole(&thread.path().join("children")))
         .flat_map(|listed| {
             listed
-                .split_whitespace()
-                .filter_map(|child| child.parse().ok())
+                .split(u8::is_ascii_whitespace)
+                .filter_map(|child| std::str::from_utf8(child).ok()?.parse().ok())
                 .collect::<Vec<u32>>()
         })
         .collect()
+}
+
+/// A `children` list read in one go: each further read of it makes the kernel find its place again by counting,
+/// and a child that exits in between shifts the count, so that the next one would be skipped.
+fn read_whole(path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut listed = vec![0; 64 * 1024];
+    let mut read = 0;
+    loop {
+        match file.read(&mut listed[read..]).ok()? {
+            0 => break,
+            more => read += more,
+        }
+        if read == listed.len() {
+            listed.resize(read * 2, 0);
+        }
+    }
+    listed.truncate(read);
+    Some(listed)
 }
 
 /// Every process below the server, but for the job shells still running and what they started: that is where
@@ -171,6 +191,29 @@ fn reap() {
         // SAFETY: waitpid(2) on one zombie child that no one else waits for; WNOHANG never blocks.
         unsafe {
             libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_child_of_a_process_is_listed() {
+        let mut children: Vec<_> = (0..20)
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let listed = super::children_of(std::process::id());
+        for child in &mut children {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        for child in &children {
+            assert!(listed.contains(&child.id()), "{} in {listed:?}", child.id());
         }
     }
 }

@@ -64,7 +64,6 @@ fn restart(home: &mut Home, mode: Mode) {
     home.start_server_with(server_command(home, mode, 0));
 }
 
-/// The pid a job wrote to `path`, once it did.
 fn gone(what: &str, pid: u32) {
     wait_until(what, DEADLINE, || !alive(pid));
 }
