@@ -217,15 +217,28 @@ pub fn host_name() -> String {
 /// Holds the home's lock for as long as it lives, so that one server owns one database.
 pub fn lock(home: &Path) -> Result<File, HomeError> {
     let lock = open_private(&home.join(LOCK_FILE))?;
-    match lock.try_lock() {
-        Ok(()) => Ok(lock),
-        Err(fs::TryLockError::WouldBlock) => Err(HomeError(format!(
-            "another queuectld already serves {}; stop it with `queuectl server stop`",
-            home.display()
-        ))),
-        Err(fs::TryLockError::Error(error)) => Err(error.into()),
+    // A CLI asking whether a server runs holds the lock shared for an instant: that is no server, so ask again.
+    let mut tries = 1;
+    loop {
+        match lock.try_lock() {
+            Ok(()) => return Ok(lock),
+            Err(fs::TryLockError::WouldBlock) if tries < LOCK_TRIES => {
+                tries += 1;
+                std::thread::sleep(LOCK_RETRY);
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(HomeError(format!(
+                    "another queuectld already serves {}; stop it with `queuectl server stop`",
+                    home.display()
+                )));
+            }
+            Err(fs::TryLockError::Error(error)) => return Err(error.into()),
+        }
     }
 }
+
+const LOCK_TRIES: u32 = 5;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The home's server id, made once and kept, so that a restarted server recognises the jobs it was running.
 pub fn server_id(home: &Path) -> Result<String, HomeError> {
