@@ -108,6 +108,26 @@ pub struct Attempt {
     tagged: Option<(u32, String)>,
 }
 
+/// Notes job shell `pid`, started ahead of its job: tokio waits for it, so nothing else may reap it.
+pub fn hold(pid: u32) {
+    #[cfg(target_os = "linux")]
+    if matches!(mode(), Mode::Subreaper) {
+        reaper::enter(pid);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = pid;
+}
+
+/// Forgets job shell `pid`, which ends without a job: once it exited, it is reaped like any orphan.
+pub fn release(pid: u32) {
+    #[cfg(target_os = "linux")]
+    if matches!(mode(), Mode::Subreaper) {
+        reaper::forget(pid);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = pid;
+}
+
 /// Takes in the attempt of run `tag` whose shell is `pid`, while the shell is still held at its gate.
 pub fn enter(tag: &str, pid: Option<u32>) -> Attempt {
     match (mode(), pid) {

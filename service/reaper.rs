@@ -43,11 +43,16 @@ pub fn enter(pid: u32) {
     shells(|shells| shells.insert(pid));
 }
 
+/// Forgets job shell `pid`, which ended or ends without a run.
+pub fn forget(pid: u32) {
+    shells(|shells| shells.remove(&pid));
+}
+
 /// Ends an attempt: forgets its shell (tokio reaped it), kills every process that carries `tag` and reaps them.
 /// The run's orphans came back to the server, so only what lies below it is searched, not every process of the
 /// machine: reading all of /proc at each end halved the drain.
 pub fn end(pid: u32, tag: &str) {
-    shells(|shells| shells.remove(&pid));
+    forget(pid);
     match below_server() {
         Some(candidates) => kill_tagged_among(candidates, tag),
         None => kill_tagged(tag),

@@ -6,7 +6,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+#[cfg(unix)]
+use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
@@ -65,42 +67,197 @@ pub type Piece = (Stream, Vec<u8>);
 /// How long pipe reads are, at most.
 const READ_SIZE: usize = 8192;
 
-/// Holds the command until its process group is on record, then runs it as `/bin/sh -c` would: `$0` is `/bin/sh`,
-/// there are no positional parameters (`shift` drops the command itself). Without the hold, a server killed right
-/// after the spawn would leave processes behind that its successor cannot find. `eval` in the same shell, rather
-/// than `exec /bin/sh -c`, spares every job the start of a second shell (about 1 ms here); the one visible
-/// difference is that the shell's own error messages say `eval:` (`/bin/sh: 1: eval: foo: not found`).
-#[cfg(unix)]
-const GATE: &str = r#"read -r _ && eval "shift; $1""#;
+/// Every job shell carries `QUEUECTL_GATE=<server id>` in its own environment (its command does not see it): a
+/// shell started ahead of its job has no run tag yet, and a restarted server must still know it for one of its own.
+pub const GATE_VARIABLE: &str = "QUEUECTL_GATE";
 
-fn shell(command: &str, tag: &str, context: &JobContext) -> Command {
-    #[cfg(unix)]
-    let mut shell = {
-        let mut shell = Command::new("/bin/sh");
-        shell.arg("-c").arg(GATE).arg("/bin/sh").arg(command);
-        // Its own process group, so that a timeout or a stop reaches everything the command started.
-        shell.process_group(0);
-        shell.stdin(Stdio::piped());
-        shell
-    };
-    #[cfg(windows)]
-    let mut shell = {
-        let mut shell = Command::new("cmd");
-        shell.arg("/C").arg(command);
-        shell.stdin(Stdio::null());
-        shell
-    };
-    for name in SCRUBBED_ENV {
-        shell.env_remove(name);
+/// What a job shell runs before it knows its job: the script the server writes to its stdin, read to the end.
+/// Without the hold, a server killed right after the spawn would leave processes behind that its successor cannot
+/// find; a server that dies before it wrote the script closes the pipe, and the shell ends having run nothing.
+/// `/proc/self/fd/0` rather than `/dev/stdin`, which a minimal container may lack.
+#[cfg(unix)]
+const GATE: &str = if cfg!(target_os = "linux") {
+    ". /proc/self/fd/0"
+} else {
+    ". /dev/stdin"
+};
+
+/// A shell in its own process group, started before its job is known and held until [`Gate::start`] gives it one.
+/// Its process group can thus be recorded with the claim of its job, in the same commit.
+pub struct Gate {
+    /// `None` for the benchmark's no-op executor.
+    shell: Option<Child>,
+}
+
+impl Gate {
+    /// Starts a held shell for server `server_id`. `Err` is the outcome of a run that cannot begin: the spawn
+    /// failed (for want of resources, the job runs again without losing an attempt).
+    pub fn spawn(server_id: &str) -> Result<Gate, Outcome> {
+        if noop_executor() {
+            return Ok(Gate { shell: None });
+        }
+        #[cfg(unix)]
+        {
+            let mut shell = Command::new("/bin/sh");
+            shell.arg("-c").arg(GATE).arg("/bin/sh");
+            // Its own process group, so that a timeout or a stop reaches everything the command started.
+            shell.process_group(0);
+            for name in SCRUBBED_ENV {
+                shell.env_remove(name);
+            }
+            shell.env(GATE_VARIABLE, server_id);
+            shell.current_dir(working_directory(&JobContext::default()));
+            shell
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            match shell.spawn() {
+                Ok(child) => {
+                    if let Some(pid) = child.id() {
+                        crate::containment::hold(pid);
+                    }
+                    Ok(Gate { shell: Some(child) })
+                }
+                Err(error) => Err(spawn_failure(error)),
+            }
+        }
+        #[cfg(windows)]
+        {
+            let _ = server_id;
+            Ok(Gate { shell: None })
+        }
     }
-    shell.envs(&context.env);
-    shell.env(TAG_VARIABLE, tag);
-    shell.current_dir(working_directory(context));
-    shell
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    shell
+
+    /// The process group every process of the run will belong to.
+    pub fn pgid(&self) -> Option<u32> {
+        self.shell.as_ref().and_then(Child::id)
+    }
+
+    /// Gives the shell its job: its directory, its environment with the run's tag, and its command, which then runs
+    /// as `/bin/sh -c` would run it (`$0` is `/bin/sh`, no positional parameters). `Err` is the outcome of a run
+    /// that ended before it began: its directory is missing, or the benchmark's no-op executor stands in for it.
+    pub async fn start(self, spec: RunSpec<'_>) -> Result<Gated, Outcome> {
+        if let Some(cwd) = &spec.context.cwd
+            && !Path::new(cwd).is_dir()
+        {
+            return Err(Outcome::Failed(Failure::NoDirectory(cwd.clone())));
+        }
+        #[cfg(unix)]
+        {
+            let mut gate = self;
+            let Some(mut child) = gate.shell.take() else {
+                return Err(Outcome::Succeeded);
+            };
+            let pgid = child.id();
+            let attempt = crate::containment::enter(spec.tag, pgid);
+            if let Some(mut stdin) = child.stdin.take() {
+                // The command then sees its stdin at its end, as with /dev/null. A failed write means the shell is
+                // gone already, which its exit status reports.
+                let _ = stdin.write_all(script(&spec).as_bytes()).await;
+            }
+            Ok(Gated {
+                child,
+                pgid,
+                attempt,
+                timeout: spec.timeout,
+            })
+        }
+        #[cfg(windows)]
+        {
+            if noop_executor() {
+                return Err(Outcome::Succeeded);
+            }
+            let mut shell = Command::new("cmd");
+            shell.arg("/C").arg(spec.command).stdin(Stdio::null());
+            for name in SCRUBBED_ENV {
+                shell.env_remove(name);
+            }
+            shell.envs(&spec.context.env).env(TAG_VARIABLE, spec.tag);
+            shell.current_dir(working_directory(spec.context));
+            shell
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true);
+            let child = shell.spawn().map_err(spawn_failure)?;
+            Ok(Gated {
+                pgid: child.id(),
+                attempt: crate::containment::enter(spec.tag, None),
+                child,
+                timeout: spec.timeout,
+            })
+        }
+    }
+}
+
+impl Drop for Gate {
+    /// A shell that never got its job ends: its pipe closes, and `kill_on_drop` sees to it.
+    fn drop(&mut self) {
+        if let Some(pid) = self.shell.as_ref().and_then(Child::id) {
+            crate::containment::release(pid);
+        }
+    }
+}
+
+/// The script a held shell runs for `spec`, on one line: the shell reads a whole line before it runs any of it, so
+/// a script cut short (a server killed while writing it) leaves a quote open and runs nothing.
+#[cfg(unix)]
+fn script(spec: &RunSpec<'_>) -> String {
+    let mut script = format!("unset {GATE_VARIABLE}; ");
+    if let Some(cwd) = &spec.context.cwd {
+        script += &format!("cd -- {} || exit; ", shell_quoted(cwd));
+    }
+    let tag = format!("{TAG_VARIABLE}={}", spec.tag);
+    let variables = std::iter::once(tag).chain(
+        spec.context
+            .env
+            .iter()
+            .map(|(name, value)| format!("{name}={value}")),
+    );
+    let quoted: Vec<String> = variables.map(|variable| shell_quoted(&variable)).collect();
+    if spec.context.env.keys().all(|name| is_shell_name(name)) {
+        // `exit` at once: otherwise the shell reads on for more script, and ends only at the end of its stdin, which
+        // comes once every copy of the pipe is closed (a shell being started for another worker holds one until
+        // it runs `sh`).
+        script += &format!(
+            "export {}; eval {}; exit\n",
+            quoted.join(" "),
+            shell_quoted(spec.command)
+        );
+    } else {
+        // The shell cannot set a variable whose name is not a shell name (`a.b`); env(1) can, at the cost of a
+        // second shell.
+        script += &format!(
+            "exec env {} /bin/sh -c {}\n",
+            quoted.join(" "),
+            shell_quoted(spec.command)
+        );
+    }
+    script
+}
+
+/// `text` in single quotes, for the shell: every byte stands for itself.
+#[cfg(unix)]
+fn shell_quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// Whether `name` can be a shell variable's name: a letter or `_`, then letters, digits and `_`.
+#[cfg(unix)]
+fn is_shell_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == '_')
+        && chars.all(|rest| rest.is_ascii_alphanumeric() || rest == '_')
+}
+
+fn spawn_failure(error: std::io::Error) -> Outcome {
+    if out_of_resources(&error) {
+        Outcome::NotStarted(error.to_string())
+    } else {
+        Outcome::Failed(Failure::Spawn(error.to_string()))
+    }
 }
 
 /// Marks every descriptor the server inherited, beyond stdin, stdout and stderr, close-on-exec, so that jobs get
@@ -186,30 +343,36 @@ pub fn signal_group(pgid: u32, signal: i32) {
 }
 
 /// Kills what is left of a run's process group, e.g. one a crashed server left behind, if the group is still that
-/// run's. Returns whether it sent the signal.
-pub fn kill_group(pgid: u32, tag: &str) -> bool {
+/// run's: one of its processes carries the run's tag, or is a shell that server `server_id` started (which may not
+/// have received its job). Returns whether it sent the signal.
+pub fn kill_group(pgid: u32, tag: &str, server_id: &str) -> bool {
     #[cfg(target_os = "linux")]
-    if !group_carries_tag(pgid, tag) {
-        return false;
+    {
+        let wanted = [
+            format!("{TAG_VARIABLE}={tag}"),
+            format!("{GATE_VARIABLE}={server_id}"),
+        ];
+        if !group_carries_any(pgid, &wanted) {
+            return false;
+        }
     }
     #[cfg(unix)]
     {
         #[cfg(not(target_os = "linux"))]
-        let _ = tag;
+        let _ = (tag, server_id);
         signal_group(pgid, libc::SIGKILL);
         true
     }
     #[cfg(windows)]
     {
-        let _ = (pgid, tag);
+        let _ = (pgid, tag, server_id);
         false
     }
 }
 
-/// Whether some process of group `pgid` has `QUEUECTL_JOB=<tag>` in its environment.
+/// Whether some process of group `pgid` has one of the `wanted` variables in its environment.
 #[cfg(target_os = "linux")]
-fn group_carries_tag(pgid: u32, tag: &str) -> bool {
-    let wanted = format!("{TAG_VARIABLE}={tag}");
+fn group_carries_any(pgid: u32, wanted: &[String]) -> bool {
     let Ok(processes) = std::fs::read_dir("/proc") else {
         return false;
     };
@@ -225,7 +388,7 @@ fn group_carries_tag(pgid: u32, tag: &str) -> bool {
             && std::fs::read(path.join("environ")).is_ok_and(|environ| {
                 environ
                     .split(|byte| *byte == 0)
-                    .any(|entry| entry == wanted.as_bytes())
+                    .any(|entry| wanted.iter().any(|wanted| entry == wanted.as_bytes()))
             })
     })
 }
@@ -262,40 +425,12 @@ async fn drain(pipe: &mut (impl AsyncRead + Unpin), stream: Stream, output: &mps
     }
 }
 
-/// A command's shell, started and held at its gate: its process group exists, so it can be put on record before
-/// anything of the command runs.
+/// A command's shell, given its job.
 pub struct Gated {
     child: Child,
     pgid: Option<u32>,
     attempt: crate::containment::Attempt,
     timeout: Option<Duration>,
-}
-
-/// Starts the shell for `spec`, held at its gate. `Err` is the outcome of a run that ended before it began: its
-/// directory is missing, the spawn failed (for want of resources, the job runs again without losing an attempt),
-/// or the benchmark's no-op executor stands in for the command.
-pub fn spawn(spec: RunSpec<'_>) -> Result<Gated, Outcome> {
-    if noop_executor() {
-        return Err(Outcome::Succeeded);
-    }
-    if let Some(cwd) = &spec.context.cwd
-        && !Path::new(cwd).is_dir()
-    {
-        return Err(Outcome::Failed(Failure::NoDirectory(cwd.clone())));
-    }
-    match shell(spec.command, spec.tag, spec.context).spawn() {
-        Ok(child) => {
-            let pgid = child.id();
-            Ok(Gated {
-                attempt: crate::containment::enter(spec.tag, pgid),
-                child,
-                pgid,
-                timeout: spec.timeout,
-            })
-        }
-        Err(error) if out_of_resources(&error) => Err(Outcome::NotStarted(error.to_string())),
-        Err(error) => Err(Outcome::Failed(Failure::Spawn(error.to_string()))),
-    }
 }
 
 impl Gated {
@@ -304,9 +439,9 @@ impl Gated {
         self.pgid
     }
 
-    /// Opens the gate and runs the command to its end. `output` gets what it prints, piece by piece in the order
-    /// read, and holds the command back while it is full. When `stop` resolves first, the command's processes are
-    /// ended and the run ends with the outcome it gave.
+    /// Runs the command to its end. `output` gets what it prints, piece by piece in the order read, and holds the
+    /// command back while it is full. When `stop` resolves first, the command's processes are ended and the run
+    /// ends with the outcome it gave.
     pub async fn run(
         self,
         stop: impl Future<Output = Outcome>,
@@ -318,12 +453,6 @@ impl Gated {
             attempt,
             timeout,
         } = self;
-        if let Some(mut gate) = child.stdin.take() {
-            // Opens the gate; the command then sees its stdin closed, as with /dev/null. A failed write means the
-            // shell is gone already, which its exit status reports.
-            let _ = gate.write_all(b"\n").await;
-        }
-
         let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take())
         else {
             unreachable!("both pipes were asked for");
@@ -435,8 +564,12 @@ mod tests {
             }
         }
 
-        fn gated(spec: RunSpec<'_>) -> Gated {
-            match spawn(spec) {
+        /// The id of the server the tests' shells say they belong to.
+        const SERVER: &str = "test-host-0123";
+
+        async fn gated(spec: RunSpec<'_>) -> Gated {
+            let gate = Gate::spawn(SERVER).expect("the shell starts");
+            match gate.start(spec).await {
                 Ok(gated) => gated,
                 Err(outcome) => panic!("the shell did not start: {outcome}"),
             }
@@ -455,7 +588,7 @@ mod tests {
                 }
                 seen
             };
-            tokio::join!(gated(spec).run(stop, output), collect)
+            tokio::join!(gated(spec).await.run(stop, output), collect)
         }
 
         /// Runs `command` to its end, without timeout or stop.
@@ -563,8 +696,8 @@ mod tests {
             );
         }
 
-        #[test]
-        fn a_missing_directory_fails_the_attempt_before_any_shell_starts() {
+        #[tokio::test]
+        async fn a_missing_directory_fails_the_attempt_before_its_command_runs() {
             let context = JobContext {
                 cwd: Some("/no/such/place".into()),
                 env: Default::default(),
@@ -573,7 +706,11 @@ mod tests {
                 context: &context,
                 ..spec("true", "job1#1", None)
             };
-            match spawn(spec) {
+            match Gate::spawn(SERVER)
+                .expect("the shell starts")
+                .start(spec)
+                .await
+            {
                 Err(outcome) => assert_eq!(
                     outcome.to_string(),
                     "cwd: no such directory: /no/such/place"
@@ -642,25 +779,83 @@ mod tests {
             assert_eq!(text(&pieces, None), "job7#2|unset");
         }
 
+        /// The variables in the environment process `pid` started with.
+        fn environment_of(pid: u32) -> Vec<String> {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .unwrap_or_default()
+                .split(|byte| *byte == 0)
+                .map(|entry| String::from_utf8_lossy(entry).into_owned())
+                .collect()
+        }
+
         #[tokio::test]
-        async fn a_command_waits_at_its_gate_until_run() {
+        async fn a_held_shell_runs_nothing_until_it_gets_its_job_and_nothing_if_it_never_does() {
             let dir = tempfile::tempdir().unwrap();
             let marker = dir.path().join("ran");
-            let command = format!("touch '{}'", marker.display());
-            let gated = gated(spec(&command, "job1#1", None));
-            let pgid = gated.pgid().expect("the shell has a process group");
-            // Its process group is led by the shell, which is alive and held.
+            let gate = Gate::spawn(SERVER).expect("the shell starts");
+            let pgid = gate.pgid().expect("the shell has a process group");
+            // Its process group is led by the shell, which is alive, held, and says whose it is.
             assert!(alive(i32::try_from(pgid).unwrap()));
+            if cfg!(target_os = "linux") {
+                let gate_variable = format!("{GATE_VARIABLE}={SERVER}");
+                assert!(environment_of(pgid).contains(&gate_variable));
+            }
             let deadline = Instant::now() + Duration::from_millis(300);
             while Instant::now() < deadline {
-                assert!(!marker.exists(), "the command ran before its gate opened");
                 assert!(alive(i32::try_from(pgid).unwrap()), "the held shell ended");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let (output, _pieces) = mpsc::channel(1);
-            let outcome = gated.run(std::future::pending(), output).await;
+            // A server that goes away closes the pipe: the shell ends without running anything.
+            drop(gate);
+            assert!(!outlived(i32::try_from(pgid).unwrap()).await);
+
+            let command = format!("touch '{}'; echo \"$QUEUECTL_GATE\"", marker.display());
+            let (outcome, pieces) = run_to_end(&command, "job1#1").await;
             assert_eq!(outcome, Outcome::Succeeded);
-            assert!(marker.exists(), "the command ran once its gate opened");
+            assert!(marker.exists(), "the command ran once it was given");
+            assert_eq!(
+                text(&pieces, None),
+                "\n",
+                "the job does not see the gate's variable"
+            );
+        }
+
+        /// dash drops a variable whose name is not a shell name from what its children inherit, but the shell of
+        /// the command starts with it, as it did when the server set it.
+        #[cfg(target_os = "linux")]
+        #[tokio::test]
+        async fn a_job_gets_its_directory_and_every_variable_even_those_the_shell_cannot_name() {
+            let dir = tempfile::tempdir().unwrap();
+            let context = JobContext {
+                cwd: Some(dir.path().display().to_string()),
+                env: [
+                    ("PLAIN", "it's \"quoted\" $HOME `x` \\"),
+                    ("dotted.name", "value"),
+                ]
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect(),
+            };
+            let command = r#"printf '%s|%s|%s|%s' "$PWD" "$PLAIN" "$QUEUECTL_JOB" "$0"; tr '\0' '\n' < /proc/$$/environ | grep '^dotted.name='"#;
+            let spec = RunSpec {
+                context: &context,
+                ..spec(command, "job9#3", None)
+            };
+            let (output, mut pieces) = mpsc::channel(16);
+            let outcome = gated(spec).await.run(std::future::pending(), output).await;
+            assert_eq!(outcome, Outcome::Succeeded);
+            let mut seen = Vec::new();
+            while let Ok(piece) = pieces.try_recv() {
+                seen.push(piece);
+            }
+            let real = dir.path().canonicalize().unwrap();
+            assert_eq!(
+                text(&seen, None),
+                format!(
+                    "{}|it's \"quoted\" $HOME `x` \\|job9#3|/bin/shdotted.name=value\n",
+                    real.display()
+                )
+            );
         }
     }
 }

@@ -21,6 +21,7 @@ Environment:
   QUEUECTL_LEASE_TIMEOUT  as --lease-timeout
   QUEUECTL_CGROUPS        off: end what a run leaves by its tag, not its cgroup
   QUEUECTL_JOB            set for every job: its id and run (job7#2)
+  QUEUECTL_GATE           set for a job's shell only: the server's id
   RUST_LOG                what the log shows: info (default), debug, ...
 QUEUECTL_TOKEN and QUEUECTL_DATABASE_URL are removed from every job's
 environment. QUEUECTL_TEST_CLOCK_OFFSET and QUEUECTL_BENCH_EXECUTOR serve

@@ -10,7 +10,9 @@ use crate::config::Settings;
 use crate::event::{Event, Events};
 use crate::job::{Job, NewJob};
 use crate::output::OutputWrite;
-use crate::store::{EnqueueRejected, GuardedUpdate, RunStarted, Store, StoreError, WriteBatch};
+use crate::store::{
+    Claim, ClaimStart, EnqueueRejected, GuardedUpdate, RunStarted, Store, StoreError, WriteBatch,
+};
 
 /// Writes per transaction at most, so that one huge backlog cannot hold the writer for long.
 const MAX_BATCH: usize = 4096;
@@ -36,7 +38,7 @@ enum Op {
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
     Claim {
-        limit: u32,
+        claim: Claim,
         reply: oneshot::Sender<Result<Vec<Job>, StoreError>>,
     },
     Output {
@@ -137,18 +139,29 @@ impl Writer {
         answer.await.unwrap_or_else(|_| Err(closed()))
     }
 
-    /// Claims up to `limit` ready jobs for this server, in the next commit.
-    pub async fn claim(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Op::Claim { limit, reply }).await;
-        answer.await.unwrap_or_else(|_| Err(closed()))
+    /// Makes several claims, each answered on its own (a claim the write task took in a later commit than another
+    /// may fail alone), in order.
+    pub async fn claim_each(&self, claims: Vec<Claim>) -> Vec<Result<Vec<Job>, StoreError>> {
+        let mut answers = Vec::with_capacity(claims.len());
+        for claim in claims {
+            let (reply, answer) = oneshot::channel();
+            self.send(Op::Claim { claim, reply }).await;
+            answers.push(answer);
+        }
+        let mut claimed = Vec::with_capacity(answers.len());
+        for answer in answers {
+            claimed.push(answer.await.unwrap_or_else(|_| Err(closed())));
+        }
+        claimed
     }
 
     /// Applies a worker's finished run and claims its next job, in one commit when the write task is not busy
-    /// (both are queued, the update first, before either answer is awaited).
+    /// (both are queued, the update first, before either answer is awaited). With `start`, the shell that waits for
+    /// the next job is recorded as its start in the same commit.
     pub async fn finish_and_claim(
         &self,
         update: GuardedUpdate,
+        start: Option<ClaimStart>,
     ) -> (Result<bool, StoreError>, Result<Vec<Job>, StoreError>) {
         let (update_reply, applied) = oneshot::channel();
         let (claim_reply, claimed) = oneshot::channel();
@@ -159,7 +172,7 @@ impl Writer {
         })
         .await;
         self.send(Op::Claim {
-            limit: 1,
+            claim: Claim { limit: 1, start },
             reply: claim_reply,
         })
         .await;
@@ -227,8 +240,8 @@ async fn write_loop(
                     update_replies.push(reply);
                     batch.durable |= durable;
                 }
-                Op::Claim { limit, reply } => {
-                    batch.claims.push(limit);
+                Op::Claim { claim, reply } => {
+                    batch.claims.push(claim);
                     claim_replies.push(reply);
                 }
                 Op::Output { write, reply } => {
@@ -390,9 +403,9 @@ mod tests {
                 .claims
                 .iter()
                 .enumerate()
-                .map(|(claim, limit)| {
-                    (0..*limit)
-                        .map(|n| job(&format!("claim{claim}.{n}"), "true", JobState::Processing))
+                .map(|(n_claim, claim)| {
+                    (0..claim.limit)
+                        .map(|n| job(&format!("claim{n_claim}.{n}"), "true", JobState::Processing))
                         .collect()
                 })
                 .collect();
@@ -723,13 +736,27 @@ mod tests {
         assert_eq!(group.enqueues.len(), 2);
         assert_eq!(group.starts.len(), 1);
         assert_eq!(group.updates.len(), 2);
-        let mut claims = group.claims.clone();
+        let mut claims: Vec<u32> = group.claims.iter().map(|claim| claim.limit).collect();
         claims.sort_unstable();
         assert_eq!(claims, [1, 2]);
     }
 
+    impl Writer {
+        /// One claim of up to `limit` jobs, as the scheduler makes for idle workers without waiting shells.
+        async fn claim(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+            let mut answers = self.claim_each(vec![Claim::up_to(limit)]).await;
+            answers.pop().expect("one answer per claim")
+        }
+    }
+
+    /// A shell waiting for a worker's next job.
+    const GATE: ClaimStart = ClaimStart {
+        worker: 3,
+        pgid: Some(4242),
+    };
+
     #[tokio::test]
-    async fn finish_and_claim_shares_one_batch() {
+    async fn finish_and_claim_shares_one_batch_with_the_next_jobs_start() {
         let store = FakeStore::new();
         let (writer, _) = writer_for(&store, 64);
         let primer = hold_write_task(&store, &writer).await;
@@ -737,7 +764,7 @@ mod tests {
             let writer = writer.clone();
             async move {
                 writer
-                    .finish_and_claim(update("u1", JobState::Completed))
+                    .finish_and_claim(update("u1", JobState::Completed), Some(GATE))
                     .await
             }
         });
@@ -750,7 +777,13 @@ mod tests {
         let batches = store.batches();
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[1].updates.len(), 1);
-        assert_eq!(batches[1].claims, [1]);
+        assert_eq!(
+            batches[1].claims,
+            [Claim {
+                limit: 1,
+                start: Some(GATE)
+            }]
+        );
         assert!(!batches[1].durable);
     }
 
@@ -764,7 +797,7 @@ mod tests {
         };
         let finish = tokio::spawn(async move {
             writer
-                .finish_and_claim(update("u1", JobState::Completed))
+                .finish_and_claim(update("u1", JobState::Completed), None)
                 .await
         });
         let first = tokio::time::timeout(PATIENCE, receiver.recv())
@@ -783,7 +816,10 @@ mod tests {
             .await
             .unwrap();
         let Some(Op::Claim {
-            limit: 1,
+            claim: Claim {
+                limit: 1,
+                start: None,
+            },
             reply: claim_reply,
         }) = second
         else {
@@ -941,7 +977,10 @@ mod tests {
         let mut op = || {
             let (reply, answer) = oneshot::channel();
             answers.push(answer);
-            Op::Claim { limit: 1, reply }
+            Op::Claim {
+                claim: Claim::up_to(1),
+                reply,
+            }
         };
         for _ in 0..CAPACITY {
             assert!(

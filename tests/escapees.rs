@@ -140,6 +140,53 @@ fn setsid_goes_on_a_kill_9_and_restart(mode: Mode) {
     gone("recovery to end the escaped sleep", sleeper);
 }
 
+/// A job's shell starts before it knows its job (a worker's next job runs in a shell started while its previous
+/// job ran, recorded by the claim itself). A command the shell runs alone (a builtin loop: no process carries the
+/// run's tag) is still known to the next server, by the server's tag in that shell's environment.
+fn a_shell_alone_goes_on_a_kill_9_and_restart(mode: Mode) {
+    let mut home = Home::new();
+    home.start_server_with(server_command(&home, mode, 0));
+    let pid_file = home.file("spinner.pid");
+    home.enqueue(r#"{"id":"first","command":"true"}"#);
+    home.enqueue(&format!(
+        r#"{{"id":"spinner","command":"echo $$ >> {}; while :; do :; done"}}"#,
+        pid_file.display()
+    ));
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    let spinner = common::pid_written_to(&pid_file);
+    let environ = std::fs::read(format!("/proc/{spinner}/environ")).unwrap();
+    let variables: Vec<&[u8]> = environ.split(|byte| *byte == 0).collect();
+    assert!(
+        variables
+            .iter()
+            .any(|variable| variable.starts_with(b"QUEUECTL_GATE=")),
+        "the second job ran in a shell started ahead of it"
+    );
+    assert!(
+        !variables
+            .iter()
+            .any(|variable| variable.starts_with(b"QUEUECTL_JOB=")),
+        "that shell started before it knew its run"
+    );
+    home.kill_server();
+    assert!(alive(spinner), "nothing kills it before the restart");
+    restart(&mut home, mode);
+    gone("recovery to end the shell of the interrupted run", spinner);
+    assert_eq!(home.job("spinner")["state"], "pending");
+}
+
+#[test]
+fn cgroup_a_shell_alone_goes_on_a_kill_9_and_restart() {
+    if cgroups_or_skip("cgroup_a_shell_alone_goes_on_a_kill_9_and_restart") {
+        a_shell_alone_goes_on_a_kill_9_and_restart(Mode::Cgroup);
+    }
+}
+
+#[test]
+fn subreaper_a_shell_alone_goes_on_a_kill_9_and_restart() {
+    a_shell_alone_goes_on_a_kill_9_and_restart(Mode::Subreaper);
+}
+
 #[test]
 fn cgroup_setsid_goes_when_the_job_ends() {
     if cgroups_or_skip("cgroup_setsid_goes_when_the_job_ends") {

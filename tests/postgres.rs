@@ -331,7 +331,9 @@ fn backup_on_postgresql_says_to_use_pg_dump_and_writes_nothing() {
 #[test]
 fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
     use queuectl::job::{NewJob, Policy};
-    use queuectl::store::{ServerRecord, Store, WorkerRecord, WriteBatch, postgres::PgStore};
+    use queuectl::store::{
+        Claim, ServerRecord, Store, WorkerRecord, WriteBatch, postgres::PgStore,
+    };
     let Some(database) = TestDatabase::create() else {
         return;
     };
@@ -351,7 +353,7 @@ fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
         };
         let batch = WriteBatch {
             enqueues: vec![vec![new_job("running"), new_job("lost")]],
-            claims: vec![2],
+            claims: vec![Claim::up_to(2)],
             owner: "server-a".into(),
             ..WriteBatch::default()
         };

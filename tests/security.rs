@@ -302,30 +302,48 @@ fn jobs_inherit_none_of_the_servers_secrets() {
     let _ = server.wait();
 }
 
-/// A restart kills a recorded process group only if it still belongs to that run: after a reboot the same group id
-/// can be anything.
+/// A restart kills a recorded process group only if it still belongs to that run (a process carries the run's tag)
+/// or to a shell this server started (it carries the server's tag): after a reboot the same group id can be
+/// anything, another server's shell included.
 #[cfg(target_os = "linux")]
 #[test]
-fn recovery_kills_only_process_groups_tagged_with_their_run() {
+fn recovery_kills_only_process_groups_tagged_with_their_run_or_their_server() {
     use std::os::unix::process::CommandExt;
-    let spawn = |tag: Option<&str>| {
+    let spawn = |variable: Option<(&str, &str)>| {
         let mut command = Command::new("sleep");
         command.arg("300").process_group(0);
-        if let Some(tag) = tag {
-            command.env(queuectl::runner::TAG_VARIABLE, tag);
+        if let Some((name, value)) = variable {
+            command.env(name, value);
         }
         command.spawn().unwrap()
     };
-    let stranger = spawn(None);
-    assert!(!queuectl::runner::kill_group(stranger.id(), "job1#1"));
-    let other_run = spawn(Some("job1#2"));
-    assert!(!queuectl::runner::kill_group(other_run.id(), "job1#1"));
-    assert!(common::alive(stranger.id()) && common::alive(other_run.id()));
+    let (run, gate) = (
+        queuectl::runner::TAG_VARIABLE,
+        queuectl::runner::GATE_VARIABLE,
+    );
+    let kill = |child: &std::process::Child| {
+        queuectl::runner::kill_group(child.id(), "job1#1", "host-server-a")
+    };
+    let strangers = [
+        spawn(None),
+        spawn(Some((run, "job1#2"))),
+        spawn(Some((gate, "host-server-b"))),
+    ];
+    for stranger in &strangers {
+        assert!(!kill(stranger));
+    }
+    assert!(
+        strangers
+            .iter()
+            .all(|stranger| common::alive(stranger.id()))
+    );
 
-    let mut ours = spawn(Some("job1#1"));
-    assert!(queuectl::runner::kill_group(ours.id(), "job1#1"));
-    assert!(!ours.wait().unwrap().success());
-    for mut child in [stranger, other_run] {
+    for variable in [(run, "job1#1"), (gate, "host-server-a")] {
+        let mut ours = spawn(Some(variable));
+        assert!(kill(&ours), "{variable:?} is ours");
+        assert!(!ours.wait().unwrap().success());
+    }
+    for mut child in strangers {
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -540,7 +558,9 @@ fn a_killed_tcp_servers_address_is_forgotten_by_the_next_server() {
     );
 }
 
-/// A job gets stdin, stdout and stderr only, whatever descriptors whoever started the server left open.
+/// A job's processes get stdin, stdout and stderr only, whatever descriptors whoever started the server left open.
+/// (The job's own shell also holds the pipe it read its job from, close-on-exec: a shell started before its job
+/// reads it from its stdin.)
 #[cfg(target_os = "linux")]
 #[test]
 fn jobs_inherit_no_descriptors_the_server_was_started_with() {
@@ -573,7 +593,7 @@ fn jobs_inherit_no_descriptors_the_server_was_started_with() {
         "the server holds the descriptor: {server_fds:?}"
     );
 
-    home.enqueue(r#"{"id":"fds","command":"ls /proc/$$/fd"}"#);
+    home.enqueue(r#"{"id":"fds","command":"sh -c 'ls /proc/$$/fd'"}"#);
     home.wait_for_state("fds", "completed");
     let logs = home.ok(&["logs", "fds"]);
     let listed: Vec<&str> = logs

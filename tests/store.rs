@@ -19,8 +19,8 @@ use queuectl::output::{Chunk, OutputWrite, Span, Stream};
 use queuectl::store::postgres::PgStore;
 use queuectl::store::sqlite::SqliteStore;
 use queuectl::store::{
-    CancelRequest, EnqueueRejected, GuardedUpdate, ListFilter, RunEnded, RunStarted, ServerRecord,
-    Signal, Store, WorkerRecord, WriteBatch, WriteOutcome,
+    CancelRequest, Claim, ClaimStart, EnqueueRejected, GuardedUpdate, ListFilter, RunEnded,
+    RunStarted, ServerRecord, Signal, Store, WorkerRecord, WriteBatch, WriteOutcome,
 };
 use sqlx::Connection;
 
@@ -326,7 +326,7 @@ async fn claim(
     owner: &str,
 ) -> Result<Vec<job::Job>, queuectl::store::StoreError> {
     let batch = WriteBatch {
-        claims: vec![limit],
+        claims: vec![Claim::up_to(limit)],
         owner: owner.to_owned(),
         ..WriteBatch::default()
     };
@@ -405,7 +405,7 @@ async fn one_batch_does_everything_in_order(t: Ctx) {
     };
     let batch = WriteBatch {
         enqueues: vec![vec![generated(5), generated(5)], vec![generated(5)]],
-        claims: vec![1],
+        claims: vec![Claim::up_to(1)],
         owner: OWNER.to_owned(),
         durable: true,
         ..WriteBatch::default()
@@ -441,7 +441,7 @@ async fn one_batch_does_everything_in_order(t: Ctx) {
             started_at: now,
         }],
         updates: vec![report.clone(), report],
-        claims: vec![1, 1, 5],
+        claims: [1, 1, 5].map(Claim::up_to).to_vec(),
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
@@ -770,7 +770,7 @@ async fn enqueue_one(store: &dyn Store, job: NewJob, policy: Policy) -> job::Job
 /// Claims up to `limit` jobs now for [`OWNER`] under `policy`.
 async fn claim_under(store: &dyn Store, limit: u32, policy: Policy) -> Vec<job::Job> {
     let batch = WriteBatch {
-        claims: vec![limit],
+        claims: vec![Claim::up_to(limit)],
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
@@ -1159,7 +1159,7 @@ async fn claims_come_last_and_are_dealt_in_order(t: Ctx) {
             ended: None,
             ..finish(&x, Outcome::Interrupted, now)
         }],
-        claims: vec![2, 0, 4],
+        claims: [2, 0, 4].map(Claim::up_to).to_vec(),
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
@@ -1192,7 +1192,7 @@ async fn a_claim_of_zero_takes_nothing(t: Ctx) {
     )
     .await;
     let batch = WriteBatch {
-        claims: vec![0],
+        claims: vec![Claim::up_to(0)],
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
@@ -1205,7 +1205,7 @@ async fn a_claim_of_zero_takes_nothing(t: Ctx) {
     );
 
     let batch = WriteBatch {
-        claims: vec![0, 1, 0],
+        claims: [0, 1, 0].map(Claim::up_to).to_vec(),
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
@@ -1337,6 +1337,58 @@ async fn in_flight_lists_the_running_jobs(t: Ctx) {
         expected.push(("other".to_owned(), JobState::Processing, 1, None));
     }
     assert_eq!(found, expected);
+}
+
+/// A claim for a worker whose shell already waits records the claimed job's start with that shell's process group,
+/// in the same commit; the other claims of the batch record none.
+async fn a_claim_with_a_waiting_shell_records_the_start(t: Ctx) {
+    let store = t.store.as_ref();
+    enqueue_at(
+        store,
+        vec![vec![new_job("gated", 1), new_job("plain", 2)]],
+        clock::now(),
+    )
+    .await;
+    let now = clock::now();
+    let batch = WriteBatch {
+        claims: vec![
+            Claim {
+                limit: 1,
+                start: Some(ClaimStart {
+                    worker: 7,
+                    pgid: Some(4343),
+                }),
+            },
+            Claim::up_to(1),
+        ],
+        owner: OWNER.to_owned(),
+        ..WriteBatch::default()
+    };
+    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    let claimed: Vec<Vec<&str>> = outcome
+        .claimed
+        .iter()
+        .map(|jobs| jobs.iter().map(|job| job.id.as_str()).collect())
+        .collect();
+    assert_eq!(claimed, [["gated"], ["plain"]]);
+
+    let mut found: Vec<(String, Option<i64>)> = store
+        .in_flight(OWNER)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|running| (running.job.id, running.pgid))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [("gated".to_owned(), Some(4343)), ("plain".to_owned(), None)]
+    );
+    let runs = store.runs("gated").await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!((runs[0].run, runs[0].worker), (1, 7));
+    assert_eq!(runs[0].finished_at, None);
+    assert!(store.runs("plain").await.unwrap().is_empty());
 }
 
 /// get returns a job with every field as stored, and nothing for an unknown id.
@@ -2237,6 +2289,7 @@ conformance!(
     abandoned_runs_are_counted_until_the_job_is_dead,
     next_due_is_the_earliest_waiting_job,
     in_flight_lists_the_running_jobs,
+    a_claim_with_a_waiting_shell_records_the_start,
     get_returns_the_job_as_stored,
     listing_pages_through_every_job_once,
     listing_ends_where_the_jobs_end,

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use async_trait::async_trait;
 
-use super::{EnqueueRejected, GuardedUpdate, RunStarted, WriteBatch, WriteOutcome};
+use super::{Claim, EnqueueRejected, GuardedUpdate, RunStarted, WriteBatch, WriteOutcome};
 use crate::job::{self, Job, JobContext, JobState, Micros, NewJob, Policy};
 use crate::output::OutputWrite;
 
@@ -164,10 +164,16 @@ pub async fn apply(
     if !outputs.is_empty() {
         statements.write_output(&outputs).await?;
     }
+    let claimed = deal_claims(&batch.claims, claimed);
+    let starts = claimed_starts(&batch.claims, &claimed, now);
+    if !starts.is_empty() {
+        let starts: Vec<&RunStarted> = starts.iter().collect();
+        statements.settle_and_claim(&starts, &[], 0, 0).await?;
+    }
     let outcome = WriteOutcome {
         enqueued,
         applied,
-        claimed: deal_claims(&batch.claims, claimed),
+        claimed,
         released: dependents.released,
         cancelled: dependents.cancelled,
     };
@@ -192,11 +198,31 @@ pub fn wakes_workers(batch: &WriteBatch, outcome: &WriteOutcome) -> bool {
 }
 
 /// Hands the jobs claimed for a whole batch to its claims in order, each up to its limit.
-pub fn deal_claims(claims: &[u32], jobs: Vec<Job>) -> Vec<Vec<Job>> {
+pub fn deal_claims(claims: &[Claim], jobs: Vec<Job>) -> Vec<Vec<Job>> {
     let mut jobs = jobs.into_iter();
     claims
         .iter()
-        .map(|limit| jobs.by_ref().take(*limit as usize).collect())
+        .map(|claim| jobs.by_ref().take(claim.limit as usize).collect())
+        .collect()
+}
+
+/// The starts of the claimed jobs whose shells already wait for them: the first job of each such claim.
+fn claimed_starts(claims: &[Claim], claimed: &[Vec<Job>], now: Micros) -> Vec<RunStarted> {
+    claims
+        .iter()
+        .zip(claimed)
+        .filter_map(|(claim, jobs)| {
+            let start = claim.start?;
+            let job = jobs.first()?;
+            Some(RunStarted {
+                job_id: job.id.clone(),
+                seq: job.seq,
+                run: job.runs,
+                worker: start.worker,
+                pgid: start.pgid,
+                started_at: now,
+            })
+        })
         .collect()
 }
 
@@ -511,7 +537,8 @@ mod tests {
             after: Vec::new(),
             context: Default::default(),
         };
-        let dealt = deal_claims(&[2, 0, 3], vec![job("a"), job("b"), job("c")]);
+        let claims = [2, 0, 3].map(Claim::up_to);
+        let dealt = deal_claims(&claims, vec![job("a"), job("b"), job("c")]);
         let ids: Vec<Vec<&str>> = dealt
             .iter()
             .map(|jobs| jobs.iter().map(|job| job.id.as_str()).collect())

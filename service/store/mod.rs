@@ -104,15 +104,38 @@ pub struct WriteBatch {
     pub updates: Vec<GuardedUpdate>,
     /// Output of running attempts, for runs already on record.
     pub outputs: Vec<OutputWrite>,
-    /// Claims for `owner`'s idle workers, each for up to that many ready jobs. Claims come after the rest of the
-    /// batch, so a worker's finish and its next claim share one commit, and a job enqueued in the batch can be
-    /// claimed in it.
-    pub claims: Vec<u32>,
+    /// Claims for `owner`'s idle workers. Claims come after the rest of the batch, so a worker's finish and its
+    /// next claim share one commit, and a job enqueued in the batch can be claimed in it.
+    pub claims: Vec<Claim>,
     /// The server writing: the owner of the jobs it claims.
     pub owner: String,
     /// The commit must reach the disk before anyone is told (fsync). Losing a claim or a finish to a power cut
     /// only reruns a job; losing an acknowledged enqueue would lose it.
     pub durable: bool,
+}
+
+/// A claim of ready jobs for workers of the server writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// How many jobs, at most.
+    pub limit: u32,
+    /// For a claim of one job by a worker whose shell already waits for it: the job's start, recorded with the
+    /// claim, so that the job needs no commit of its own before it runs.
+    pub start: Option<ClaimStart>,
+}
+
+impl Claim {
+    /// A claim of up to `limit` jobs, whose starts are recorded once their shells exist.
+    pub fn up_to(limit: u32) -> Claim {
+        Claim { limit, start: None }
+    }
+}
+
+/// The worker and the process group of a shell waiting for the job a claim takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimStart {
+    pub worker: u32,
+    pub pgid: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -134,7 +157,7 @@ impl WriteBatch {
     pub fn claim_limit(&self) -> u32 {
         self.claims
             .iter()
-            .fold(0, |sum, limit| sum.saturating_add(*limit))
+            .fold(0, |sum, claim| sum.saturating_add(claim.limit))
     }
 }
 

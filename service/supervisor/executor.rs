@@ -1,11 +1,13 @@
-//! The executor of claimed jobs: for one worker slot, it starts the job's shell held at its gate, puts its process
-//! group on record, lets the command run, settles the outcome by the job's rules, and takes the slot's next job in
-//! the same commit as the finish, until none is ready or the slot stops.
+//! The executor of claimed jobs: for one worker slot, it gives the job to a shell held at its gate whose process
+//! group is on record, lets the command run, settles the outcome by the job's rules, and takes the slot's next job
+//! in the same commit as the finish, until none is ready or the slot stops. While a job runs, the shell for the
+//! next one starts, so that the claim of the next job records its start: one commit per job.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
 use super::Shared;
@@ -16,7 +18,7 @@ use crate::event::Event;
 use crate::job::{self, Job, JobState, Outcome};
 use crate::output::{OutputWrite, Recording};
 use crate::runner::{self, Piece, RunSpec};
-use crate::store::{GuardedUpdate, RunEnded, RunStarted, StoreError};
+use crate::store::{ClaimStart, GuardedUpdate, RunEnded, RunStarted, StoreError};
 
 /// A result that could not be written is tried again after this, doubling up to [`FINISH_RETRY_MAX`].
 const FINISH_RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -32,34 +34,50 @@ const PIECES_IN_FLIGHT: usize = 8;
 const EVENT_PIECE: usize = 8 * 1024;
 
 /// Runs `job` on `worker`, then each job the worker claims as the previous one ends, then frees the slot.
-pub(super) async fn work(shared: Arc<Shared>, worker: u32, mut job: Job) {
-    loop {
-        let next = execute(&shared, worker, job).await;
-        match next {
-            Some(next)
+/// `gate` is the shell whose start the job's claim recorded, if it did.
+pub(super) async fn work(
+    shared: Arc<Shared>,
+    worker: u32,
+    mut job: Job,
+    mut gate: Option<runner::Gate>,
+) {
+    let unused = loop {
+        match execute(&shared, worker, job, gate.take()).await {
+            (Some(next), next_gate)
                 if shared
                     .slots()
                     .move_on(worker, Running::of(&next, clock::now())) =>
             {
                 job = next;
+                gate = next_gate;
             }
-            Some(next) => {
+            (Some(next), _) => {
                 requeue_unstarted(&shared, next).await;
-                break;
+                break None;
             }
-            None => break,
+            (None, unused) => break unused,
         }
-    }
+    };
     let exited = shared.slots().release(worker);
     if let Some(exited) = exited {
         shared.emit(exited);
+    }
+    if let Some(gate) = unused {
+        shared.spare(gate);
     }
     shared.running.send_modify(|count| *count -= 1);
     shared.wake.notify_one();
 }
 
-/// Runs one claimed job on `worker` and settles it. Returns the job the worker claimed next, if it did.
-async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
+/// Runs one claimed job on `worker` and settles it; `gate` is a shell recorded as the job's start by its claim.
+/// Returns the job the worker claimed next, if it did, and the shell started for it: recorded by that claim, or
+/// still waiting for a job when there was none.
+async fn execute(
+    shared: &Arc<Shared>,
+    worker: u32,
+    job: Job,
+    gate: Option<runner::Gate>,
+) -> (Option<Job>, Option<runner::Gate>) {
     let job_id: Arc<str> = job.id.as_str().into();
     shared.emit(Event::JobPicked {
         worker,
@@ -68,7 +86,7 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
         run: job.runs,
     });
     tracing::info!(job_id = %job.id, run = job.runs, worker, "job started");
-    let report = run(shared, worker, &job, &job_id).await;
+    let report = run(shared, worker, &job, &job_id, gate).await;
     if let Outcome::NotStarted(reason) = &report.outcome {
         tracing::warn!(job_id = %job.id, run = job.runs, %reason,
             "could not start a job: the server is out of resources; the job waits and runs again");
@@ -89,8 +107,12 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
             truncated: report.truncated,
         }),
     };
-    let (finished, next) = if shared.slots().keeps_working(worker) {
-        let (finished, next) = shared.writer.finish_and_claim(update.clone()).await;
+    let (finished, next, next_gate) = if shared.slots().keeps_working(worker) {
+        let start = report.next_gate.as_ref().map(|gate| ClaimStart {
+            worker,
+            pgid: gate.pgid().map(i64::from),
+        });
+        let (finished, next) = shared.writer.finish_and_claim(update.clone(), start).await;
         let finished = match finished {
             Err(_) => record_finish(shared, &update).await,
             applied => applied,
@@ -99,9 +121,9 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
             tracing::error!(%error, "claiming the next job failed");
             Vec::new()
         });
-        (finished, next.into_iter().next())
+        (finished, next.into_iter().next(), report.next_gate)
     } else {
-        (record_finish(shared, &update).await, None)
+        (record_finish(shared, &update).await, None, None)
     };
     let last_output = update
         .ended
@@ -128,19 +150,26 @@ async fn execute(shared: &Arc<Shared>, worker: u32, job: Job) -> Option<Job> {
         state,
         outcome: report.outcome,
     });
-    next
+    (next, next_gate)
 }
 
-/// How a run ended, and its output not yet written.
+/// How a run ended, its output not yet written, and the shell started meanwhile for the worker's next job.
 struct Report {
     outcome: Outcome,
     output: Option<OutputWrite>,
     truncated: bool,
+    next_gate: Option<runner::Gate>,
 }
 
-/// Starts the job's shell at its gate, records the start with its process group (so that a restart can kill what
-/// a crash left), then runs the command while its output is recorded.
-async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Report {
+/// Gives the job to `gate`, or else to a shell started now whose start is recorded first (so that a restart can
+/// kill what a crash left), then runs the command while its output is recorded.
+async fn run(
+    shared: &Shared,
+    worker: u32,
+    job: &Job,
+    job_id: &Arc<str>,
+    gate: Option<runner::Gate>,
+) -> Report {
     let (timeout_secs, max_output) = {
         let settings = shared.settings.read().expect("settings lock");
         (
@@ -148,28 +177,32 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
             settings.max_output_bytes(),
         )
     };
+    let gate = match gate {
+        Some(gate) => Ok(gate),
+        None => {
+            let gate = spawn_gate(shared)
+                .await
+                .unwrap_or_else(|error| Err(Outcome::NotStarted(error.to_string())));
+            record_start(shared, worker, job, gate.as_ref().ok()).await;
+            gate
+        }
+    };
     let tag = runner::run_tag(&job.id, job.runs);
-    let gated = runner::spawn(RunSpec {
+    let spec = RunSpec {
         command: &job.command,
         tag: &tag,
         timeout: (timeout_secs > 0).then(|| Duration::from_secs(timeout_secs)),
         context: &job.context,
-    });
-    let pgid = gated.as_ref().ok().and_then(runner::Gated::pgid);
-    let started = shared
-        .writer
-        .started(RunStarted {
-            job_id: job.id.clone(),
-            seq: job.seq,
-            run: job.runs,
-            worker,
-            pgid: pgid.map(i64::from),
-            started_at: clock::now(),
-        })
-        .await;
-    if let Err(error) = started {
-        tracing::error!(job_id = %job.id, %error, "recording the start failed; a crash now could leave its processes behind");
-    }
+    };
+    let gated = match gate {
+        Ok(gate) => gate.start(spec).await,
+        Err(outcome) => Err(outcome),
+    };
+    // Started while this job runs, beside it; a shell that cannot start now leaves the next job to start its own.
+    let next_gate = shared
+        .slots()
+        .keeps_working(worker)
+        .then(|| spawn_gate(shared));
     let gated = match gated {
         Ok(gated) => gated,
         Err(outcome) => {
@@ -177,6 +210,7 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
                 outcome,
                 output: None,
                 truncated: false,
+                next_gate: started(next_gate).await,
             };
         }
     };
@@ -188,14 +222,49 @@ async fn run(shared: &Shared, worker: u32, job: &Job, job_id: &Arc<str>) -> Repo
         gated.run(stopped(shared.abort.subscribe(), cancelled), output),
         record(shared, worker, job_id, &mut recording, pieces),
     );
-    let mut cancels = shared.cancels();
-    if cancels.get(job_id).is_some_and(|(run, _)| *run == job.runs) {
-        cancels.remove(job_id);
+    {
+        let mut cancels = shared.cancels();
+        if cancels.get(job_id).is_some_and(|(run, _)| *run == job.runs) {
+            cancels.remove(job_id);
+        }
     }
     Report {
         outcome,
         truncated: recording.truncated(),
         output: recording.take(),
+        next_gate: started(next_gate).await,
+    }
+}
+
+/// Starts a held shell on a blocking thread: a spawn waits for the new process to start `sh` (a millisecond or
+/// more), and a worker thread of the runtime blocked that long holds up the tasks queued behind it.
+fn spawn_gate(shared: &Shared) -> JoinHandle<Result<runner::Gate, Outcome>> {
+    let server_id = shared.server_id.clone();
+    tokio::task::spawn_blocking(move || runner::Gate::spawn(&server_id))
+}
+
+/// The shell `spawning` started, if it did.
+async fn started(
+    spawning: Option<JoinHandle<Result<runner::Gate, Outcome>>>,
+) -> Option<runner::Gate> {
+    spawning?.await.ok()?.ok()
+}
+
+/// Records the start of a run whose shell was started for it, before the command runs.
+async fn record_start(shared: &Shared, worker: u32, job: &Job, gate: Option<&runner::Gate>) {
+    let started = shared
+        .writer
+        .started(RunStarted {
+            job_id: job.id.clone(),
+            seq: job.seq,
+            run: job.runs,
+            worker,
+            pgid: gate.and_then(runner::Gate::pgid).map(i64::from),
+            started_at: clock::now(),
+        })
+        .await;
+    if let Err(error) = started {
+        tracing::error!(job_id = %job.id, %error, "recording the start failed; a crash now could leave its processes behind");
     }
 }
 

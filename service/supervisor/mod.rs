@@ -40,6 +40,9 @@ struct Shared {
     lease_lost: watch::Sender<Option<String>>,
     /// The runs on this server that a cancel can end.
     cancels: Mutex<Cancels>,
+    /// Shells started for jobs that workers did not get, waiting for the next claims of idle workers, so that those
+    /// claims record their jobs' starts too.
+    spare_gates: Mutex<Vec<runner::Gate>>,
 }
 
 /// Each running job's current run, and the sender that cancels it with who cancelled it.
@@ -72,6 +75,7 @@ impl Supervisor {
                 running: watch::Sender::new(0),
                 lease_lost: watch::Sender::new(None),
                 cancels: Mutex::default(),
+                spare_gates: Mutex::default(),
             }),
         }
     }
@@ -84,7 +88,7 @@ impl Supervisor {
             // Only our own jobs ran on this machine, so only their process groups are ours to kill.
             if let Some(pgid) = stale.pgid.and_then(|pgid| u32::try_from(pgid).ok()) {
                 let tag = runner::run_tag(&stale.job.id, stale.job.runs);
-                if runner::kill_group(pgid, &tag) {
+                if runner::kill_group(pgid, &tag, &self.shared.server_id) {
                     tracing::warn!(job_id = %stale.job.id, pgid, "killed the processes an interrupted run left");
                 }
             }
@@ -190,6 +194,17 @@ impl Shared {
 
     fn cancels(&self) -> std::sync::MutexGuard<'_, Cancels> {
         self.cancels.lock().expect("cancels lock")
+    }
+
+    fn spare_gates(&self) -> std::sync::MutexGuard<'_, Vec<runner::Gate>> {
+        self.spare_gates.lock().expect("spare gates lock")
+    }
+
+    /// Keeps `gate` for the next claim of an idle worker, unless the server is draining.
+    fn spare(&self, gate: runner::Gate) {
+        if !self.draining() {
+            self.spare_gates().push(gate);
+        }
     }
 
     fn draining(&self) -> bool {

@@ -12,7 +12,8 @@ use super::executor;
 use super::slots::Running;
 use crate::clock;
 use crate::job::{Job, Outcome};
-use crate::store::{InFlight, StoreError};
+use crate::runner;
+use crate::store::{Claim, ClaimStart, InFlight, StoreError};
 
 /// How long the scheduler waits before it tries the database again after an error.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
@@ -26,6 +27,7 @@ pub(super) async fn schedule(shared: Arc<Shared>) {
     let mut next_ping = Instant::now();
     loop {
         if shared.draining() {
+            shared.spare_gates().clear();
             return;
         }
         if let Some(interval) = watchdog
@@ -67,30 +69,90 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 /// Starts a job on each of `idle` it can fill. Returns when to look again if some slot stayed idle.
+///
+/// The first idle workers get the spare shells, one each, and their claims record their jobs' starts; the rest
+/// share one claim, and their jobs start their own shells.
 async fn claim(shared: &Arc<Shared>, idle: Vec<u32>) -> Result<Option<Instant>, StoreError> {
-    let limit = u32::try_from(idle.len()).unwrap_or(u32::MAX);
-    let jobs = shared.writer.claim(limit).await?;
-    let filled = jobs.len();
-    let mut workers = idle.into_iter();
-    for job in jobs {
-        let running = Running::of(&job, clock::now());
-        // A slot stopped, or the server began to drain, while the claim was in flight: hand the job back.
-        let worker = workers
-            .by_ref()
-            .find(|worker| shared.slots().occupy(*worker, running.clone()));
-        match worker {
-            Some(worker) => {
-                shared.running.send_modify(|count| *count += 1);
-                tokio::spawn(executor::work(shared.clone(), worker, job));
+    let gates: Vec<runner::Gate> = {
+        let mut spare = shared.spare_gates();
+        // More spare shells than idle workers: the worker count went down.
+        spare.truncate(idle.len());
+        std::mem::take(&mut *spare)
+    };
+    let (gated, others) = idle.split_at(gates.len());
+    let mut claims: Vec<Claim> = gated
+        .iter()
+        .zip(&gates)
+        .map(|(worker, gate)| Claim {
+            limit: 1,
+            start: Some(ClaimStart {
+                worker: *worker,
+                pgid: gate.pgid().map(i64::from),
+            }),
+        })
+        .collect();
+    if !others.is_empty() {
+        claims.push(Claim::up_to(
+            u32::try_from(others.len()).unwrap_or(u32::MAX),
+        ));
+    }
+    let mut answers = shared.writer.claim_each(claims).await.into_iter();
+    let mut filled = 0;
+    let mut failure = None;
+    for (worker, gate) in gated.iter().zip(gates) {
+        match answers
+            .next()
+            .map(|answer| answer.map(|jobs| jobs.into_iter().next()))
+        {
+            Some(Ok(Some(job))) => {
+                filled += 1;
+                launch(shared, &mut std::iter::once(*worker), job, Some(gate)).await;
             }
-            None => requeue_unstarted(shared, job).await,
+            Some(Ok(None)) => shared.spare(gate),
+            Some(Err(error)) => {
+                shared.spare(gate);
+                failure = Some(error);
+            }
+            None => shared.spare(gate),
         }
     }
-    if filled == limit as usize {
+    let mut others = others.iter().copied();
+    match answers.next() {
+        Some(Ok(jobs)) => {
+            for job in jobs {
+                filled += 1;
+                launch(shared, &mut others, job, None).await;
+            }
+        }
+        Some(Err(error)) => failure = Some(error),
+        None => {}
+    }
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    if filled == idle.len() {
         return Ok(None);
     }
     let due = shared.store.next_due(clock::now()).await?;
     Ok(due.map(|wait| Instant::now() + wait))
+}
+
+/// Starts claimed `job` on the first of `workers` whose slot takes it, with `gate` if its claim recorded one.
+async fn launch(
+    shared: &Arc<Shared>,
+    workers: &mut impl Iterator<Item = u32>,
+    job: Job,
+    gate: Option<runner::Gate>,
+) {
+    let running = Running::of(&job, clock::now());
+    // A slot stopped, or the server began to drain, while the claim was in flight: hand the job back.
+    match workers.find(|worker| shared.slots().occupy(*worker, running.clone())) {
+        Some(worker) => {
+            shared.running.send_modify(|count| *count += 1);
+            tokio::spawn(executor::work(shared.clone(), worker, job, gate));
+        }
+        None => requeue_unstarted(shared, job).await,
+    }
 }
 
 /// Returns a job that was claimed but never started to the queue, costing it nothing.
