@@ -334,6 +334,19 @@ async fn claim(
     Ok(outcome.claimed.pop().unwrap_or_default())
 }
 
+/// The jobs `OWNER` has processing, by id, with the process groups on record.
+async fn process_groups(store: &dyn Store) -> Vec<(String, Option<i64>)> {
+    let mut found: Vec<(String, Option<i64>)> = store
+        .in_flight(OWNER)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|running| (running.job.id, running.pgid))
+        .collect();
+    found.sort();
+    found
+}
+
 async fn update(store: &dyn Store, update: GuardedUpdate, now: Micros) -> bool {
     let batch = WriteBatch {
         updates: vec![update],
@@ -1062,16 +1075,8 @@ async fn starts_record_the_run_and_its_process_group(t: Ctx) {
     let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
     assert!(outcome.applied.is_empty() && outcome.claimed.is_empty());
 
-    let mut in_flight: Vec<(String, Option<i64>)> = store
-        .in_flight(OWNER)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|running| (running.job.id, running.pgid))
-        .collect();
-    in_flight.sort();
     assert_eq!(
-        in_flight,
+        process_groups(store).await,
         [("a".to_owned(), Some(777)), ("b".to_owned(), None)]
     );
     let runs = store.runs("a").await.unwrap();
@@ -1372,16 +1377,8 @@ async fn a_claim_with_a_waiting_shell_records_the_start(t: Ctx) {
         .collect();
     assert_eq!(claimed, [["gated"], ["plain"]]);
 
-    let mut found: Vec<(String, Option<i64>)> = store
-        .in_flight(OWNER)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|running| (running.job.id, running.pgid))
-        .collect();
-    found.sort();
     assert_eq!(
-        found,
+        process_groups(store).await,
         [("gated".to_owned(), Some(4343)), ("plain".to_owned(), None)]
     );
     let runs = store.runs("gated").await.unwrap();
