@@ -149,6 +149,12 @@ impl Gate {
             let Some(mut child) = gate.shell.take() else {
                 return Err(Outcome::Succeeded);
             };
+            // A shell that waited long may have been killed meanwhile: the job then runs again later, at no cost.
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(Outcome::NotStarted(format!(
+                    "the shell that waited for the job ended first ({status})"
+                )));
+            }
             let pgid = child.id();
             let attempt = crate::containment::enter(spec.tag, pgid);
             if let Some(mut stdin) = child.stdin.take() {
@@ -818,6 +824,24 @@ mod tests {
                 "\n",
                 "the job does not see the gate's variable"
             );
+        }
+
+        #[tokio::test]
+        async fn a_job_given_to_a_shell_that_was_killed_meanwhile_runs_again_later() {
+            let gate = Gate::spawn(SERVER).expect("the shell starts");
+            let pid = i32::try_from(gate.pgid().expect("the shell has a process group")).unwrap();
+            // SAFETY: kill(2) only sends a signal.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            assert!(!outlived(pid).await, "SIGKILL ended the shell");
+            match gate.start(spec("true", "job1#1", None)).await {
+                Err(Outcome::NotStarted(reason)) => {
+                    assert!(reason.contains("ended first"), "{reason}");
+                }
+                Err(outcome) => panic!("the job's run ended as {outcome}"),
+                Ok(_) => panic!("the job went to a shell that was gone"),
+            }
         }
 
         /// dash drops a variable whose name is not a shell name from what its children inherit, but the shell of

@@ -394,13 +394,26 @@ fn a_missing_queuectld_is_an_unreachable_server() {
     std::fs::create_dir(&alone).unwrap();
     let queuectl = alone.join("queuectl");
     std::fs::copy(common::QUEUECTL, &queuectl).unwrap();
-    let output = std::process::Command::new(&queuectl)
+    let mut status = std::process::Command::new(&queuectl);
+    status
         .arg("status")
         .env("QUEUECTL_HOME", home.file("home"))
         .env_remove("QUEUECTL_NO_AUTOSTART")
-        .env_remove("QUEUECTL_SERVER")
-        .output()
-        .unwrap();
+        .env_remove("QUEUECTL_SERVER");
+    // A child another test is starting in this process holds the copy open for writing until it runs its own
+    // program, and Linux refuses to run a file open for writing (ETXTBSY): try again while that lasts.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let output = loop {
+        match status.output() {
+            Err(error)
+                if error.raw_os_error() == Some(libc::ETXTBSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => break result.unwrap(),
+        }
+    };
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("cannot be started"), "{stderr}");

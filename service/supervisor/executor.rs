@@ -89,7 +89,7 @@ async fn execute(
     let report = run(shared, worker, &job, &job_id, gate).await;
     if let Outcome::NotStarted(reason) = &report.outcome {
         tracing::warn!(job_id = %job.id, run = job.runs, %reason,
-            "could not start a job: the server is out of resources; the job waits and runs again");
+            "could not start a job; it waits and runs again, without losing an attempt");
     }
     let policy = shared.settings.read().expect("settings lock").policy();
     let settled = job::settle(&job, &report.outcome, policy, clock::now());
