@@ -440,11 +440,6 @@ pub struct Gated {
 }
 
 impl Gated {
-    /// The process group every process of the run belongs to.
-    pub fn pgid(&self) -> Option<u32> {
-        self.pgid
-    }
-
     /// Runs the command to its end. `output` gets what it prints, piece by piece in the order read, and holds the
     /// command back while it is full. When `stop` resolves first, the command's processes are ended and the run
     /// ends with the outcome it gave.

@@ -99,6 +99,9 @@ pub trait Statements: Send {
     /// Deletes the jobs with these ids, which this transaction inserted: a request's jobs are stored all or none.
     async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error>;
 
+    /// Records `starts` (no job twice) and nothing else: the starts of jobs this batch claimed.
+    async fn record_starts(&mut self, starts: &[&RunStarted]) -> Result<(), sqlx::Error>;
+
     /// One round: records `starts`, applies each of `updates` whose guard matches, then claims up to `claim`
     /// ready jobs (ready when their ready time has come and their queue key is at most `last_ready` after now),
     /// best first. No job appears twice among `starts` or among `updates`. Returns which updates applied, and
@@ -168,7 +171,7 @@ pub async fn apply(
     let starts = claimed_starts(&batch.claims, &claimed, now);
     if !starts.is_empty() {
         let starts: Vec<&RunStarted> = starts.iter().collect();
-        statements.settle_and_claim(&starts, &[], 0, 0).await?;
+        statements.record_starts(&starts).await?;
     }
     let outcome = WriteOutcome {
         enqueued,

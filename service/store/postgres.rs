@@ -428,6 +428,10 @@ impl Statements for PgStatements<'_> {
         Ok((applied, claimed))
     }
 
+    async fn record_starts(&mut self, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {
+        record_starts(self.conn, starts).await
+    }
+
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error> {
         let chunks: Vec<(i64, i64, &Chunk)> = writes
             .iter()

@@ -254,6 +254,23 @@ fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Erro
     serde_json::from_str(text).map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
+/// The statements that record the starts in `?1 -> '$.starts'`: each job's process group, and its run.
+macro_rules! record_starts {
+    () => {
+        "UPDATE jobs SET pgid = s.value ->> 'pgid'
+     FROM json_each(?1, '$.starts') AS s
+     WHERE jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
+       AND jobs.runs = s.value ->> 'run';
+     INSERT INTO job_runs (job_seq, run, worker, started_at)
+     SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
+     FROM json_each(?1, '$.starts') AS s
+     CROSS JOIN jobs ON jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id'
+                    AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run'
+     WHERE true
+     ON CONFLICT (job_seq, run) DO NOTHING;"
+    };
+}
+
 /// The statements of a batch on the writer connection. SQLite's clock is the server's: `now`, the batch's time.
 struct SqliteStatements<'c> {
     conn: &'c mut SqliteConnection,
@@ -432,6 +449,15 @@ impl Statements for SqliteStatements<'_> {
         run_worker_script(self.conn, &starts, &updates, claim, self.now, last_ready).await
     }
 
+    async fn record_starts(&mut self, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {
+        let starts: Vec<StartRow> = starts.iter().map(|start| StartRow::of(start)).collect();
+        sqlx::query(record_starts!())
+            .bind(to_json(&StartsInput { starts: &starts })?)
+            .execute(&mut *self.conn)
+            .await?;
+        Ok(())
+    }
+
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error> {
         for write in writes {
             let run = i64::from(write.run);
@@ -541,6 +567,12 @@ macro_rules! claim_candidates {
     };
 }
 
+/// What the start statements read, alone.
+#[derive(serde::Serialize)]
+struct StartsInput<'a> {
+    starts: &'a [StartRow<'a>],
+}
+
 /// What the worker script reads: its one parameter, so that every statement of the script names the same one
 /// (sqlx binds the parameters of a script's statements by position, and a statement that skips a number shifts
 /// the rest).
@@ -566,18 +598,9 @@ const WORKER_SCRIPT: &str = concat!(
          run INTEGER NOT NULL,
          worker INTEGER, outcome TEXT, truncated INTEGER NOT NULL);
      DELETE FROM temp.settling;
-
-     UPDATE jobs SET pgid = s.value ->> 'pgid'
-     FROM json_each(?1, '$.starts') AS s
-     WHERE jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
-       AND jobs.runs = s.value ->> 'run';
-     INSERT INTO job_runs (job_seq, run, worker, started_at)
-     SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
-     FROM json_each(?1, '$.starts') AS s
-     CROSS JOIN jobs ON jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id'
-                    AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run'
-     WHERE true
-     ON CONFLICT (job_seq, run) DO NOTHING;
+",
+    record_starts!(),
+    "
 
      INSERT INTO temp.settling
      SELECT u.key, jobs.seq, u.value ->> 'state', u.value ->> 'attempts',
