@@ -39,7 +39,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 /// without a process, so that `queuectl-bench` can measure what the store and the scheduler alone can do.
 pub const BENCH_EXECUTOR_ENV: &str = "QUEUECTL_BENCH_EXECUTOR";
 
-fn noop_executor() -> bool {
+pub fn noop_executor() -> bool {
     static NOOP: OnceLock<bool> = OnceLock::new();
     *NOOP.get_or_init(|| std::env::var(BENCH_EXECUTOR_ENV).is_ok_and(|value| value == "noop"))
 }

@@ -9,7 +9,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use async_trait::async_trait;
 
-use super::{Claim, EnqueueRejected, GuardedUpdate, RunStarted, WriteBatch, WriteOutcome};
+use super::{
+    Claim, ClaimStart, EnqueueRejected, GuardedUpdate, RunStarted, WriteBatch, WriteOutcome,
+};
 use crate::job::{self, Job, JobContext, JobState, Micros, NewJob, Policy};
 use crate::output::OutputWrite;
 
@@ -99,18 +101,17 @@ pub trait Statements: Send {
     /// Deletes the jobs with these ids, which this transaction inserted: a request's jobs are stored all or none.
     async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error>;
 
-    /// Records `starts` (no job twice) and nothing else: the starts of jobs this batch claimed.
-    async fn record_starts(&mut self, starts: &[&RunStarted]) -> Result<(), sqlx::Error>;
-
     /// One round: records `starts`, applies each of `updates` whose guard matches, then claims up to `claim`
     /// ready jobs (ready when their ready time has come and their queue key is at most `last_ready` after now),
-    /// best first. No job appears twice among `starts` or among `updates`. Returns which updates applied, and
-    /// the claimed jobs as they are after the claim.
+    /// best first, and records the start of the claimed job at each of `claimed_starts`' positions, if there is
+    /// one. No job appears twice among `starts` or among `updates`. Returns which updates applied, and the
+    /// claimed jobs as they are after the claim.
     async fn settle_and_claim(
         &mut self,
         starts: &[&RunStarted],
         updates: &[Settle<'_>],
         claim: u32,
+        claimed_starts: &[StartAt],
         last_ready: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error>;
 
@@ -168,11 +169,6 @@ pub async fn apply(
         statements.write_output(&outputs).await?;
     }
     let claimed = deal_claims(&batch.claims, claimed);
-    let starts = claimed_starts(&batch.claims, &claimed, now);
-    if !starts.is_empty() {
-        let starts: Vec<&RunStarted> = starts.iter().collect();
-        statements.record_starts(&starts).await?;
-    }
     let outcome = WriteOutcome {
         enqueued,
         applied,
@@ -209,24 +205,40 @@ pub fn deal_claims(claims: &[Claim], jobs: Vec<Job>) -> Vec<Vec<Job>> {
         .collect()
 }
 
-/// The starts of the claimed jobs whose shells already wait for them: the first job of each such claim.
-fn claimed_starts(claims: &[Claim], claimed: &[Vec<Job>], now: Micros) -> Vec<RunStarted> {
-    claims
-        .iter()
-        .zip(claimed)
-        .filter_map(|(claim, jobs)| {
-            let start = claim.start?;
-            let job = jobs.first()?;
-            Some(RunStarted {
-                job_id: job.id.clone(),
-                seq: job.seq,
-                run: job.runs,
-                worker: start.worker,
-                pgid: start.pgid,
-                started_at: now,
-            })
-        })
-        .collect()
+/// A start to record with a claim: that of the job at `position` among those claimed (best first), if there is
+/// one, in the shell that waits for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartAt {
+    pub position: usize,
+    pub start: ClaimStart,
+}
+
+impl StartAt {
+    /// The start of the claimed `job`, as the statements record it.
+    pub fn of(&self, job: &Job, started_at: Micros) -> RunStarted {
+        RunStarted {
+            job_id: job.id.clone(),
+            seq: job.seq,
+            run: job.runs,
+            worker: self.start.worker,
+            pgid: self.start.pgid,
+            started_at,
+        }
+    }
+}
+
+/// Where the jobs of claims whose shells already wait for them fall among the jobs claimed for the whole batch:
+/// the first job of each such claim, as [`deal_claims`] deals them.
+fn claimed_starts(claims: &[Claim]) -> Vec<StartAt> {
+    let mut position = 0;
+    let mut starts = Vec::new();
+    for claim in claims {
+        if let (Some(start), true) = (claim.start, claim.limit > 0) {
+            starts.push(StartAt { position, start });
+        }
+        position += claim.limit as usize;
+    }
+    starts
 }
 
 /// Why the jobs of a request (or of a whole batch, tried together) were not stored.
@@ -462,9 +474,13 @@ async fn settle_all(
             })
             .collect();
         // Claims come last, after every round: a worker's finish and its next claim share the commit.
-        let claim = if pass + 1 == passes { limit } else { 0 };
+        let (claim, claimed_starts) = if pass + 1 == passes {
+            (limit, claimed_starts(&batch.claims))
+        } else {
+            (0, Vec::new())
+        };
         let (matched, jobs) = statements
-            .settle_and_claim(&starts, &updates, claim, last_ready)
+            .settle_and_claim(&starts, &updates, claim, &claimed_starts, last_ready)
             .await?;
         let (mut completed, mut failed) = (Vec::new(), Vec::new());
         for (position, matched) in matched.into_iter().enumerate() {
@@ -517,6 +533,42 @@ mod tests {
         assert_eq!(
             rounds(&ids, |id| id),
             vec![vec![0, 1, 3], vec![2, 5], vec![4]]
+        );
+    }
+
+    #[test]
+    fn a_waiting_shell_starts_the_first_job_its_claim_is_dealt() {
+        let shell = |worker| ClaimStart {
+            worker,
+            pgid: Some(100 + i64::from(worker)),
+        };
+        let claims = [
+            Claim::up_to(2),
+            Claim {
+                limit: 1,
+                start: Some(shell(1)),
+            },
+            Claim {
+                limit: 0,
+                start: Some(shell(2)),
+            },
+            Claim {
+                limit: 1,
+                start: Some(shell(3)),
+            },
+        ];
+        assert_eq!(
+            claimed_starts(&claims),
+            vec![
+                StartAt {
+                    position: 2,
+                    start: shell(1)
+                },
+                StartAt {
+                    position: 3,
+                    start: shell(3)
+                },
+            ]
         );
     }
 

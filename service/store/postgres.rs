@@ -11,7 +11,7 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use tokio::sync::mpsc;
 
-use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
+use super::batch::{self, Dependents, Found, Insert, Settle, StartAt, Statements};
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql::{self, offset};
 use super::{
@@ -410,6 +410,7 @@ impl Statements for PgStatements<'_> {
         starts: &[&RunStarted],
         updates: &[Settle<'_>],
         claim: u32,
+        claimed_starts: &[StartAt],
         last_ready: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
         if !starts.is_empty() {
@@ -425,11 +426,18 @@ impl Statements for PgStatements<'_> {
         } else {
             claim_jobs(self.conn, claim, self.owner, self.lease, last_ready).await?
         };
+        // A claimed job starts at the time of its claim, in the database's clock.
+        let started: Vec<RunStarted> = claimed_starts
+            .iter()
+            .filter_map(|at| {
+                let job = claimed.get(at.position)?;
+                Some(at.of(job, job.updated_at))
+            })
+            .collect();
+        if !started.is_empty() {
+            record_starts(self.conn, &started.iter().collect::<Vec<_>>()).await?;
+        }
         Ok((applied, claimed))
-    }
-
-    async fn record_starts(&mut self, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {
-        record_starts(self.conn, starts).await
     }
 
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error> {

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 use super::row::{self, JobRow, RunRow, job_columns};
 use super::sql::{self, offset};
 
-use super::batch::{self, Dependents, Found, Insert, Settle, Statements};
+use super::batch::{self, Dependents, Found, Insert, Settle, StartAt, Statements};
 use super::{
     InFlight, ListFilter, OutputPage, Page, RunRecord, RunStarted, StateCounts, Store, StoreError,
     WriteBatch, WriteOutcome,
@@ -167,6 +167,21 @@ impl SqliteStore {
         durable: bool,
         work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
+        self.on_writer(durable, async |conn| {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            let value = work(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(value)
+        })
+        .await
+    }
+
+    /// Runs `work`, which opens and commits a transaction of its own, on the writer, with or without fsync.
+    async fn on_writer<T>(
+        &self,
+        durable: bool,
+        work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.writer.acquire().await.map_err(classify)?;
         // Each statement is a round trip to sqlx's SQLite thread: set the mode only when it changes.
         if self.writer_durable.swap(durable, Ordering::SeqCst) != durable {
@@ -182,18 +197,13 @@ impl SqliteStore {
             }
         }
         self.files.check()?;
-        let result = async {
-            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-            let value = work(&mut *tx).await?;
-            tx.commit().await?;
-            Ok(value)
-        }
-        .await;
+        let result = work(&mut conn).await;
         // A commit into files that were replaced meanwhile is not acknowledged.
         self.files.check()?;
         if result.is_err() {
-            // A commit the disk refused leaves the connection inside its transaction, and every later begin would
-            // fail: a fresh connection (which opens in FULL mode) starts clean once the fault is gone.
+            // A failed statement or a commit the disk refused leaves the connection inside its transaction, and every
+            // later begin would fail: a fresh connection (which opens in FULL mode) starts clean once the fault is
+            // gone, and closing this one rolls back what it did.
             conn.close_on_drop();
             self.writer_durable.store(true, Ordering::SeqCst);
         }
@@ -254,29 +264,27 @@ fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, sqlx::Erro
     serde_json::from_str(text).map_err(|error| sqlx::Error::Decode(Box::new(error)))
 }
 
-/// The statements that record the starts in `?1 -> '$.starts'`: each job's process group, and its run.
-macro_rules! record_starts {
-    () => {
-        "UPDATE jobs SET pgid = s.value ->> 'pgid'
-     FROM json_each(?1, '$.starts') AS s
-     WHERE jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
-       AND jobs.runs = s.value ->> 'run';
-     INSERT INTO job_runs (job_seq, run, worker, started_at)
-     SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
-     FROM json_each(?1, '$.starts') AS s
-     CROSS JOIN jobs ON jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id'
-                    AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run'
-     WHERE true
-     ON CONFLICT (job_seq, run) DO NOTHING;"
-    };
-}
-
 /// The statements of a batch on the writer connection. SQLite's clock is the server's: `now`, the batch's time.
 struct SqliteStatements<'c> {
     conn: &'c mut SqliteConnection,
     now: Micros,
     /// See [`SqliteStore::dependencies`].
     dependencies: &'c AtomicBool,
+    /// Whether the batch's transaction is open: its first statement opens it (see [`SqliteStore::write`]).
+    begun: bool,
+}
+
+impl SqliteStatements<'_> {
+    /// Opens the batch's transaction, unless a statement did already.
+    async fn begin(&mut self) -> Result<(), sqlx::Error> {
+        if !self.begun {
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut *self.conn)
+                .await?;
+            self.begun = true;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -285,6 +293,7 @@ impl Statements for SqliteStatements<'_> {
         if count == 0 {
             return Ok(Vec::new());
         }
+        self.begin().await?;
         let count = i64::try_from(count).unwrap_or(i64::MAX);
         let first: i64 = sqlx::query_scalar(
             "UPDATE counters SET value = value + ?1 WHERE name = 'next_job_number' RETURNING value - ?1",
@@ -299,6 +308,7 @@ impl Statements for SqliteStatements<'_> {
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
+        self.begin().await?;
         // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT, not to a join. No RETURNING:
         // sqlx hands a statement's rows over one at a time, which would cost more than the insert itself.
         let inserted = sqlx::query(
@@ -343,6 +353,7 @@ impl Statements for SqliteStatements<'_> {
     }
 
     async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error> {
+        self.begin().await?;
         sqlx::query("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))")
             .bind(to_json(ids)?)
             .execute(&mut *self.conn)
@@ -351,6 +362,7 @@ impl Statements for SqliteStatements<'_> {
     }
 
     async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error> {
+        self.begin().await?;
         let rows: Vec<(String, i64, String)> = sqlx::query_as(
             "SELECT id, seq, state FROM jobs WHERE id IN (SELECT value FROM json_each(?1))",
         )
@@ -365,6 +377,7 @@ impl Statements for SqliteStatements<'_> {
         edges: &[(i64, i64)],
         held: &[i64],
     ) -> Result<(), sqlx::Error> {
+        self.begin().await?;
         self.dependencies.store(true, Ordering::SeqCst);
         sqlx::query(
             "INSERT INTO job_dependencies (job_seq, after_seq)
@@ -394,6 +407,7 @@ impl Statements for SqliteStatements<'_> {
         if !self.dependencies.load(Ordering::SeqCst) {
             return Ok(dependents);
         }
+        self.begin().await?;
         if !completed.is_empty() {
             // `+state` and `+run_after`: found by row from the dependencies, never by walking every pending job.
             dependents.released = sqlx::query(
@@ -442,23 +456,35 @@ impl Statements for SqliteStatements<'_> {
         starts: &[&RunStarted],
         updates: &[Settle<'_>],
         claim: u32,
+        claimed_starts: &[StartAt],
         last_ready: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
-        let starts: Vec<StartRow> = starts.iter().map(|start| StartRow::of(start)).collect();
-        let updates: Vec<UpdateRow> = updates.iter().map(UpdateRow::of).collect();
-        run_worker_script(self.conn, &starts, &updates, claim, self.now, last_ready).await
-    }
-
-    async fn record_starts(&mut self, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {
-        let starts: Vec<StartRow> = starts.iter().map(|start| StartRow::of(start)).collect();
-        sqlx::query(record_starts!())
-            .bind(to_json(&StartsInput { starts: &starts })?)
-            .execute(&mut *self.conn)
-            .await?;
-        Ok(())
+        let input = WorkerInput {
+            starts: &starts
+                .iter()
+                .map(|start| StartRow::of(start))
+                .collect::<Vec<_>>(),
+            updates: &updates.iter().map(UpdateRow::of).collect::<Vec<_>>(),
+            now: self.now,
+            limit: claim,
+            last_key: self.now.saturating_add(last_ready),
+            claimed_starts: &claimed_starts
+                .iter()
+                .map(ClaimedStartRow::of)
+                .collect::<Vec<_>>(),
+        };
+        // The script opens the transaction when it is the batch's first statement, as it is on a worker's commit.
+        let script = if self.begun {
+            WORKER_SCRIPT
+        } else {
+            self.begun = true;
+            BEGIN_AND_WORKER_SCRIPT
+        };
+        run_worker_script(self.conn, script, &input).await
     }
 
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error> {
+        self.begin().await?;
         for write in writes {
             let run = i64::from(write.run);
             for chunk in &write.chunks {
@@ -567,10 +593,22 @@ macro_rules! claim_candidates {
     };
 }
 
-/// What the start statements read, alone.
+/// A start recorded with the claim, as the worker script reads it.
 #[derive(serde::Serialize)]
-struct StartsInput<'a> {
-    starts: &'a [StartRow<'a>],
+struct ClaimedStartRow {
+    position: usize,
+    worker: u32,
+    pgid: Option<i64>,
+}
+
+impl ClaimedStartRow {
+    fn of(at: &StartAt) -> Self {
+        ClaimedStartRow {
+            position: at.position,
+            worker: at.start.worker,
+            pgid: at.start.pgid,
+        }
+    }
 }
 
 /// What the worker script reads: its one parameter, so that every statement of the script names the same one
@@ -583,29 +621,43 @@ struct WorkerInput<'a> {
     now: Micros,
     limit: u32,
     last_key: i64,
+    claimed_starts: &'a [ClaimedStartRow],
 }
 
-/// The worker side of a batch, in one round trip: record `starts`, apply the guarded `updates` and claim up to
-/// `limit` ready jobs. Its one row holds the positions in `updates` of those whose guard matched, and the claimed
-/// jobs as they were before the claim. The claim's candidates are selected twice, once to report and once to
-/// update; the writer holds the database's write lock, so both find the same jobs. Each job is found by its id,
-/// from the JSON rows (CROSS JOIN fixes that order; `+jobs.state` keeps SQLite from walking every processing job
-/// through jobs_by_state instead).
-const WORKER_SCRIPT: &str = concat!(
-    "CREATE TEMP TABLE IF NOT EXISTS settling (
+/// The worker side of a batch, in one round trip: record `starts`, apply the guarded `updates`, claim up to `limit`
+/// ready jobs and record the starts of those that have a shell waiting (`claimed_starts`, by their position among
+/// the claimed jobs, best first). Its one row holds the positions in `updates` of those whose guard matched, and
+/// the claimed jobs as they were before the claim. Each job is found by its id, from the JSON rows (CROSS JOIN
+/// fixes that order; `+jobs.state` keeps SQLite from walking every processing job through jobs_by_state instead).
+macro_rules! worker_script {
+    () => {
+        concat!(
+            "CREATE TEMP TABLE IF NOT EXISTS settling (
          position INTEGER PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
          run_after INTEGER NOT NULL, queue_key INTEGER NOT NULL, last_error TEXT, interruptions INTEGER NOT NULL,
          run INTEGER NOT NULL,
          worker INTEGER, outcome TEXT, truncated INTEGER NOT NULL);
+     CREATE TEMP TABLE IF NOT EXISTS claiming (
+         position INTEGER PRIMARY KEY, seq INTEGER NOT NULL, worker INTEGER, pgid INTEGER);
      DELETE FROM temp.settling;
-",
-    record_starts!(),
-    "
+     DELETE FROM temp.claiming;
+
+     UPDATE jobs SET pgid = s.value ->> 'pgid'
+     FROM json_each(?1, '$.starts') AS s
+     WHERE jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
+       AND jobs.runs = s.value ->> 'run';
+     INSERT INTO job_runs (job_seq, run, worker, started_at)
+     SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
+     FROM json_each(?1, '$.starts') AS s
+     CROSS JOIN jobs ON jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id'
+                    AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run'
+     WHERE true
+     ON CONFLICT (job_seq, run) DO NOTHING;
 
      INSERT INTO temp.settling
      SELECT u.key, jobs.seq, u.value ->> 'state', u.value ->> 'attempts',
-            (?1 ->> 'now') + (u.value ->> 'ready_in'), (?1 ->> 'now') + (u.value ->> 'queue_offset'), u.value ->> 'last_error', u.value ->> 'interruptions', jobs.runs,
-            u.value ->> 'worker',
+            (?1 ->> 'now') + (u.value ->> 'ready_in'), (?1 ->> 'now') + (u.value ->> 'queue_offset'),
+            u.value ->> 'last_error', u.value ->> 'interruptions', jobs.runs, u.value ->> 'worker',
             u.value ->> 'outcome', u.value ->> 'truncated'
      FROM json_each(?1, '$.updates') AS u
      CROSS JOIN jobs ON jobs.seq = u.value ->> 'seq' AND jobs.id = u.value ->> 'id'
@@ -621,44 +673,52 @@ const WORKER_SCRIPT: &str = concat!(
      ON CONFLICT (job_seq, run) DO UPDATE SET
          finished_at = excluded.finished_at, outcome = excluded.outcome, truncated = excluded.truncated;
 
+     INSERT INTO temp.claiming (position, seq)
+     SELECT row_number() OVER (ORDER BY queue_key, seq) - 1, seq FROM (",
+            claim_candidates!(),
+            ");
      SELECT (SELECT json_group_array(position) FROM temp.settling),
             (SELECT json_group_array(json_object(
                         'id', id, 'command', command, 'state', state, 'priority', priority, 'attempts', attempts,
                         'max_retries', max_retries, 'timeout_secs', timeout_secs, 'runs', runs,
                         'created_at', created_at, 'updated_at', updated_at, 'run_after', run_after,
-                        'last_error', last_error, 'interruptions', interruptions, 'seq', seq,
+                        'last_error', last_error, 'interruptions', interruptions, 'seq', jobs.seq,
                         'cwd', cwd, 'env', env))
-             FROM (", claim_candidates!(), "));
-     UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = (?1 ->> 'now'), pgid = NULL
-     WHERE seq IN (SELECT seq FROM (", claim_candidates!(), "));"
-);
+             FROM temp.claiming AS c CROSS JOIN jobs ON jobs.seq = c.seq);
+     UPDATE temp.claiming SET worker = s.value ->> 'worker', pgid = s.value ->> 'pgid'
+     FROM json_each(?1, '$.claimed_starts') AS s WHERE claiming.position = s.value ->> 'position';
+     UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = (?1 ->> 'now'), pgid = c.pgid
+     FROM temp.claiming AS c WHERE jobs.seq = c.seq;
+     INSERT INTO job_runs (job_seq, run, worker, started_at)
+     SELECT jobs.seq, jobs.runs, c.worker, ?1 ->> 'now'
+     FROM temp.claiming AS c CROSS JOIN jobs ON jobs.seq = c.seq
+     WHERE c.worker IS NOT NULL
+     ON CONFLICT (job_seq, run) DO NOTHING;"
+        )
+    };
+}
 
-/// Records `starts`, applies `updates` and claims up to `limit` jobs, in one round trip. Returns, for each
-/// update, whether its guard matched, and the claimed jobs.
+const WORKER_SCRIPT: &str = worker_script!();
+
+/// The worker script as the first statement of a batch: with it, the batch's transaction opens in the same round
+/// trip.
+const BEGIN_AND_WORKER_SCRIPT: &str = concat!("BEGIN IMMEDIATE;\n", worker_script!());
+
+/// Runs a worker script with `input`. Returns, for each update, whether its guard matched, and the claimed jobs.
 async fn run_worker_script(
     conn: &mut SqliteConnection,
-    starts: &[StartRow<'_>],
-    updates: &[UpdateRow<'_>],
-    limit: u32,
-    now: Micros,
-    last_ready: i64,
+    script: &'static str,
+    input: &WorkerInput<'_>,
 ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
     // fetch_all, not fetch_one: fetch_one would stop the script at its first row, before the claim's UPDATE.
-    let input = WorkerInput {
-        starts,
-        updates,
-        now,
-        limit,
-        last_key: now.saturating_add(last_ready),
-    };
-    let answer: Vec<(String, String)> = sqlx::query_as(WORKER_SCRIPT)
-        .bind(to_json(&input)?)
+    let answer: Vec<(String, String)> = sqlx::query_as(script)
+        .bind(to_json(input)?)
         .fetch_all(conn)
         .await?;
     let Some((settled, picked)) = answer.into_iter().next() else {
         return Err(sqlx::Error::RowNotFound);
     };
-    let mut applied = vec![false; updates.len()];
+    let mut applied = vec![false; input.updates.len()];
     for position in from_json::<Vec<usize>>(&settled)? {
         applied[position] = true;
     }
@@ -668,7 +728,7 @@ async fn run_worker_script(
             let mut job = Job::try_from(row)?;
             job.state = JobState::Processing;
             job.runs += 1;
-            job.updated_at = now;
+            job.updated_at = input.now;
             Ok(job)
         })
         .collect::<Result<_, StoreError>>()
@@ -684,14 +744,21 @@ impl Store for SqliteStore {
         now: Micros,
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
-        self.transaction(batch.durable, async |conn| {
+        // No BEGIN of its own: it would cost a round trip to sqlx's thread, and the batch's first statement carries
+        // it (the worker script, on a worker's commit).
+        self.on_writer(batch.durable, async |conn| {
             let dependencies = &self.dependencies;
             let mut statements = SqliteStatements {
                 conn,
                 now,
                 dependencies,
+                begun: false,
             };
-            batch::apply(&mut statements, batch, now, policy).await
+            let outcome = batch::apply(&mut statements, batch, now, policy).await?;
+            if statements.begun {
+                sqlx::query("COMMIT").execute(&mut *statements.conn).await?;
+            }
+            Ok(outcome)
         })
         .await
     }

@@ -85,7 +85,8 @@ async fn execute(
         command: job.command.as_str().into(),
         run: job.runs,
     });
-    tracing::info!(job_id = %job.id, run = job.runs, worker, "job started");
+    // Its start is on record in the database and in the events: at `info`, the log keeps one line per run, its end.
+    tracing::debug!(job_id = %job.id, run = job.runs, worker, "job started");
     let report = run(shared, worker, &job, &job_id, gate).await;
     if let Outcome::NotStarted(reason) = &report.outcome {
         tracing::warn!(job_id = %job.id, run = job.runs, %reason,
@@ -180,9 +181,7 @@ async fn run(
     let gate = match gate {
         Some(gate) => Ok(gate),
         None => {
-            let gate = spawn_gate(shared)
-                .await
-                .unwrap_or_else(|error| Err(Outcome::NotStarted(error.to_string())));
+            let gate = spawn_gate(shared).started().await;
             record_start(shared, worker, job, gate.as_ref().ok()).await;
             gate
         }
@@ -236,18 +235,39 @@ async fn run(
     }
 }
 
-/// Starts a held shell on a blocking thread: a spawn waits for the new process to start `sh` (a millisecond or
-/// more), and a worker thread of the runtime blocked that long holds up the tasks queued behind it.
-fn spawn_gate(shared: &Shared) -> JoinHandle<Result<runner::Gate, Outcome>> {
+/// A held shell starting for a job.
+enum Spawning {
+    /// On a blocking thread: a spawn waits for the new process to start `sh` (a millisecond or more), and a worker
+    /// thread of the runtime blocked that long holds up the tasks queued behind it.
+    Thread(JoinHandle<Result<runner::Gate, Outcome>>),
+    /// The benchmark's no-op executor starts no process, so it has nothing to hand to another thread.
+    Done(Result<runner::Gate, Outcome>),
+}
+
+impl Spawning {
+    async fn started(self) -> Result<runner::Gate, Outcome> {
+        match self {
+            Spawning::Thread(spawning) => spawning
+                .await
+                .unwrap_or_else(|error| Err(Outcome::NotStarted(error.to_string()))),
+            Spawning::Done(gate) => gate,
+        }
+    }
+}
+
+fn spawn_gate(shared: &Shared) -> Spawning {
     let server_id = shared.server_id.clone();
-    tokio::task::spawn_blocking(move || runner::Gate::spawn(&server_id))
+    if runner::noop_executor() {
+        return Spawning::Done(runner::Gate::spawn(&server_id));
+    }
+    Spawning::Thread(tokio::task::spawn_blocking(move || {
+        runner::Gate::spawn(&server_id)
+    }))
 }
 
 /// The shell `spawning` started, if it did.
-async fn started(
-    spawning: Option<JoinHandle<Result<runner::Gate, Outcome>>>,
-) -> Option<runner::Gate> {
-    spawning?.await.ok()?.ok()
+async fn started(spawning: Option<Spawning>) -> Option<runner::Gate> {
+    spawning?.started().await.ok()
 }
 
 /// Records the start of a run whose shell was started for it, before the command runs.
