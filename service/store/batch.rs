@@ -233,7 +233,9 @@ fn claimed_starts(claims: &[Claim]) -> Vec<StartAt> {
     let mut position = 0;
     let mut starts = Vec::new();
     for claim in claims {
-        if let (Some(start), true) = (claim.start, claim.limit > 0) {
+        if let Some(start) = claim.start
+            && claim.limit > 0
+        {
             starts.push(StartAt { position, start });
         }
         position += claim.limit as usize;
