@@ -99,83 +99,109 @@ pub fn recover_run(tag: &str) {
     let _ = tag;
 }
 
-/// What holds the processes of one attempt.
+/// What holds the processes of one attempt, from the start of its shell.
 pub struct Attempt {
+    /// The attempt's cgroup, in the cgroup mode.
     #[cfg(target_os = "linux")]
     cgroup: Option<std::path::PathBuf>,
-    /// The shell and tag of the run, in the subreaper mode.
+    /// The shell, and the tag of its run once it has one, in the subreaper mode.
     #[cfg(target_os = "linux")]
-    tagged: Option<(u32, String)>,
-}
-
-/// Notes job shell `pid`, started ahead of its job: tokio waits for it, so nothing else may reap it.
-pub fn hold(pid: u32) {
-    #[cfg(target_os = "linux")]
-    if matches!(mode(), Mode::Subreaper) {
-        reaper::enter(pid);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = pid;
-}
-
-/// Forgets job shell `pid`, which ends without a job: once it exited, it is reaped like any orphan.
-pub fn release(pid: u32) {
-    #[cfg(target_os = "linux")]
-    if matches!(mode(), Mode::Subreaper) {
-        reaper::forget(pid);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = pid;
-}
-
-/// Takes in the attempt of run `tag` whose shell is `pid`, while the shell is still held at its gate.
-pub fn enter(tag: &str, pid: Option<u32>) -> Attempt {
-    match (mode(), pid) {
-        #[cfg(target_os = "linux")]
-        (Mode::Cgroup(tree), Some(pid)) => match tree.enter(tag, pid) {
-            Ok(path) => Attempt {
-                cgroup: Some(path),
-                tagged: None,
-            },
-            Err(error) => {
-                tracing::warn!(run = tag, %error,
-                    "cannot put the attempt in its own cgroup; only its process group ends with it");
-                Attempt {
-                    cgroup: None,
-                    tagged: None,
-                }
-            }
-        },
-        #[cfg(target_os = "linux")]
-        (Mode::Subreaper, Some(pid)) => {
-            reaper::enter(pid);
-            Attempt {
-                cgroup: None,
-                tagged: Some((pid, tag.to_owned())),
-            }
-        }
-        _ => {
-            let _ = tag;
-            Attempt {
-                #[cfg(target_os = "linux")]
-                cgroup: None,
-                #[cfg(target_os = "linux")]
-                tagged: None,
-            }
-        }
-    }
+    shell: Option<(u32, Option<String>)>,
 }
 
 impl Attempt {
+    /// Takes in job shell `pid`, started ahead of its job and held at its gate: in the cgroup mode it moves into a
+    /// cgroup of its own; in the subreaper mode it is noted, since tokio waits for it and nothing else may reap it.
+    pub fn hold(pid: u32) -> Attempt {
+        match mode() {
+            #[cfg(target_os = "linux")]
+            Mode::Cgroup(tree) => Attempt {
+                cgroup: tree
+                    .enter(pid)
+                    .inspect_err(|error| {
+                        tracing::warn!(%error,
+                            "cannot put a job's shell in a cgroup of its own; only its process group ends with its run");
+                    })
+                    .ok(),
+                shell: None,
+            },
+            #[cfg(target_os = "linux")]
+            Mode::Subreaper => {
+                reaper::enter(pid);
+                Attempt {
+                    cgroup: None,
+                    shell: Some((pid, None)),
+                }
+            }
+            _ => {
+                let _ = pid;
+                Attempt::none()
+            }
+        }
+    }
+
+    /// An attempt held by its process group alone.
+    pub fn none() -> Attempt {
+        Attempt {
+            #[cfg(target_os = "linux")]
+            cgroup: None,
+            #[cfg(target_os = "linux")]
+            shell: None,
+        }
+    }
+
+    /// Gives the attempt its run, `tag`, as its shell gets its job.
+    pub fn tag(&mut self, tag: &str) {
+        #[cfg(target_os = "linux")]
+        if let Some((_, run)) = &mut self.shell {
+            *run = Some(tag.to_owned());
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = tag;
+    }
+
     /// Kills whatever is left of the attempt. Call once its shell was reaped.
     pub async fn end(self) {
         #[cfg(target_os = "linux")]
-        if let Some(path) = self.cgroup {
-            cgroup::end(&path).await;
+        {
+            if let (Some(path), Mode::Cgroup(tree)) = (self.cgroup, mode()) {
+                tree.end(path).await;
+            }
+            match self.shell {
+                Some((pid, Some(tag))) => reaper::end(pid, &tag),
+                Some((pid, None)) => reaper::forget(pid),
+                None => {}
+            }
         }
+    }
+
+    /// Lets go of an attempt whose shell ends without a job (`kill_on_drop`): once it exited, it is reaped like any
+    /// orphan, and its cgroup is emptied and freed in the background.
+    pub fn abandon(self) {
         #[cfg(target_os = "linux")]
-        if let Some((pid, tag)) = self.tagged {
-            reaper::end(pid, &tag);
+        {
+            if let Some((pid, _)) = self.shell {
+                reaper::forget(pid);
+            }
+            if self.cgroup.is_some()
+                && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            {
+                runtime.spawn(
+                    Attempt {
+                        shell: None,
+                        ..self
+                    }
+                    .end(),
+                );
+            }
         }
+    }
+}
+
+/// Kills and removes what this server's attempts hold, once it stopped starting them.
+pub async fn close() {
+    #[cfg(target_os = "linux")]
+    if let Mode::Cgroup(tree) = mode() {
+        tree.sweep().await;
     }
 }

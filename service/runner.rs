@@ -87,6 +87,8 @@ const GATE: &str = if cfg!(target_os = "linux") {
 pub struct Gate {
     /// `None` for the benchmark's no-op executor.
     shell: Option<Child>,
+    /// What holds the shell's processes; `None` once they run their job.
+    attempt: Option<crate::containment::Attempt>,
 }
 
 impl Gate {
@@ -94,7 +96,10 @@ impl Gate {
     /// failed (for want of resources, the job runs again without losing an attempt).
     pub fn spawn(server_id: &str) -> Result<Gate, Outcome> {
         if noop_executor() {
-            return Ok(Gate { shell: None });
+            return Ok(Gate {
+                shell: None,
+                attempt: None,
+            });
         }
         #[cfg(unix)]
         {
@@ -113,19 +118,20 @@ impl Gate {
                 .stderr(Stdio::piped())
                 .kill_on_drop(true);
             match shell.spawn() {
-                Ok(child) => {
-                    if let Some(pid) = child.id() {
-                        crate::containment::hold(pid);
-                    }
-                    Ok(Gate { shell: Some(child) })
-                }
+                Ok(child) => Ok(Gate {
+                    attempt: child.id().map(crate::containment::Attempt::hold),
+                    shell: Some(child),
+                }),
                 Err(error) => Err(spawn_failure(error)),
             }
         }
         #[cfg(windows)]
         {
             let _ = server_id;
-            Ok(Gate { shell: None })
+            Ok(Gate {
+                shell: None,
+                attempt: None,
+            })
         }
     }
 
@@ -156,7 +162,11 @@ impl Gate {
                 )));
             }
             let pgid = child.id();
-            let attempt = crate::containment::enter(spec.tag, pgid);
+            let mut attempt = gate
+                .attempt
+                .take()
+                .unwrap_or_else(crate::containment::Attempt::none);
+            attempt.tag(spec.tag);
             if let Some(mut stdin) = child.stdin.take() {
                 // The command then sees its stdin at its end, as with /dev/null. A failed write means the shell is
                 // gone already, which its exit status reports.
@@ -188,7 +198,7 @@ impl Gate {
             let child = shell.spawn().map_err(spawn_failure)?;
             Ok(Gated {
                 pgid: child.id(),
-                attempt: crate::containment::enter(spec.tag, None),
+                attempt: crate::containment::Attempt::none(),
                 child,
                 timeout: spec.timeout,
             })
@@ -199,8 +209,8 @@ impl Gate {
 impl Drop for Gate {
     /// A shell that never got its job ends: its pipe closes, and `kill_on_drop` sees to it.
     fn drop(&mut self) {
-        if let Some(pid) = self.shell.as_ref().and_then(Child::id) {
-            crate::containment::release(pid);
+        if let Some(attempt) = self.attempt.take() {
+            attempt.abandon();
         }
     }
 }

@@ -372,6 +372,7 @@ impl Bound {
                     .await;
                 health.set_not_serving::<QueueServiceServer<Grpc>>().await;
                 queue.drain().await;
+                crate::containment::close().await;
                 queue.close_streams();
             }
         };

@@ -239,33 +239,54 @@ fn cgroup_untagged_goes_on_a_graceful_stop() {
     gone("the stop to end the untagged sleep", sleeper);
 }
 
+/// A job's shell joins a cgroup when it starts, and an ended attempt's cgroup, emptied, serves a later shell: a
+/// server keeps about two per worker whatever it runs, and none once it stopped or a successor recovered.
 #[test]
-fn cgroup_attempt_cgroups_are_removed() {
-    if !cgroups_or_skip("cgroup_attempt_cgroups_are_removed") {
+fn cgroup_attempt_cgroups_are_reused_and_removed() {
+    if !cgroups_or_skip("cgroup_attempt_cgroups_are_reused_and_removed") {
         return;
     }
     let mut home = home_in(Mode::Cgroup);
+    home.ok(&["config", "set", "shutdown_grace", "1"]);
     let server_id = std::fs::read_to_string(home.file("server.id")).unwrap();
     let prefix = format!("queuectl-{}-", server_id.trim());
     let attempt_cgroups = || {
-        cgroup_names()
+        let mut names: Vec<String> = cgroup_names()
             .into_iter()
             .filter(|name| name.starts_with(&prefix))
-            .collect::<Vec<_>>()
+            .collect();
+        names.sort();
+        names
     };
-    enqueue_escapee(&home, "first", "true", "");
+    let escapee = enqueue_escapee(&home, "first", "true", "");
     home.wait_for_state("first", "completed");
-    wait_until("the finished attempt's cgroup to go", DEADLINE, || {
-        attempt_cgroups().is_empty()
-    });
+    gone("the escaped sleep to end with its job", escapee);
+    // The emptied cgroup of the first attempt, and that of the shell started meanwhile for the next job.
+    let kept = attempt_cgroups();
+    assert_eq!(kept.len(), 2, "one worker keeps two cgroups: {kept:?}");
+    for n in 0..5 {
+        home.enqueue(&format!(r#"{{"id":"then{n}","command":"true"}}"#));
+        home.wait_for_state(&format!("then{n}"), "completed");
+    }
+    assert_eq!(attempt_cgroups(), kept, "later attempts reuse them");
     enqueue_escapee(&home, "second", "sleep 3000", "");
-    assert_eq!(attempt_cgroups(), [format!("{prefix}second_1")]);
+    assert_eq!(attempt_cgroups(), kept, "so does a running one");
+
     home.kill_server();
     restart(&mut home, Mode::Cgroup);
     wait_until(
-        "recovery to remove the dead server's attempt cgroup",
+        "recovery to remove the dead server's cgroups",
         DEADLINE,
         || attempt_cgroups().is_empty(),
+    );
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    home.wait_for_state("second", "processing");
+    assert!(!attempt_cgroups().is_empty());
+    assert!(home.stop_server().success());
+    assert_eq!(
+        attempt_cgroups(),
+        Vec::<String>::new(),
+        "a stopped server leaves no cgroup"
     );
 }
 

@@ -241,7 +241,7 @@ enum Spawning {
     /// thread of the runtime blocked that long holds up the tasks queued behind it.
     Thread(JoinHandle<Result<runner::Gate, Outcome>>),
     /// The benchmark's no-op executor starts no process, so it has nothing to hand to another thread.
-    Done(Result<runner::Gate, Outcome>),
+    Done(Box<Result<runner::Gate, Outcome>>),
 }
 
 impl Spawning {
@@ -250,7 +250,7 @@ impl Spawning {
             Spawning::Thread(spawning) => spawning
                 .await
                 .unwrap_or_else(|error| Err(Outcome::NotStarted(error.to_string()))),
-            Spawning::Done(gate) => gate,
+            Spawning::Done(gate) => *gate,
         }
     }
 }
@@ -258,7 +258,7 @@ impl Spawning {
 fn spawn_gate(shared: &Shared) -> Spawning {
     let server_id = shared.server_id.clone();
     if runner::noop_executor() {
-        return Spawning::Done(runner::Gate::spawn(&server_id));
+        return Spawning::Done(Box::new(runner::Gate::spawn(&server_id)));
     }
     Spawning::Thread(tokio::task::spawn_blocking(move || {
         runner::Gate::spawn(&server_id)
