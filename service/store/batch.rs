@@ -155,16 +155,7 @@ pub async fn apply(
 ) -> Result<WriteOutcome, sqlx::Error> {
     let enqueued = enqueue_all(statements, &batch.enqueues, policy).await?;
     let (applied, claimed, dependents) = settle_all(statements, batch, now, policy).await?;
-    let outputs: Vec<&OutputWrite> = batch
-        .outputs
-        .iter()
-        .chain(
-            batch
-                .updates
-                .iter()
-                .filter_map(|update| update.ended.as_ref()?.output.as_ref()),
-        )
-        .collect();
+    let outputs = outputs(batch);
     if !outputs.is_empty() {
         statements.write_output(&outputs).await?;
     }
@@ -180,6 +171,30 @@ pub async fn apply(
         statements.announce_jobs().await?;
     }
     Ok(outcome)
+}
+
+/// The output `batch` stores: that of running attempts, and what ended runs printed last.
+fn outputs(batch: &WriteBatch) -> Vec<&OutputWrite> {
+    batch
+        .outputs
+        .iter()
+        .chain(
+            batch
+                .updates
+                .iter()
+                .filter_map(|update| update.ended.as_ref()?.output.as_ref()),
+        )
+        .collect()
+}
+
+/// Whether [`apply`] writes nothing after the batch's first [`Statements::settle_and_claim`] round but what
+/// [`Statements::settle_dependents`] and [`Statements::announce_jobs`] may: it has no output to store, and no job
+/// comes twice among its starts or its updates (a repeat takes a round of its own). A store whose other two
+/// statements have nothing to do can then commit in the same round trip as that round.
+pub fn ends_with_one_round(batch: &WriteBatch) -> bool {
+    outputs(batch).is_empty()
+        && rounds(&batch.starts, |start| &start.job_id).len() <= 1
+        && rounds(&batch.updates, |update| &update.job_id).len() <= 1
 }
 
 /// Whether a committed batch may have given idle workers something to do, now or when a retry comes due: it
@@ -536,6 +551,34 @@ mod tests {
             rounds(&ids, |id| id),
             vec![vec![0, 1, 3], vec![2, 5], vec![4]]
         );
+    }
+
+    #[test]
+    fn a_batch_ends_with_one_round_unless_it_stores_output_or_lists_a_job_twice() {
+        let start = |job_id: &str| RunStarted {
+            job_id: job_id.to_owned(),
+            seq: 1,
+            run: 1,
+            worker: 1,
+            pgid: None,
+            started_at: 0,
+        };
+        let mut batch = WriteBatch {
+            starts: vec![start("a"), start("b")],
+            claims: vec![Claim::up_to(2)],
+            ..WriteBatch::default()
+        };
+        assert!(ends_with_one_round(&batch));
+        batch.starts.push(start("a"));
+        assert!(!ends_with_one_round(&batch), "a second round for a");
+        batch.starts.pop();
+        batch.outputs.push(OutputWrite {
+            seq: 1,
+            run: 1,
+            chunks: Vec::new(),
+            forget: None,
+        });
+        assert!(!ends_with_one_round(&batch), "output after the round");
     }
 
     #[test]

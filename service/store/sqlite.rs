@@ -272,11 +272,19 @@ struct SqliteStatements<'c> {
     dependencies: &'c AtomicBool,
     /// Whether the batch's transaction is open: its first statement opens it (see [`SqliteStore::write`]).
     begun: bool,
+    /// Whether the worker script may commit the batch: nothing but [`Statements::settle_dependents`] follows it
+    /// ([`batch::ends_with_one_round`]), and that only where jobs were stored with dependencies.
+    commit_with_round: bool,
+    /// Whether the batch is committed.
+    committed: bool,
 }
 
 impl SqliteStatements<'_> {
     /// Opens the batch's transaction, unless a statement did already.
     async fn begin(&mut self) -> Result<(), sqlx::Error> {
+        if self.committed {
+            return Err(after_commit());
+        }
         if !self.begun {
             sqlx::query("BEGIN IMMEDIATE")
                 .execute(&mut *self.conn)
@@ -285,6 +293,11 @@ impl SqliteStatements<'_> {
         }
         Ok(())
     }
+}
+
+/// What a statement that came after its batch's commit gets instead of running outside the transaction.
+fn after_commit() -> sqlx::Error {
+    sqlx::Error::Protocol("a statement came after its batch's commit".to_owned())
 }
 
 #[async_trait]
@@ -473,14 +486,22 @@ impl Statements for SqliteStatements<'_> {
                 .map(ClaimedStartRow::of)
                 .collect::<Vec<_>>(),
         };
-        // The script opens the transaction when it is the batch's first statement, as it is on a worker's commit.
-        let script = if self.begun {
-            WORKER_SCRIPT
-        } else {
-            self.begun = true;
-            BEGIN_AND_WORKER_SCRIPT
+        if self.committed {
+            return Err(after_commit());
+        }
+        // The script opens the transaction when it is the batch's first statement, as it is on a worker's commit,
+        // and commits it when nothing follows.
+        let commit = self.commit_with_round && !self.dependencies.load(Ordering::SeqCst);
+        let script = match (self.begun, commit) {
+            (true, false) => WORKER_SCRIPT,
+            (false, false) => BEGIN_AND_WORKER_SCRIPT,
+            (true, true) => WORKER_SCRIPT_AND_COMMIT,
+            (false, true) => BEGIN_WORKER_SCRIPT_AND_COMMIT,
         };
-        run_worker_script(self.conn, script, &input).await
+        self.begun = true;
+        let settled = run_worker_script(self.conn, script, &input).await?;
+        self.committed = commit;
+        Ok(settled)
     }
 
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error> {
@@ -704,6 +725,13 @@ const WORKER_SCRIPT: &str = worker_script!();
 /// trip.
 const BEGIN_AND_WORKER_SCRIPT: &str = concat!("BEGIN IMMEDIATE;\n", worker_script!());
 
+/// The worker script as the last statement of a batch, which it commits in the same round trip.
+const WORKER_SCRIPT_AND_COMMIT: &str = concat!(worker_script!(), "\nCOMMIT;");
+
+/// The worker script as the one statement of a batch.
+const BEGIN_WORKER_SCRIPT_AND_COMMIT: &str =
+    concat!("BEGIN IMMEDIATE;\n", worker_script!(), "\nCOMMIT;");
+
 /// Runs a worker script with `input`. Returns, for each update, whether its guard matched, and the claimed jobs.
 async fn run_worker_script(
     conn: &mut SqliteConnection,
@@ -745,7 +773,8 @@ impl Store for SqliteStore {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
         // No BEGIN of its own: it would cost a round trip to sqlx's thread, and the batch's first statement carries
-        // it (the worker script, on a worker's commit).
+        // it (the worker script, on a worker's commit); the COMMIT travels with the worker script when nothing
+        // follows it, as on most worker commits.
         self.on_writer(batch.durable, async |conn| {
             let dependencies = &self.dependencies;
             let mut statements = SqliteStatements {
@@ -753,9 +782,11 @@ impl Store for SqliteStore {
                 now,
                 dependencies,
                 begun: false,
+                commit_with_round: batch::ends_with_one_round(batch),
+                committed: false,
             };
             let outcome = batch::apply(&mut statements, batch, now, policy).await?;
-            if statements.begun {
+            if statements.begun && !statements.committed {
                 sqlx::query("COMMIT").execute(&mut *statements.conn).await?;
             }
             Ok(outcome)
