@@ -1,8 +1,9 @@
 //! Keeps the processes of a run from outliving it, even those that leave its process group (`setsid`) or drop its
 //! `QUEUECTL_JOB` tag (`env -i`). The mode is chosen once, at start, and logged:
 //!
-//! - `cgroup` (Linux, a writable cgroup v2 sub-tree, e.g. systemd `Delegate=yes`): each attempt gets its own cgroup;
-//!   the end of the attempt and recovery after a crash kill everything in it, whatever the job did.
+//! - `cgroup` (Linux, a writable cgroup v2 sub-tree, e.g. systemd `Delegate=yes`): each attempt gets a cgroup of its
+//!   own, which its shell joins when it starts; the end of the attempt and recovery after a crash kill everything
+//!   in it, whatever the job did.
 //! - `subreaper` (Linux otherwise, or with `QUEUECTL_CGROUPS=off`): the server is a child subreaper; the end of an
 //!   attempt and recovery kill every process that carries the run's tag, wherever it went (`setsid`); orphans
 //!   without the tag (`env -i`) cannot be attributed to a run: they are reaped when they exit, not killed.
