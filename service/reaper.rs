@@ -125,23 +125,28 @@ fn children_of(pid: u32) -> Vec<u32> {
 }
 
 /// A `children` list read in one go: each further read of it makes the kernel find its place again by counting,
-/// and a child that exits in between shifts the count, so that the next one would be skipped.
+/// and a child that exits in between shifts the count, so that the next one would be skipped. The buffer is each
+/// thread's own, kept: the end of every run reads a list per server thread, and zeroing a fresh one each time
+/// cost more than the reads.
 fn read_whole(path: &Path) -> Option<Vec<u8>> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
-    let mut listed = vec![0; 64 * 1024];
-    let mut read = 0;
-    loop {
-        match file.read(&mut listed[read..]).ok()? {
-            0 => break,
-            more => read += more,
-        }
-        if read == listed.len() {
-            listed.resize(read * 2, 0);
-        }
+    thread_local! {
+        static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
     }
-    listed.truncate(read);
-    Some(listed)
+    let mut file = std::fs::File::open(path).ok()?;
+    BUFFER.with_borrow_mut(|buffer| {
+        let mut read = 0;
+        loop {
+            match file.read(&mut buffer[read..]).ok()? {
+                0 => break,
+                more => read += more,
+            }
+            if read == buffer.len() {
+                buffer.resize(read * 2, 0);
+            }
+        }
+        Some(buffer[..read].to_vec())
+    })
 }
 
 /// Every process below the server, but for the job shells still running and what they started: that is where
@@ -170,6 +175,10 @@ fn reap() {
         false => every_process(),
     };
     for candidate in candidates {
+        // Tokio reaps the job shells itself.
+        if shells(|shells| shells.contains(&candidate)) {
+            continue;
+        }
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{candidate}/stat")) else {
             continue;
         };
@@ -187,6 +196,7 @@ fn reap() {
         let Ok(pid) = pid.parse::<u32>() else {
             continue;
         };
+        // The shells again: one may have started, and been noted, since the first look.
         if state != "Z" || parent.parse() != Ok(me) || shells(|shells| shells.contains(&pid)) {
             continue;
         }
