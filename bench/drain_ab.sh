@@ -5,12 +5,7 @@
 # ceiling, and prints both and their ratio.
 set -euo pipefail
 bin=$1; jobs=${2:-5000}; workers=${3:-2}
-home=$(mktemp -d); chmod 700 "$home"
-export QUEUECTL_HOME=$home QUEUECTL_NO_AUTOSTART=1
-"$bin/queuectld" --workers 0 2>"$home/log" &
-pid=$!
-for _ in $(seq 200); do "$bin/queuectl" status >/dev/null 2>&1 && break; sleep 0.05; done
-seq "$jobs" | sed 's/.*/{"command":"true"}/' | "$bin/queuectl" enqueue --quiet - >/dev/null
+source "$(dirname "$0")/queued.sh"
 start=$(date +%s.%N)
 "$bin/queuectl" worker start --count "$workers" --daemon >/dev/null
 # Jobs of one priority run in the order they were enqueued: the last ones end the drain.

@@ -7,12 +7,7 @@
 # QUEUECTL_CGROUPS=off in the environment reach the server.
 set -euo pipefail
 bin=$1; jobs=${2:-5000}; workers=${3:-2}; perf_out=${4:-}
-home=$(mktemp -d); chmod 700 "$home"
-export QUEUECTL_HOME=$home QUEUECTL_NO_AUTOSTART=1
-"$bin/queuectld" --workers 0 2>"$home/log" &
-pid=$!
-for _ in $(seq 200); do "$bin/queuectl" status >/dev/null 2>&1 && break; sleep 0.05; done
-seq "$jobs" | sed 's/.*/{"command":"true"}/' | "$bin/queuectl" enqueue --quiet - >/dev/null
+source "$(dirname "$0")/queued.sh"
 # One line per thread name: "<name> <CPU ticks>" and "switches_<name> <context switches>", summed over threads.
 threads() {
   for task in /proc/"$pid"/task/*; do
