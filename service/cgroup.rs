@@ -106,7 +106,7 @@ impl Tree {
                 .is_some_and(|name| name.starts_with(&self.prefix))
             {
                 let path = entry.path();
-                if populated(&path) {
+                if populated(&path) != Some(false) {
                     found += 1;
                 }
                 if emptied(&path).await
@@ -120,10 +120,10 @@ impl Tree {
     }
 }
 
-/// Kills every process of the cgroup at `path`, if it has any, and waits for it to empty. Returns whether it is
-/// empty.
+/// Kills every process of the cgroup at `path`, unless it is known to have none, and waits for it to empty.
+/// Returns whether it is known to be empty: one that cannot be read is not reused.
 async fn emptied(path: &Path) -> bool {
-    if !populated(path) {
+    if populated(path) == Some(false) {
         return true;
     }
     if let Err(error) = std::fs::write(path.join("cgroup.kill"), "1") {
@@ -131,7 +131,7 @@ async fn emptied(path: &Path) -> bool {
         return false;
     }
     let deadline = tokio::time::Instant::now() + EMPTY_LIMIT;
-    while populated(path) {
+    while populated(path) != Some(false) {
         if tokio::time::Instant::now() >= deadline {
             tracing::warn!(cgroup = %path.display(), "an attempt's cgroup did not empty after cgroup.kill; it stays");
             return false;
@@ -141,10 +141,10 @@ async fn emptied(path: &Path) -> bool {
     true
 }
 
-/// Whether the cgroup still has processes (`populated 1` in `cgroup.events`).
-fn populated(path: &Path) -> bool {
-    std::fs::read_to_string(path.join("cgroup.events"))
-        .is_ok_and(|events| events.lines().any(|line| line.trim() == "populated 1"))
+/// Whether the cgroup still has processes (`populated 1` in `cgroup.events`); `None` when that cannot be read.
+fn populated(path: &Path) -> Option<bool> {
+    let events = std::fs::read_to_string(path.join("cgroup.events")).ok()?;
+    Some(events.lines().any(|line| line.trim() == "populated 1"))
 }
 
 /// The mount point of the cgroup2 file system in a `/proc/self/mountinfo` listing.
@@ -213,6 +213,11 @@ mod tests {
             Some("/system.slice/queuectld.service")
         );
         assert_eq!(unified_path("12:cpu:/x\n"), None);
+    }
+
+    #[tokio::test]
+    async fn a_cgroup_that_cannot_be_read_is_not_taken_for_empty() {
+        assert!(!emptied(Path::new("/nonexistent/queuectl-test-1")).await);
     }
 
     #[test]

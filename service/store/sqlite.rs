@@ -272,8 +272,9 @@ struct SqliteStatements<'c> {
     dependencies: &'c AtomicBool,
     /// Whether the batch's transaction is open: its first statement opens it (see [`SqliteStore::write`]).
     begun: bool,
-    /// Whether the worker script may commit the batch: nothing but [`Statements::settle_dependents`] follows it
-    /// ([`batch::ends_with_one_round`]), and that only where jobs were stored with dependencies.
+    /// Whether the worker script may commit the batch: it stores no jobs, and nothing but
+    /// [`Statements::settle_dependents`] follows the script ([`batch::ends_with_one_round`]), which writes only where
+    /// jobs were stored with dependencies.
     commit_with_round: bool,
     /// Whether the batch is committed.
     committed: bool,
@@ -499,9 +500,9 @@ impl Statements for SqliteStatements<'_> {
             (false, true) => BEGIN_WORKER_SCRIPT_AND_COMMIT,
         };
         self.begun = true;
-        let settled = run_worker_script(self.conn, script, &input).await?;
+        let answer = run_worker_script(self.conn, script, &input).await?;
         self.committed = commit;
-        Ok(settled)
+        read_worker_answer(answer, &input)
     }
 
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error> {
@@ -732,17 +733,24 @@ const WORKER_SCRIPT_AND_COMMIT: &str = concat!(worker_script!(), "\nCOMMIT;");
 const BEGIN_WORKER_SCRIPT_AND_COMMIT: &str =
     concat!("BEGIN IMMEDIATE;\n", worker_script!(), "\nCOMMIT;");
 
-/// Runs a worker script with `input`. Returns, for each update, whether its guard matched, and the claimed jobs.
+/// Runs a worker script with `input`. Returns its answer, for [`read_worker_answer`].
 async fn run_worker_script(
     conn: &mut SqliteConnection,
     script: &'static str,
     input: &WorkerInput<'_>,
-) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
+) -> Result<Vec<(String, String)>, sqlx::Error> {
     // fetch_all, not fetch_one: fetch_one would stop the script at its first row, before the claim's UPDATE.
-    let answer: Vec<(String, String)> = sqlx::query_as(script)
+    sqlx::query_as(script)
         .bind(to_json(input)?)
         .fetch_all(conn)
-        .await?;
+        .await
+}
+
+/// For each update of `input`, whether its guard matched, and the claimed jobs, from a worker script's answer.
+fn read_worker_answer(
+    answer: Vec<(String, String)>,
+    input: &WorkerInput<'_>,
+) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error> {
     let Some((settled, picked)) = answer.into_iter().next() else {
         return Err(sqlx::Error::RowNotFound);
     };
@@ -782,7 +790,9 @@ impl Store for SqliteStore {
                 now,
                 dependencies,
                 begun: false,
-                commit_with_round: batch::ends_with_one_round(batch),
+                // Not with enqueues: an answer that could not be read after its commit would report jobs that
+                // are stored as not stored, and a retry would store them twice.
+                commit_with_round: batch.enqueues.is_empty() && batch::ends_with_one_round(batch),
                 committed: false,
             };
             let outcome = batch::apply(&mut statements, batch, now, policy).await?;
