@@ -23,7 +23,7 @@ use queuectl::store::{
     CancelRequest, Claim, ClaimStart, EnqueueRejected, GuardedUpdate, ListFilter, RunEnded,
     RunStarted, ServerRecord, Signal, Store, WorkerRecord, WriteBatch, WriteOutcome,
 };
-use sqlx::Connection;
+use sqlx::{Connection, Row};
 
 const OWNER: &str = "test-server";
 
@@ -2258,6 +2258,121 @@ async fn an_older_sqlite_database_keeps_its_jobs_through_the_upgrade() {
         ids(&claim(&store, 2, clock::now(), OWNER).await.unwrap()),
         ["old2", "job3"]
     );
+}
+
+/// PostgreSQL's claim reads the head of the queue, not the whole of it, whatever PostgreSQL believes of the
+/// table: on a table it has never analysed (a new queue whose first burst arrives), with 2,000 jobs not due for a
+/// year and then 2,000 due, and again once analysed; in the generic plan a connection may keep for the claim and
+/// in a plan made for the values. Plans that read every waiting job and sorted them (chosen for a table believed
+/// small), or read the whole table to find the claimed rows (a generic plan's guess), read thousands. So does the
+/// release (or the cancelling) of the jobs held for a job that ended, which has none, if it looks for held jobs
+/// among every pending one.
+#[tokio::test]
+async fn a_postgres_claim_reads_only_the_head_of_the_queue() {
+    use queuectl::store::postgres::{CANCEL_DEPENDENTS, CLAIM_JOBS, RELEASE_DEPENDENTS};
+    let Some(t) = Ctx::postgres("a_postgres_claim_reads_only_the_head_of_the_queue").await else {
+        return;
+    };
+    let Place::Postgres(database) = &t.place else {
+        unreachable!()
+    };
+    let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let year = 365 * 86_400 * MICROS_PER_SEC;
+    let burst = |delay| {
+        (0..2_000)
+            .map(|_| NewJob {
+                delay,
+                ..generated(5)
+            })
+            .collect::<Vec<_>>()
+    };
+    let last_ready = job::last_ready_key(0, POLICY.aging_interval_secs);
+    let claim_one = (
+        CLAIM_JOBS,
+        "bigint, text, bigint, bigint",
+        format!("1, 'plan-check', 30000000, {last_ready}"),
+    );
+    let release = (
+        RELEASE_DEPENDENTS,
+        "bigint[], bigint",
+        "'{1}', 60000000".to_owned(),
+    );
+    let cancel = (CANCEL_DEPENDENTS, "bigint[]", "'{1}'".to_owned());
+    const MODES: [&str; 2] = ["force_generic_plan", "force_custom_plan"];
+    enqueue_at(t.store.as_ref(), vec![burst(year)], clock::now()).await;
+    for mode in MODES {
+        assert_eq!(
+            rows_under_explain(&mut conn, mode, &claim_one).await,
+            0,
+            "nothing is due"
+        );
+    }
+    enqueue_at(t.store.as_ref(), vec![burst(0)], clock::now()).await;
+    for mode in MODES {
+        assert_eq!(rows_under_explain(&mut conn, mode, &claim_one).await, 1);
+        assert_eq!(rows_under_explain(&mut conn, mode, &release).await, 0);
+        assert_eq!(rows_under_explain(&mut conn, mode, &cancel).await, 0);
+    }
+    sqlx::query("ANALYZE jobs")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    for mode in MODES {
+        assert_eq!(rows_under_explain(&mut conn, mode, &claim_one).await, 1);
+        assert_eq!(rows_under_explain(&mut conn, mode, &release).await, 0);
+        assert_eq!(rows_under_explain(&mut conn, mode, &cancel).await, 0);
+    }
+}
+
+/// Runs `statement` (its text, its parameters' types, its arguments) under EXPLAIN ANALYZE with
+/// `plan_cache_mode` set to `mode`, in a transaction it rolls back; asserts that no scan read more than two rows
+/// of a table, and returns how many rows the statement returned.
+async fn rows_under_explain(
+    conn: &mut sqlx::PgConnection,
+    mode: &str,
+    (sql, types, arguments): &(&str, &str, String),
+) -> u64 {
+    fn most_rows_a_scan_read(node: &serde_json::Value) -> u64 {
+        let count = |key: &str| {
+            node.get(key)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        let own = if node.get("Relation Name").is_some() || node.get("Index Name").is_some() {
+            count("Actual Rows") + count("Rows Removed by Filter")
+        } else {
+            0
+        };
+        let plans = node.get("Plans").and_then(|plans| plans.as_array());
+        plans
+            .into_iter()
+            .flatten()
+            .map(most_rows_a_scan_read)
+            .fold(own, u64::max)
+    }
+    let mut tx = conn.begin().await.unwrap();
+    let prepare = format!("SET LOCAL plan_cache_mode = {mode}; PREPARE checked ({types}) AS {sql}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let explain = format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE checked ({arguments})");
+    let row = sqlx::raw_sql(sqlx::AssertSqlSafe(explain))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    // A `json` value is sent as its text; sqlx decodes it only with its `json` feature, which nothing else needs.
+    let plan: serde_json::Value =
+        serde_json::from_str(&row.try_get_unchecked::<String, _>(0).unwrap()).unwrap();
+    sqlx::raw_sql("DEALLOCATE checked")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let root = &plan[0]["Plan"];
+    let most = most_rows_a_scan_read(root);
+    assert!(most <= 2, "{mode}: a scan read {most} rows: {plan:#}");
+    root["Actual Rows"].as_u64().expect("a row count")
 }
 
 conformance!(

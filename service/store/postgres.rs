@@ -39,6 +39,14 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 const ANSWER_LIMIT: Duration = Duration::from_secs(5);
 const BULK_LIMIT: Duration = Duration::from_secs(120);
 
+/// How a transaction begins: its settings go with the `BEGIN`, in one round trip.
+mod begin {
+    pub const DURABLE: &str = "BEGIN";
+    /// Losing such a commit to a crash of the database host only reruns a job (or a step of a purge): it does not
+    /// wait for the flush of the write-ahead log.
+    pub const NOT_DURABLE: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+}
+
 async fn within<T>(
     limit: Duration,
     work: impl Future<Output = Result<T, StoreError>>,
@@ -122,19 +130,12 @@ impl PgStore {
 
     async fn transaction<T>(
         &self,
-        durable: bool,
+        begin: &'static str,
         limit: Duration,
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
         within(limit, async {
-            let mut tx = self.pool.begin().await.map_err(classify)?;
-            if !durable {
-                // Losing this commit to a crash of the database host only reruns a job: skip the WAL flush wait.
-                sqlx::query("SET LOCAL synchronous_commit = off")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(classify)?;
-            }
+            let mut tx = self.pool.begin_with(begin).await.map_err(classify)?;
             let value = work(&mut tx).await.map_err(classify)?;
             tx.commit().await.map_err(classify)?;
             Ok(value)
@@ -366,41 +367,18 @@ impl Statements for PgStatements<'_> {
     ) -> Result<Dependents, sqlx::Error> {
         let mut dependents = Dependents::default();
         if !completed.is_empty() {
-            dependents.released = sqlx::query(
-                "UPDATE jobs SET run_after = queuectl_now(), queue_key = queuectl_now() + (priority - 1) * $2,
-                                 updated_at = queuectl_now()
-                 WHERE seq IN (SELECT job_seq FROM job_dependencies WHERE after_seq = ANY($1))
-                   AND state = 'pending' AND run_after = $3
-                   AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
-                                   WHERE d.job_seq = jobs.seq AND j.state <> 'completed')",
-            )
-            .bind(completed)
-            .bind(aging_micros)
-            .bind(job::HELD)
-            .execute(&mut *self.conn)
-            .await?
-            .rows_affected();
+            dependents.released = sqlx::query(RELEASE_DEPENDENTS)
+                .bind(completed)
+                .bind(aging_micros)
+                .execute(&mut *self.conn)
+                .await?
+                .rows_affected();
         }
         if !failed.is_empty() {
-            dependents.cancelled = sqlx::query_as(
-                "WITH RECURSIVE doomed (seq, cause) AS (
-                     SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
-                            CASE j.state WHEN 'dead' THEN ', which ended dead' ELSE ', which was cancelled' END
-                     FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
-                     WHERE d.after_seq = ANY($1)
-                     UNION
-                     SELECT d.job_seq, 'cancelled: it runs after ' || j.id || ', which was cancelled'
-                     FROM doomed JOIN job_dependencies d ON d.after_seq = doomed.seq
-                                 JOIN jobs j ON j.seq = doomed.seq)
-                 UPDATE jobs SET state = 'cancelled', last_error = doomed.cause, run_after = queuectl_now(),
-                                 queue_key = queuectl_now(), updated_at = queuectl_now()
-                 FROM doomed WHERE jobs.seq = doomed.seq AND jobs.state = 'pending' AND jobs.run_after = $2
-                 RETURNING jobs.id, jobs.last_error",
-            )
-            .bind(failed)
-            .bind(job::HELD)
-            .fetch_all(&mut *self.conn)
-            .await?;
+            dependents.cancelled = sqlx::query_as(CANCEL_DEPENDENTS)
+                .bind(failed)
+                .fetch_all(&mut *self.conn)
+                .await?;
         }
         Ok(dependents)
     }
@@ -573,6 +551,67 @@ async fn apply_updates(
     Ok(applied)
 }
 
+/// Claims up to `$1` ready jobs, best first, for owner `$2` with a lease of `$3` µs; `$4` is the queue key past
+/// which no job is ready, as an offset from now (see job::last_ready_key).
+///
+/// Its plan is part of the contract (tests/store.rs checks it, generic and custom, on a table PostgreSQL has never
+/// analysed and once analysed): a walk of `jobs_ready` in queue order that stops at the first ready jobs, then
+/// each claimed row by its key. `(SELECT queuectl_now())` is computed once, before the walk, so the bound on
+/// `queue_key` ends it at the first job that is not due yet; `jobs_waiting` leaves out held jobs, so this cannot
+/// read it (a planner that believed the table small read every waiting job through it and sorted them, on every
+/// claim); and the claimed rows are an array, not a join whose size a generic plan would guess (it guessed a
+/// tenth of the table and read all of it). UPDATE ... RETURNING promises no order: the claimed jobs are sorted
+/// again, best first, as they are dealt.
+pub const CLAIM_JOBS: &str = concat!(
+    "WITH picked AS (
+         SELECT seq FROM jobs
+         WHERE state IN ('pending', 'failed') AND run_after <= (SELECT queuectl_now())
+           AND queue_key <= (SELECT queuectl_now()) + $4
+         ORDER BY queue_key, seq LIMIT $1
+         FOR UPDATE SKIP LOCKED),
+     claimed AS (
+         UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
+                         owner = $2, lease_expires_at = queuectl_now() + $3
+         WHERE jobs.seq = ANY (ARRAY (SELECT seq FROM picked))
+         RETURNING jobs.*)
+     SELECT ",
+    job_columns!(),
+    " FROM claimed ORDER BY queue_key, seq"
+);
+
+/// Releases the held jobs that ran after jobs `$1`, which completed, once every job they run after has; `$2` is
+/// the aging interval in µs. job::HELD is written out, as in `jobs_held`'s predicate (migration 0006): the held
+/// jobs are found in that small index, never by reading every pending job (tests/store.rs checks the plan).
+pub const RELEASE_DEPENDENTS: &str =
+    "UPDATE jobs SET run_after = queuectl_now(), queue_key = queuectl_now() + (priority - 1) * $2,
+                     updated_at = queuectl_now()
+     WHERE state = 'pending' AND run_after = 4611686018427387904
+       AND seq IN (SELECT job_seq FROM job_dependencies WHERE after_seq = ANY ($1))
+       AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
+                       WHERE d.job_seq = jobs.seq AND j.state <> 'completed')";
+
+/// Cancels the held jobs that ran after jobs `$1`, which ended dead or cancelled, and those that ran after them,
+/// saying why; held jobs are found as in [`RELEASE_DEPENDENTS`].
+pub const CANCEL_DEPENDENTS: &str =
+    "WITH RECURSIVE doomed (seq, cause) AS (
+         SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
+                CASE j.state WHEN 'dead' THEN ', which ended dead' ELSE ', which was cancelled' END
+         FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
+         WHERE d.after_seq = ANY ($1)
+         UNION
+         SELECT d.job_seq, 'cancelled: it runs after ' || j.id || ', which was cancelled'
+         FROM doomed JOIN job_dependencies d ON d.after_seq = doomed.seq
+                     JOIN jobs j ON j.seq = doomed.seq)
+     UPDATE jobs SET state = 'cancelled', last_error = doomed.cause, run_after = queuectl_now(),
+                     queue_key = queuectl_now(), updated_at = queuectl_now()
+     FROM doomed WHERE jobs.seq = doomed.seq AND jobs.state = 'pending' AND jobs.run_after = 4611686018427387904
+     RETURNING jobs.id, jobs.last_error";
+
+/// How long until the first job that waits for a time is due. job::HELD is written out: PostgreSQL reads
+/// `jobs_waiting` only for a query that says what its predicate says (migration 0006).
+const NEXT_DUE: &str = "SELECT MIN(run_after) - queuectl_now() FROM jobs
+                        WHERE state IN ('pending', 'failed') AND run_after < 4611686018427387904";
+
 async fn claim_jobs(
     conn: &mut PgConnection,
     limit: u32,
@@ -580,25 +619,7 @@ async fn claim_jobs(
     lease: i64,
     last_ready: i64,
 ) -> Result<Vec<Job>, sqlx::Error> {
-    // The bound on queue_key ends the index scan before the jobs that are not due yet (see job::last_ready_key).
-    // UPDATE ... RETURNING promises no order: the claimed jobs are sorted again, best first, as they are dealt.
-    const SQL: &str = concat!(
-        "WITH picked AS (
-             SELECT seq FROM jobs
-             WHERE state IN ('pending', 'failed') AND run_after <= queuectl_now()
-               AND queue_key <= queuectl_now() + $4
-             ORDER BY queue_key, seq LIMIT $1
-             FOR UPDATE SKIP LOCKED),
-         claimed AS (
-             UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
-                             owner = $2, lease_expires_at = queuectl_now() + $3
-             FROM picked WHERE jobs.seq = picked.seq
-             RETURNING jobs.*)
-         SELECT ",
-        job_columns!(),
-        " FROM claimed ORDER BY queue_key, seq"
-    );
-    let rows: Vec<JobRow> = sqlx::query_as(SQL)
+    let rows: Vec<JobRow> = sqlx::query_as(CLAIM_JOBS)
         .bind(i64::from(limit))
         .bind(owner)
         .bind(lease)
@@ -617,7 +638,12 @@ impl Store for PgStore {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
         let lease = self.lease_micros();
-        self.transaction(batch.durable, ANSWER_LIMIT, async |conn| {
+        let begin = if batch.durable {
+            begin::DURABLE
+        } else {
+            begin::NOT_DURABLE
+        };
+        self.transaction(begin, ANSWER_LIMIT, async |conn| {
             let mut statements = PgStatements {
                 conn,
                 owner: &batch.owner,
@@ -630,14 +656,10 @@ impl Store for PgStore {
 
     async fn next_due(&self, _now: Micros) -> Result<Option<Duration>, StoreError> {
         within(ANSWER_LIMIT, async {
-            let wait: Option<i64> = sqlx::query_scalar(
-                "SELECT MIN(run_after) - queuectl_now() FROM jobs
-                 WHERE state IN ('pending', 'failed') AND run_after < $1",
-            )
-            .bind(job::HELD)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(classify)?;
+            let wait: Option<i64> = sqlx::query_scalar(NEXT_DUE)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(classify)?;
             Ok(wait.map(|wait| super::due_in(wait, 0)))
         })
         .await
@@ -784,7 +806,7 @@ impl Store for PgStore {
         value: &str,
         rekey: Option<Policy>,
     ) -> Result<(), StoreError> {
-        self.transaction(true, BULK_LIMIT, async |conn| {
+        self.transaction(begin::DURABLE, BULK_LIMIT, async |conn| {
             sqlx::query(sql::SAVE_CONFIG)
                 .bind(key)
                 .bind(value)
@@ -803,7 +825,7 @@ impl Store for PgStore {
     }
 
     async fn delete_final(&self, ids: &[&str]) -> Result<Vec<String>, StoreError> {
-        self.transaction(true, ANSWER_LIMIT, async |conn| {
+        self.transaction(begin::DURABLE, ANSWER_LIMIT, async |conn| {
             sqlx::query_scalar(
                 "DELETE FROM jobs WHERE id = ANY($1) AND state IN ('completed', 'dead', 'cancelled')
                  RETURNING id",
@@ -821,7 +843,7 @@ impl Store for PgStore {
         older_than: Micros,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        self.transaction(false, ANSWER_LIMIT, async |conn| {
+        self.transaction(begin::NOT_DURABLE, ANSWER_LIMIT, async |conn| {
             let before: i64 = sqlx::query_scalar("SELECT queuectl_now() - $1")
                 .bind(older_than)
                 .fetch_one(&mut *conn)
@@ -838,7 +860,7 @@ impl Store for PgStore {
     }
 
     async fn reset(&self) -> Result<u64, StoreError> {
-        self.transaction(true, BULK_LIMIT, async |conn| {
+        self.transaction(begin::DURABLE, BULK_LIMIT, async |conn| {
             let deleted = sqlx::query(sql::DELETE_ALL_JOBS)
                 .execute(&mut *conn)
                 .await?
@@ -878,7 +900,7 @@ impl Cluster for PgStore {
                 .iter()
                 .filter_map(|worker| worker.job_id.as_deref())
                 .collect();
-            self.transaction(false, ANSWER_LIMIT, async |conn| {
+            self.transaction(begin::NOT_DURABLE, ANSWER_LIMIT, async |conn| {
                 sqlx::query(
                     "INSERT INTO servers (id, host, pid, worker_count, workers, seen_at)
                      VALUES ($1, $2, $3, $4, $5, queuectl_now())
@@ -1040,6 +1062,29 @@ fn notify_payloads(events: &JobEvents) -> Result<Vec<String>, StoreError> {
 mod tests {
     use super::*;
     use crate::event::Event;
+
+    #[test]
+    fn the_held_time_written_out_in_sql_is_job_held() {
+        let held = job::HELD.to_string();
+        let migration = include_str!("migrations/postgres/0006_waiting_not_held.sql");
+        for predicate in [
+            format!("AND run_after < {held};"),
+            format!("AND run_after = {held};"),
+        ] {
+            assert!(migration.contains(&predicate), "{predicate}: {migration}");
+        }
+        assert!(
+            NEXT_DUE.contains(&format!("run_after < {held}")),
+            "{NEXT_DUE}"
+        );
+        let release = format!("state = 'pending' AND run_after = {held}\n");
+        assert!(
+            RELEASE_DEPENDENTS.contains(&release),
+            "{RELEASE_DEPENDENTS}"
+        );
+        let cancel = format!("jobs.state = 'pending' AND jobs.run_after = {held}\n");
+        assert!(CANCEL_DEPENDENTS.contains(&cancel), "{CANCEL_DEPENDENTS}");
+    }
 
     #[test]
     fn job_events_are_split_into_payloads_that_fit_a_notify_and_read_back_whole() {
