@@ -2289,8 +2289,8 @@ async fn a_postgres_claim_reads_only_the_head_of_the_queue() {
     let last_ready = job::last_ready_key(0, POLICY.aging_interval_secs);
     let claim_one = (
         CLAIM_JOBS,
-        "bigint, text, bigint, bigint",
-        format!("1, 'plan-check', 30000000, {last_ready}"),
+        "bigint, text, bigint, bigint, bigint[], bigint[], bigint[]",
+        format!("1, 'plan-check', 30000000, {last_ready}, '{{0}}', '{{1}}', '{{4242}}'"),
     );
     let release = (
         RELEASE_DEPENDENTS,

@@ -228,20 +228,6 @@ pub struct StartAt {
     pub start: ClaimStart,
 }
 
-impl StartAt {
-    /// The start of the claimed `job`, as the statements record it.
-    pub fn of(&self, job: &Job, started_at: Micros) -> RunStarted {
-        RunStarted {
-            job_id: job.id.clone(),
-            seq: job.seq,
-            run: job.runs,
-            worker: self.start.worker,
-            pgid: self.start.pgid,
-            started_at,
-        }
-    }
-}
-
 /// Where the jobs of claims whose shells already wait for them fall among the jobs claimed for the whole batch:
 /// the first job of each such claim, as [`deal_claims`] deals them.
 fn claimed_starts(claims: &[Claim]) -> Vec<StartAt> {

@@ -402,19 +402,15 @@ impl Statements for PgStatements<'_> {
         let claimed = if claim == 0 {
             Vec::new()
         } else {
-            claim_jobs(self.conn, claim, self.owner, self.lease, last_ready).await?
+            let claim = Claiming {
+                limit: claim,
+                owner: self.owner,
+                lease: self.lease,
+                last_ready,
+                starts: claimed_starts,
+            };
+            claim_jobs(self.conn, &claim).await?
         };
-        // A claimed job starts at the time of its claim, in the database's clock.
-        let started: Vec<RunStarted> = claimed_starts
-            .iter()
-            .filter_map(|at| {
-                let job = claimed.get(at.position)?;
-                Some(at.of(job, job.updated_at))
-            })
-            .collect();
-        if !started.is_empty() {
-            record_starts(self.conn, &started.iter().collect::<Vec<_>>()).await?;
-        }
         Ok((applied, claimed))
     }
 
@@ -552,7 +548,9 @@ async fn apply_updates(
 }
 
 /// Claims up to `$1` ready jobs, best first, for owner `$2` with a lease of `$3` µs; `$4` is the queue key past
-/// which no job is ready, as an offset from now (see job::last_ready_key).
+/// which no job is ready, as an offset from now (see job::last_ready_key). The jobs at positions `$5` among them
+/// (best first) start at once in the shells of workers `$6`, process groups `$7`, that wait for them: their runs
+/// are recorded, started at the claim, in the same statement (one write of the row, not two).
 ///
 /// Its plan is part of the contract (tests/store.rs checks it, generic and custom, on a table PostgreSQL has never
 /// analysed and once analysed): a walk of `jobs_ready` in queue order that stops at the first ready jobs, then
@@ -564,16 +562,27 @@ async fn apply_updates(
 /// again, best first, as they are dealt.
 pub const CLAIM_JOBS: &str = concat!(
     "WITH picked AS (
-         SELECT seq FROM jobs
+         SELECT seq, queue_key FROM jobs
          WHERE state IN ('pending', 'failed') AND run_after <= (SELECT queuectl_now())
            AND queue_key <= (SELECT queuectl_now()) + $4
          ORDER BY queue_key, seq LIMIT $1
          FOR UPDATE SKIP LOCKED),
+     shells AS (
+         SELECT ranked.seq, shell.worker, shell.pgid
+         FROM (SELECT seq, row_number() OVER (ORDER BY queue_key, seq) - 1 AS position FROM picked) AS ranked
+         JOIN UNNEST($5::bigint[], $6::bigint[], $7::bigint[]) AS shell (position, worker, pgid)
+           ON shell.position = ranked.position),
      claimed AS (
-         UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(), pgid = NULL,
+         UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = queuectl_now(),
+                         pgid = (SELECT pgid FROM shells WHERE shells.seq = jobs.seq),
                          owner = $2, lease_expires_at = queuectl_now() + $3
          WHERE jobs.seq = ANY (ARRAY (SELECT seq FROM picked))
-         RETURNING jobs.*)
+         RETURNING jobs.*),
+     started AS (
+         INSERT INTO job_runs (job_seq, run, worker, started_at)
+         SELECT claimed.seq, claimed.runs, shells.worker, claimed.updated_at
+         FROM claimed JOIN shells ON shells.seq = claimed.seq
+         ON CONFLICT (job_seq, run) DO NOTHING)
      SELECT ",
     job_columns!(),
     " FROM claimed ORDER BY queue_key, seq"
@@ -612,18 +621,38 @@ pub const CANCEL_DEPENDENTS: &str =
 const NEXT_DUE: &str = "SELECT MIN(run_after) - queuectl_now() FROM jobs
                         WHERE state IN ('pending', 'failed') AND run_after < 4611686018427387904";
 
-async fn claim_jobs(
-    conn: &mut PgConnection,
+/// The arguments of [`CLAIM_JOBS`].
+struct Claiming<'a> {
     limit: u32,
-    owner: &str,
+    owner: &'a str,
     lease: i64,
     last_ready: i64,
+    starts: &'a [StartAt],
+}
+
+async fn claim_jobs(
+    conn: &mut PgConnection,
+    claim: &Claiming<'_>,
 ) -> Result<Vec<Job>, sqlx::Error> {
+    let starts = claim.starts;
     let rows: Vec<JobRow> = sqlx::query_as(CLAIM_JOBS)
-        .bind(i64::from(limit))
-        .bind(owner)
-        .bind(lease)
-        .bind(last_ready)
+        .bind(i64::from(claim.limit))
+        .bind(claim.owner)
+        .bind(claim.lease)
+        .bind(claim.last_ready)
+        .bind(
+            starts
+                .iter()
+                .map(|at| at.position as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            starts
+                .iter()
+                .map(|at| i64::from(at.start.worker))
+                .collect::<Vec<_>>(),
+        )
+        .bind(starts.iter().map(|at| at.start.pgid).collect::<Vec<_>>())
         .fetch_all(conn)
         .await?;
     row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
