@@ -2260,17 +2260,20 @@ async fn an_older_sqlite_database_keeps_its_jobs_through_the_upgrade() {
     );
 }
 
-/// PostgreSQL's claim reads the head of the queue, not the whole of it, whatever PostgreSQL believes of the
-/// table: on a table it has never analysed (a new queue whose first burst arrives), with 2,000 jobs not due for a
-/// year and then 2,000 due, and again once analysed; in the generic plan a connection may keep for the claim and
-/// in a plan made for the values. Plans that read every waiting job and sorted them (chosen for a table believed
-/// small), or read the whole table to find the claimed rows (a generic plan's guess), read thousands. So does the
-/// release (or the cancelling) of the jobs held for a job that ended, which has none, if it looks for held jobs
-/// among every pending one.
+/// The statements of a worker's commit on PostgreSQL read the rows they change, not the table, whatever
+/// PostgreSQL believes of it: on a table it has never analysed (a new queue whose first burst arrives), with 2,000
+/// jobs not due for a year and then 2,000 due, and again once analysed; in the generic plan a connection may keep
+/// and in a plan made for the values. The claim reads the head of the queue: plans that read every waiting job and
+/// sorted them (chosen for a table believed small), or read the whole table to find the claimed rows (a generic
+/// plan's guess), read thousands; so did the release (or the cancelling) of the jobs held for a job that ended,
+/// which has none, when it looked for held jobs among every pending one.
 #[tokio::test]
-async fn a_postgres_claim_reads_only_the_head_of_the_queue() {
-    use queuectl::store::postgres::{CANCEL_DEPENDENTS, CLAIM_JOBS, RELEASE_DEPENDENTS};
-    let Some(t) = Ctx::postgres("a_postgres_claim_reads_only_the_head_of_the_queue").await else {
+async fn a_postgres_worker_commit_reads_only_the_rows_it_changes() {
+    use queuectl::store::postgres::{
+        CANCEL_DEPENDENTS, CLAIM_JOBS, RELEASE_DEPENDENTS, SETTLE_JOBS, SETTLE_ONE_JOB,
+    };
+    let Some(t) = Ctx::postgres("a_postgres_worker_commit_reads_only_the_rows_it_changes").await
+    else {
         return;
     };
     let Place::Postgres(database) = &t.place else {
@@ -2298,6 +2301,12 @@ async fn a_postgres_claim_reads_only_the_head_of_the_queue() {
         "'{1}', 60000000".to_owned(),
     );
     let cancel = (CANCEL_DEPENDENTS, "bigint[]", "'{1}'".to_owned());
+    let settle_types = "bigint[], bigint[], text[], bigint[], text[], bigint[], bigint[], bigint[], text[], \
+                        bigint[], bigint[], text[], boolean[], text[]";
+    let settle_first = "'{0}', '{1}', '{pending}', '{0}', '{pending}', '{0}', '{0}', '{0}', '{NULL}', '{0}', \
+                        '{NULL}', '{NULL}', '{f}', '{job1}'";
+    let settle_one = (SETTLE_ONE_JOB, settle_types, settle_first.to_owned());
+    let settle = (SETTLE_JOBS, settle_types, settle_first.to_owned());
     const MODES: [&str; 2] = ["force_generic_plan", "force_custom_plan"];
     enqueue_at(t.store.as_ref(), vec![burst(year)], clock::now()).await;
     for mode in MODES {
@@ -2312,6 +2321,8 @@ async fn a_postgres_claim_reads_only_the_head_of_the_queue() {
         assert_eq!(rows_under_explain(&mut conn, mode, &claim_one).await, 1);
         assert_eq!(rows_under_explain(&mut conn, mode, &release).await, 0);
         assert_eq!(rows_under_explain(&mut conn, mode, &cancel).await, 0);
+        assert_eq!(rows_under_explain(&mut conn, mode, &settle_one).await, 1);
+        assert_eq!(rows_under_explain(&mut conn, mode, &settle).await, 1);
     }
     sqlx::query("ANALYZE jobs")
         .execute(&mut conn)
@@ -2321,6 +2332,8 @@ async fn a_postgres_claim_reads_only_the_head_of_the_queue() {
         assert_eq!(rows_under_explain(&mut conn, mode, &claim_one).await, 1);
         assert_eq!(rows_under_explain(&mut conn, mode, &release).await, 0);
         assert_eq!(rows_under_explain(&mut conn, mode, &cancel).await, 0);
+        assert_eq!(rows_under_explain(&mut conn, mode, &settle_one).await, 1);
+        assert_eq!(rows_under_explain(&mut conn, mode, &settle).await, 1);
     }
 }
 

@@ -497,49 +497,132 @@ async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Resul
     Ok(())
 }
 
+/// Settles jobs: applies each update whose guard matches and records the end of the runs they end, returning
+/// the positions of those that applied. The updates come as arrays `$1`..`$14`, one element per update;
+/// `$rows` turns them into the rows `u`.
+macro_rules! settle_jobs {
+    ($rows:literal) => {
+        concat!(
+            "WITH settled AS (
+                 UPDATE jobs SET state = u.state, attempts = u.attempts, run_after = queuectl_now() + u.ready_in,
+                                 queue_key = queuectl_now() + u.queue_offset, last_error = u.last_error,
+                                 interruptions = u.interruptions, updated_at = queuectl_now(), pgid = NULL,
+                                 owner = NULL, lease_expires_at = NULL
+                 FROM ",
+            $rows,
+            " AS u (position, seq, expect_state, expect_runs, state, attempts, ready_in, queue_offset,
+                      last_error, interruptions, worker, outcome, truncated, id)
+                 WHERE jobs.seq = u.seq AND jobs.id = u.id AND jobs.state = u.expect_state
+                   AND jobs.runs = u.expect_runs
+                 RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.truncated),
+             ended AS (
+                 INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, truncated)
+                 SELECT seq, runs, worker, queuectl_now(), queuectl_now(), outcome, truncated
+                 FROM settled WHERE outcome IS NOT NULL
+                 ON CONFLICT (job_seq, run) DO UPDATE SET
+                     finished_at = excluded.finished_at, outcome = excluded.outcome, truncated = excluded.truncated)
+             SELECT position FROM settled"
+        )
+    };
+}
+
+/// Settles any number of jobs, a row per element of the arrays.
+pub const SETTLE_JOBS: &str = settle_jobs!(
+    "UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::bigint[],
+            $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[], $13::boolean[], $14::text[])"
+);
+
+/// Settles one job, the first element of each array. A plan that does not know the values sees one row here,
+/// where it must guess the length of an array, so PostgreSQL keeps the plan it made instead of planning the
+/// statement at each execution (0.3 ms of the 0.45 it took, in a drain's statement log).
+pub const SETTLE_ONE_JOB: &str = settle_jobs!(
+    "(VALUES (($1::bigint[])[1], ($2::bigint[])[1], ($3::text[])[1], ($4::bigint[])[1], ($5::text[])[1],
+             ($6::bigint[])[1], ($7::bigint[])[1], ($8::bigint[])[1], ($9::text[])[1], ($10::bigint[])[1],
+             ($11::bigint[])[1], ($12::text[])[1], ($13::boolean[])[1], ($14::text[])[1]))"
+);
+
 /// Applies each update whose guard matches, and records the end of the runs they end. Returns which applied.
 async fn apply_updates(
     conn: &mut PgConnection,
     updates: &[Settle<'_>],
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let positions: Vec<i64> = sqlx::query_scalar(
-        "WITH settled AS (
-             UPDATE jobs SET state = u.state, attempts = u.attempts, run_after = queuectl_now() + u.ready_in,
-                             queue_key = queuectl_now() + u.queue_offset, last_error = u.last_error,
-                             interruptions = u.interruptions, updated_at = queuectl_now(), pgid = NULL,
-                             owner = NULL, lease_expires_at = NULL
-             FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
-                         $7::bigint[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[],
-                         $13::boolean[], $14::text[])
-                  AS u (position, seq, expect_state, expect_runs, state, attempts, ready_in, queue_offset,
-                        last_error, interruptions, worker, outcome, truncated, id)
-             WHERE jobs.seq = u.seq AND jobs.id = u.id AND jobs.state = u.expect_state
-               AND jobs.runs = u.expect_runs
-             RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.truncated),
-         ended AS (
-             INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, truncated)
-             SELECT seq, runs, worker, queuectl_now(), queuectl_now(), outcome, truncated
-             FROM settled WHERE outcome IS NOT NULL
-             ON CONFLICT (job_seq, run) DO UPDATE SET
-                 finished_at = excluded.finished_at, outcome = excluded.outcome, truncated = excluded.truncated)
-         SELECT position FROM settled",
-    )
-    .bind((0..updates.len()).map(|position| position as i64).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.seq).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.expect_state.as_str()).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| i64::from(u.update.expect_runs)).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.settled.state.as_str()).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| i64::from(u.update.settled.attempts)).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.ready_in).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.queue_offset).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.settled.last_error.as_deref()).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| i64::from(u.update.settled.interruptions)).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| i64::from(ended.worker))).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.ended.as_ref().map(|ended| ended.outcome.as_str())).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.ended.as_ref().is_some_and(|ended| ended.truncated)).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.update.job_id.as_str()).collect::<Vec<_>>())
-    .fetch_all(conn)
-    .await?;
+    // One update is the common case (a worker's job): its own text, whose plan PostgreSQL keeps.
+    let statement = if updates.len() == 1 {
+        SETTLE_ONE_JOB
+    } else {
+        SETTLE_JOBS
+    };
+    let positions: Vec<i64> = sqlx::query_scalar(statement)
+        .bind(
+            (0..updates.len())
+                .map(|position| position as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(updates.iter().map(|u| u.update.seq).collect::<Vec<_>>())
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.update.expect_state.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| i64::from(u.update.expect_runs))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.update.settled.state.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| i64::from(u.update.settled.attempts))
+                .collect::<Vec<_>>(),
+        )
+        .bind(updates.iter().map(|u| u.ready_in).collect::<Vec<_>>())
+        .bind(updates.iter().map(|u| u.queue_offset).collect::<Vec<_>>())
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.update.settled.last_error.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| i64::from(u.update.settled.interruptions))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.update.ended.as_ref().map(|ended| i64::from(ended.worker)))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.update.ended.as_ref().map(|ended| ended.outcome.as_str()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.update.ended.as_ref().is_some_and(|ended| ended.truncated))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            updates
+                .iter()
+                .map(|u| u.update.job_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(conn)
+        .await?;
     let mut applied = vec![false; updates.len()];
     for position in positions {
         applied[usize::try_from(position).unwrap_or_default()] = true;
