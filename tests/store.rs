@@ -2269,17 +2269,7 @@ async fn an_older_sqlite_database_keeps_its_jobs_through_the_upgrade() {
 /// which has none, when it looked for held jobs among every pending one.
 #[tokio::test]
 async fn a_postgres_worker_commit_reads_only_the_rows_it_changes() {
-    use queuectl::store::postgres::{
-        CANCEL_DEPENDENTS, CLAIM_JOBS, RELEASE_DEPENDENTS, SETTLE_JOBS, SETTLE_ONE_JOB,
-    };
-    let Some(t) = Ctx::postgres("a_postgres_worker_commit_reads_only_the_rows_it_changes").await
-    else {
-        return;
-    };
-    let Place::Postgres(database) = &t.place else {
-        unreachable!()
-    };
-    let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    const TEST: &str = "a_postgres_worker_commit_reads_only_the_rows_it_changes";
     let year = 365 * 86_400 * MICROS_PER_SEC;
     let burst = |delay| {
         (0..2_000)
@@ -2289,12 +2279,50 @@ async fn a_postgres_worker_commit_reads_only_the_rows_it_changes() {
             })
             .collect::<Vec<_>>()
     };
+    // A new queue whose first burst is due; and one whose first burst is not, then a second that is.
+    for not_due_first in [false, true] {
+        let Some(t) = Ctx::postgres(TEST).await else {
+            return;
+        };
+        let Place::Postgres(database) = &t.place else {
+            unreachable!()
+        };
+        let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+        if not_due_first {
+            enqueue_at(t.store.as_ref(), vec![burst(year)], clock::now()).await;
+            for mode in PLAN_MODES {
+                let claim = rows_under_explain(&mut conn, mode, &claim_with_shell()).await;
+                assert_eq!(claim, 0, "nothing is due");
+            }
+        }
+        enqueue_at(t.store.as_ref(), vec![burst(0)], clock::now()).await;
+        worker_statements_read_only_their_rows(&mut conn).await;
+        sqlx::query("ANALYZE jobs")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        worker_statements_read_only_their_rows(&mut conn).await;
+    }
+}
+
+/// Both ways a connection may plan a prepared statement.
+const PLAN_MODES: [&str; 2] = ["force_generic_plan", "force_custom_plan"];
+
+/// The claim of one job by a worker whose shell waits, as the store sends it.
+fn claim_with_shell() -> (&'static str, &'static str, String) {
     let last_ready = job::last_ready_key(0, POLICY.aging_interval_secs);
-    let claim_one = (
-        CLAIM_JOBS,
+    (
+        queuectl::store::postgres::CLAIM_JOBS,
         "bigint, text, bigint, bigint, bigint[], bigint[], bigint[]",
         format!("1, 'plan-check', 30000000, {last_ready}, '{{0}}', '{{1}}', '{{4242}}'"),
-    );
+    )
+}
+
+/// Checks each statement of a worker's commit, in both plan modes, on a queue whose first job, `job1`, is due.
+async fn worker_statements_read_only_their_rows(conn: &mut sqlx::PgConnection) {
+    use queuectl::store::postgres::{
+        CANCEL_DEPENDENTS, RELEASE_DEPENDENTS, SETTLE_JOBS, SETTLE_ONE_JOB,
+    };
     let release = (
         RELEASE_DEPENDENTS,
         "bigint[], bigint",
@@ -2307,39 +2335,19 @@ async fn a_postgres_worker_commit_reads_only_the_rows_it_changes() {
                         '{NULL}', '{NULL}', '{f}', '{job1}'";
     let settle_one = (SETTLE_ONE_JOB, settle_types, settle_first.to_owned());
     let settle = (SETTLE_JOBS, settle_types, settle_first.to_owned());
-    const MODES: [&str; 2] = ["force_generic_plan", "force_custom_plan"];
-    enqueue_at(t.store.as_ref(), vec![burst(year)], clock::now()).await;
-    for mode in MODES {
-        assert_eq!(
-            rows_under_explain(&mut conn, mode, &claim_one).await,
-            0,
-            "nothing is due"
-        );
-    }
-    enqueue_at(t.store.as_ref(), vec![burst(0)], clock::now()).await;
-    for mode in MODES {
-        assert_eq!(rows_under_explain(&mut conn, mode, &claim_one).await, 1);
-        assert_eq!(rows_under_explain(&mut conn, mode, &release).await, 0);
-        assert_eq!(rows_under_explain(&mut conn, mode, &cancel).await, 0);
-        assert_eq!(rows_under_explain(&mut conn, mode, &settle_one).await, 1);
-        assert_eq!(rows_under_explain(&mut conn, mode, &settle).await, 1);
-    }
-    sqlx::query("ANALYZE jobs")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    for mode in MODES {
-        assert_eq!(rows_under_explain(&mut conn, mode, &claim_one).await, 1);
-        assert_eq!(rows_under_explain(&mut conn, mode, &release).await, 0);
-        assert_eq!(rows_under_explain(&mut conn, mode, &cancel).await, 0);
-        assert_eq!(rows_under_explain(&mut conn, mode, &settle_one).await, 1);
-        assert_eq!(rows_under_explain(&mut conn, mode, &settle).await, 1);
+    for mode in PLAN_MODES {
+        assert_eq!(rows_under_explain(conn, mode, &claim_with_shell()).await, 1);
+        assert_eq!(rows_under_explain(conn, mode, &release).await, 0);
+        assert_eq!(rows_under_explain(conn, mode, &cancel).await, 0);
+        assert_eq!(rows_under_explain(conn, mode, &settle_one).await, 1);
+        assert_eq!(rows_under_explain(conn, mode, &settle).await, 1);
     }
 }
 
 /// Runs `statement` (its text, its parameters' types, its arguments) under EXPLAIN ANALYZE with
-/// `plan_cache_mode` set to `mode`, in a transaction it rolls back; asserts that no scan read more than two rows
-/// of a table, and returns how many rows the statement returned.
+/// `plan_cache_mode` set to `mode` and a write batch's planner settings, in a transaction it rolls back; asserts
+/// that no scan read more than two rows of a table and that nothing was compiled, and returns how many rows the
+/// statement returned.
 async fn rows_under_explain(
     conn: &mut sqlx::PgConnection,
     mode: &str,
@@ -2364,7 +2372,10 @@ async fn rows_under_explain(
             .fold(own, u64::max)
     }
     let mut tx = conn.begin().await.unwrap();
-    let prepare = format!("SET LOCAL plan_cache_mode = {mode}; PREPARE checked ({types}) AS {sql}");
+    let prepare = format!(
+        "SET LOCAL plan_cache_mode = {mode}; {}; PREPARE checked ({types}) AS {sql}",
+        queuectl::store::postgres::KEY_PLANS
+    );
     sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
         .execute(&mut *tx)
         .await
@@ -2385,6 +2396,10 @@ async fn rows_under_explain(
     let root = &plan[0]["Plan"];
     let most = most_rows_a_scan_read(root);
     assert!(most <= 2, "{mode}: a scan read {most} rows: {plan:#}");
+    assert!(
+        plan[0].get("JIT").is_none(),
+        "{mode}: compiled (JIT): {plan:#}"
+    );
     root["Actual Rows"].as_u64().expect("a row count")
 }
 
