@@ -4,7 +4,6 @@
 //! absolute times into delays. Claims take rows with `FOR UPDATE SKIP LOCKED` and hold them by a lease the owner
 //! renews; enqueues and setting changes are announced with NOTIFY, so idle servers wake at once.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -278,8 +277,6 @@ struct PgStatements<'c> {
     /// The server writing: the owner of the jobs it claims, for `lease` microseconds.
     owner: &'c str,
     lease: i64,
-    /// Jobs this batch settled that no job runs after: their dependents need no release nor cancelling.
-    without_dependents: HashSet<i64>,
 }
 
 #[async_trait]
@@ -353,12 +350,10 @@ impl Statements for PgStatements<'_> {
     }
 
     async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error> {
-        // Locked: a dependency that completes meanwhile on another server waits for this commit (and then sees
-        // `has_dependents` and releases the new job), or this lookup waits for its commit and sees it completed.
-        // FOR NO KEY UPDATE, not FOR SHARE: `add_dependencies` then updates the row, and two enqueues sharing it
-        // would each wait for the other's share.
+        // FOR SHARE: a dependency that completes meanwhile on another server waits for this commit (and then
+        // releases the new job), or this lookup waits for its commit and sees it completed.
         let rows: Vec<(String, i64, String)> =
-            sqlx::query_as("SELECT id, seq, state FROM jobs WHERE id = ANY($1) FOR NO KEY UPDATE")
+            sqlx::query_as("SELECT id, seq, state FROM jobs WHERE id = ANY($1) FOR SHARE")
                 .bind(ids)
                 .fetch_all(&mut *self.conn)
                 .await?;
@@ -379,12 +374,6 @@ impl Statements for PgStatements<'_> {
         .bind(edges.iter().map(|(_, after)| *after).collect::<Vec<_>>())
         .execute(&mut *self.conn)
         .await?;
-        sqlx::query(
-            "UPDATE jobs SET has_dependents = true WHERE seq = ANY($1) AND NOT has_dependents",
-        )
-        .bind(edges.iter().map(|(_, after)| *after).collect::<Vec<_>>())
-        .execute(&mut *self.conn)
-        .await?;
         sqlx::query("UPDATE jobs SET run_after = $2, queue_key = $2 WHERE seq = ANY($1)")
             .bind(held)
             .bind(job::HELD)
@@ -400,17 +389,9 @@ impl Statements for PgStatements<'_> {
         aging_micros: i64,
     ) -> Result<Dependents, sqlx::Error> {
         let mut dependents = Dependents::default();
-        let with_dependents = |seqs: &[i64]| -> Vec<i64> {
-            let quiet = &self.without_dependents;
-            seqs.iter()
-                .copied()
-                .filter(|seq| !quiet.contains(seq))
-                .collect()
-        };
-        let (completed, failed) = (with_dependents(completed), with_dependents(failed));
         if !completed.is_empty() {
             dependents.released = sqlx::query(RELEASE_DEPENDENTS)
-                .bind(&completed)
+                .bind(completed)
                 .bind(aging_micros)
                 .execute(&mut *self.conn)
                 .await?
@@ -418,7 +399,7 @@ impl Statements for PgStatements<'_> {
         }
         if !failed.is_empty() {
             dependents.cancelled = sqlx::query_as(CANCEL_DEPENDENTS)
-                .bind(&failed)
+                .bind(failed)
                 .fetch_all(&mut *self.conn)
                 .await?;
         }
@@ -439,7 +420,7 @@ impl Statements for PgStatements<'_> {
         let applied = if updates.is_empty() {
             Vec::new()
         } else {
-            apply_updates(self.conn, updates, &mut self.without_dependents).await?
+            apply_updates(self.conn, updates).await?
         };
         let claimed = if claim == 0 {
             Vec::new()
@@ -540,8 +521,7 @@ async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Resul
 }
 
 /// Settles jobs: applies each update whose guard matches and records the end of the runs they end, returning
-/// the positions of those that applied, with their keys and whether any job was named to run after them (read
-/// from the row as updated: an enqueue naming the job holds the row, so this waits for its commit and sees it). The updates come as arrays `$1`..`$14`, one element per update;
+/// the positions of those that applied. The updates come as arrays `$1`..`$14`, one element per update;
 /// `$rows` turns them into the rows `u`.
 macro_rules! settle_jobs {
     ($rows:literal) => {
@@ -557,14 +537,14 @@ macro_rules! settle_jobs {
                       last_error, interruptions, worker, outcome, truncated, id)
                  WHERE jobs.seq = u.seq AND jobs.id = u.id AND jobs.state = u.expect_state
                    AND jobs.runs = u.expect_runs
-                 RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.truncated, jobs.has_dependents),
+                 RETURNING u.position, jobs.seq, jobs.runs, u.worker, u.outcome, u.truncated),
              ended AS (
                  INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, truncated)
                  SELECT seq, runs, worker, queuectl_now(), queuectl_now(), outcome, truncated
                  FROM settled WHERE outcome IS NOT NULL
                  ON CONFLICT (job_seq, run) DO UPDATE SET
                      finished_at = excluded.finished_at, outcome = excluded.outcome, truncated = excluded.truncated)
-             SELECT position, seq, has_dependents FROM settled"
+             SELECT position FROM settled"
         )
     };
 }
@@ -584,12 +564,10 @@ pub const SETTLE_ONE_JOB: &str = settle_jobs!(
              ($11::bigint[])[1], ($12::text[])[1], ($13::boolean[])[1], ($14::text[])[1]))"
 );
 
-/// Applies each update whose guard matches, and records the end of the runs they end. Returns which applied;
-/// adds the jobs among them that no job runs after to `without_dependents`.
+/// Applies each update whose guard matches, and records the end of the runs they end. Returns which applied.
 async fn apply_updates(
     conn: &mut PgConnection,
     updates: &[Settle<'_>],
-    without_dependents: &mut HashSet<i64>,
 ) -> Result<Vec<bool>, sqlx::Error> {
     // One update is the common case (a worker's job): its own text, whose plan PostgreSQL keeps.
     let statement = if updates.len() == 1 {
@@ -597,7 +575,7 @@ async fn apply_updates(
     } else {
         SETTLE_JOBS
     };
-    let settled: Vec<(i64, i64, bool)> = sqlx::query_as(statement)
+    let positions: Vec<i64> = sqlx::query_scalar(statement)
         .bind(
             (0..updates.len())
                 .map(|position| position as i64)
@@ -669,11 +647,8 @@ async fn apply_updates(
         .fetch_all(conn)
         .await?;
     let mut applied = vec![false; updates.len()];
-    for (position, seq, has_dependents) in settled {
+    for position in positions {
         applied[usize::try_from(position).unwrap_or_default()] = true;
-        if !has_dependents {
-            without_dependents.insert(seq);
-        }
     }
     Ok(applied)
 }
@@ -808,7 +783,6 @@ impl Store for PgStore {
                 conn,
                 owner: &batch.owner,
                 lease,
-                without_dependents: HashSet::new(),
             };
             batch::apply(&mut statements, batch, now, policy).await
         })
