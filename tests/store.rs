@@ -1345,22 +1345,24 @@ async fn a_claim_with_a_waiting_shell_records_the_start(t: Ctx) {
     let store = t.store.as_ref();
     enqueue_at(
         store,
-        vec![vec![new_job("gated", 1), new_job("plain", 2)]],
+        vec![vec![
+            new_job("gated", 1),
+            new_job("plain", 2),
+            new_job("gated_too", 3),
+        ]],
         clock::now(),
     )
     .await;
     let now = clock::now();
+    let shell = |worker, pgid| Claim {
+        limit: 1,
+        start: Some(ClaimStart {
+            worker,
+            pgid: Some(pgid),
+        }),
+    };
     let batch = WriteBatch {
-        claims: vec![
-            Claim {
-                limit: 1,
-                start: Some(ClaimStart {
-                    worker: 7,
-                    pgid: Some(4343),
-                }),
-            },
-            Claim::up_to(1),
-        ],
+        claims: vec![shell(7, 4343), Claim::up_to(1), shell(9, 4545)],
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
@@ -1370,16 +1372,22 @@ async fn a_claim_with_a_waiting_shell_records_the_start(t: Ctx) {
         .iter()
         .map(|jobs| jobs.iter().map(|job| job.id.as_str()).collect())
         .collect();
-    assert_eq!(claimed, [["gated"], ["plain"]]);
+    assert_eq!(claimed, [["gated"], ["plain"], ["gated_too"]]);
 
     assert_eq!(
         process_groups(store).await,
-        [("gated".to_owned(), Some(4343)), ("plain".to_owned(), None)]
+        [
+            ("gated".to_owned(), Some(4343)),
+            ("gated_too".to_owned(), Some(4545)),
+            ("plain".to_owned(), None)
+        ]
     );
-    let runs = store.runs("gated").await.unwrap();
-    assert_eq!(runs.len(), 1);
-    assert_eq!((runs[0].run, runs[0].worker), (1, 7));
-    assert_eq!(runs[0].finished_at, None);
+    for (id, worker) in [("gated", 7), ("gated_too", 9)] {
+        let runs = store.runs(id).await.unwrap();
+        assert_eq!(runs.len(), 1, "{id}");
+        assert_eq!((runs[0].run, runs[0].worker), (1, worker), "{id}");
+        assert_eq!(runs[0].finished_at, None, "{id}");
+    }
     assert!(store.runs("plain").await.unwrap().is_empty());
 }
 
@@ -2318,7 +2326,9 @@ fn claim_with_shell() -> (&'static str, &'static str, String) {
     )
 }
 
-/// Checks each statement of a worker's commit, in both plan modes, on a queue whose first job, `job1`, is due.
+/// Checks each statement of a worker's commit, in both plan modes, on a queue of pending jobs whose first is
+/// `job1` and some are due. The release and the cancelling change nothing here (no job runs after `job1`): what
+/// is checked of them is what they read.
 async fn worker_statements_read_only_their_rows(conn: &mut sqlx::PgConnection) {
     use queuectl::store::postgres::{
         CANCEL_DEPENDENTS, RELEASE_DEPENDENTS, SETTLE_JOBS, SETTLE_ONE_JOB,
@@ -2337,8 +2347,8 @@ async fn worker_statements_read_only_their_rows(conn: &mut sqlx::PgConnection) {
     let settle = (SETTLE_JOBS, settle_types, settle_first.to_owned());
     for mode in PLAN_MODES {
         assert_eq!(rows_under_explain(conn, mode, &claim_with_shell()).await, 1);
-        assert_eq!(rows_under_explain(conn, mode, &release).await, 0);
-        assert_eq!(rows_under_explain(conn, mode, &cancel).await, 0);
+        rows_under_explain(conn, mode, &release).await;
+        rows_under_explain(conn, mode, &cancel).await;
         assert_eq!(rows_under_explain(conn, mode, &settle_one).await, 1);
         assert_eq!(rows_under_explain(conn, mode, &settle).await, 1);
     }

@@ -65,8 +65,8 @@ mod begin {
 /// `jobs_ready` in queue order; but PostgreSQL's statistics of a queue table are wrong as soon as a burst arrives
 /// (the share of pending jobs changes by the second), and with them it chose to read every due job and sort them
 /// on each claim. Without scans of whole tables, bitmaps or sorts to choose (a sort the query itself needs, of
-/// the rows it returns, still runs), the plans left read by key (tests/store.rs checks them on a table whose
-/// statistics say nothing is pending). A disabled step the plan cannot do without (that sort) counts as a huge
+/// the rows it returns, still runs), the plans left read by key (tests/store.rs checks them on a table PostgreSQL
+/// has never analysed, and once analysed). A disabled step the plan cannot do without (that sort) counts as a huge
 /// cost, which would have PostgreSQL compile the statement (JIT, 0.3 s): a batch's statements are never worth it.
 pub const KEY_PLANS: &str = key_plans!();
 
@@ -660,11 +660,12 @@ async fn apply_updates(
 ///
 /// Its plan is part of the contract (tests/store.rs checks it, generic and custom, on a table PostgreSQL has never
 /// analysed and once analysed): a walk of `jobs_ready` in queue order that stops at the first ready jobs, then
-/// each claimed row by its key. `(SELECT queuectl_now())` is computed once, before the walk, so the bound on
-/// `queue_key` ends it at the first job that is not due yet; `jobs_waiting` leaves out held jobs, so this cannot
-/// read it (a planner that believed the table small read every waiting job through it and sorted them, on every
-/// claim); and the claimed rows are an array, not a join whose size a generic plan would guess (it guessed a
-/// tenth of the table and read all of it). UPDATE ... RETURNING promises no order: the claimed jobs are sorted
+/// each claimed row by its key. `(SELECT queuectl_now())` is read before the walk, so the bound on `queue_key`
+/// ends it where no job can be ready yet (jobs due within the lowest priority's aging window are read and
+/// skipped; later ones never are); `jobs_waiting` leaves out held jobs, so this cannot read it (a planner that
+/// believed the table small read every waiting job through it and sorted them, on every claim); and the claimed
+/// rows are an array, not a join whose size a generic plan would guess (it guessed a tenth of the table and read
+/// all of it). UPDATE ... RETURNING promises no order: the claimed jobs are sorted
 /// again, best first, as they are dealt.
 pub const CLAIM_JOBS: &str = concat!(
     "WITH picked AS (
