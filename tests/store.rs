@@ -2304,6 +2304,14 @@ async fn a_postgres_worker_commit_reads_only_the_rows_it_changes() {
             }
         }
         enqueue_at(t.store.as_ref(), vec![burst(0)], clock::now()).await;
+        // Held jobs, which the release and the cancelling of job1's dependents (it has none) must not read.
+        let held = (0..1_000)
+            .map(|_| NewJob {
+                after: vec!["job2".to_owned()],
+                ..generated(5)
+            })
+            .collect();
+        enqueue_at(t.store.as_ref(), vec![held], clock::now()).await;
         worker_statements_read_only_their_rows(&mut conn).await;
         sqlx::query("ANALYZE jobs")
             .execute(&mut conn)
@@ -2327,18 +2335,23 @@ fn claim_with_shell() -> (&'static str, &'static str, String) {
 }
 
 /// Checks each statement of a worker's commit, in both plan modes, on a queue of pending jobs whose first is
-/// `job1` and some are due. The release and the cancelling change nothing here (no job runs after `job1`): what
-/// is checked of them is what they read.
+/// `job1` and some are due, and jobs held for `job2`. The release and the cancelling change nothing here (no job
+/// runs after `job1`): what is checked of them is what they read.
 async fn worker_statements_read_only_their_rows(conn: &mut sqlx::PgConnection) {
     use queuectl::store::postgres::{
         CANCEL_DEPENDENTS, RELEASE_DEPENDENTS, SETTLE_JOBS, SETTLE_ONE_JOB,
     };
+    let held = job::HELD;
     let release = (
         RELEASE_DEPENDENTS,
-        "bigint[], bigint",
-        "'{1}', 60000000".to_owned(),
+        "bigint[], bigint, bigint",
+        format!("'{{1}}', 60000000, {held}"),
     );
-    let cancel = (CANCEL_DEPENDENTS, "bigint[]", "'{1}'".to_owned());
+    let cancel = (
+        CANCEL_DEPENDENTS,
+        "bigint[], bigint",
+        format!("'{{1}}', {held}"),
+    );
     let settle_types = "bigint[], bigint[], text[], bigint[], text[], bigint[], bigint[], bigint[], text[], \
                         bigint[], bigint[], text[], boolean[], text[]";
     let settle_first = "'{0}', '{1}', '{pending}', '{0}', '{pending}', '{0}', '{0}', '{0}', '{NULL}', '{0}', \

@@ -393,6 +393,7 @@ impl Statements for PgStatements<'_> {
             dependents.released = sqlx::query(RELEASE_DEPENDENTS)
                 .bind(completed)
                 .bind(aging_micros)
+                .bind(job::HELD)
                 .execute(&mut *self.conn)
                 .await?
                 .rows_affected();
@@ -400,6 +401,7 @@ impl Statements for PgStatements<'_> {
         if !failed.is_empty() {
             dependents.cancelled = sqlx::query_as(CANCEL_DEPENDENTS)
                 .bind(failed)
+                .bind(job::HELD)
                 .fetch_all(&mut *self.conn)
                 .await?;
         }
@@ -695,19 +697,20 @@ pub const CLAIM_JOBS: &str = concat!(
     " FROM claimed ORDER BY queue_key, seq"
 );
 
-/// Releases the held jobs that ran after jobs `$1`, which completed, once every job they run after has; `$2` is
-/// the aging interval in µs. job::HELD is written out, as in `jobs_held`'s predicate (migration 0006): the held
-/// jobs are found in that small index, never by reading every pending job (tests/store.rs checks the plan).
+/// Releases the held jobs (`run_after` = `$3`, job::HELD) that ran after jobs `$1`, which completed, once every
+/// job they run after has; `$2` is the aging interval in µs. The jobs are found from the dependencies of `$1`,
+/// never among every pending or held job: the guards on `state` and `run_after` are written so that no index
+/// matches them (`|| ''`, `+ 0`), which leaves the planner that one way (tests/store.rs checks the plan).
 pub const RELEASE_DEPENDENTS: &str =
     "UPDATE jobs SET run_after = queuectl_now(), queue_key = queuectl_now() + (priority - 1) * $2,
                      updated_at = queuectl_now()
-     WHERE state = 'pending' AND run_after = 4611686018427387904
-       AND seq IN (SELECT job_seq FROM job_dependencies WHERE after_seq = ANY ($1))
+     WHERE state || '' = 'pending' AND run_after + 0 = $3
+       AND seq = ANY (ARRAY (SELECT job_seq FROM job_dependencies WHERE after_seq = ANY ($1)))
        AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
                        WHERE d.job_seq = jobs.seq AND j.state <> 'completed')";
 
 /// Cancels the held jobs that ran after jobs `$1`, which ended dead or cancelled, and those that ran after them,
-/// saying why; held jobs are found as in [`RELEASE_DEPENDENTS`].
+/// saying why (held: `run_after` = `$2`, job::HELD); they are found as in [`RELEASE_DEPENDENTS`].
 pub const CANCEL_DEPENDENTS: &str =
     "WITH RECURSIVE doomed (seq, cause) AS (
          SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
@@ -720,7 +723,7 @@ pub const CANCEL_DEPENDENTS: &str =
                      JOIN jobs j ON j.seq = doomed.seq)
      UPDATE jobs SET state = 'cancelled', last_error = doomed.cause, run_after = queuectl_now(),
                      queue_key = queuectl_now(), updated_at = queuectl_now()
-     FROM doomed WHERE jobs.seq = doomed.seq AND jobs.state = 'pending' AND jobs.run_after = 4611686018427387904
+     FROM doomed WHERE jobs.seq = doomed.seq AND jobs.state || '' = 'pending' AND jobs.run_after + 0 = $2
      RETURNING jobs.id, jobs.last_error";
 
 /// How long until the first job that waits for a time is due. job::HELD is written out: PostgreSQL reads
@@ -1203,23 +1206,12 @@ mod tests {
     fn the_held_time_written_out_in_sql_is_job_held() {
         let held = job::HELD.to_string();
         let migration = include_str!("migrations/postgres/0006_waiting_not_held.sql");
-        for predicate in [
-            format!("AND run_after < {held};"),
-            format!("AND run_after = {held};"),
-        ] {
-            assert!(migration.contains(&predicate), "{predicate}: {migration}");
-        }
+        let predicate = format!("AND run_after < {held};");
+        assert!(migration.contains(&predicate), "{predicate}: {migration}");
         assert!(
             NEXT_DUE.contains(&format!("run_after < {held}")),
             "{NEXT_DUE}"
         );
-        let release = format!("state = 'pending' AND run_after = {held}\n");
-        assert!(
-            RELEASE_DEPENDENTS.contains(&release),
-            "{RELEASE_DEPENDENTS}"
-        );
-        let cancel = format!("jobs.state = 'pending' AND jobs.run_after = {held}\n");
-        assert!(CANCEL_DEPENDENTS.contains(&cancel), "{CANCEL_DEPENDENTS}");
     }
 
     #[test]
