@@ -500,6 +500,11 @@ impl Statements for PgStatements<'_> {
     }
 }
 
+/// One array to bind: `value` of each of `items`, in order (a statement takes a batch as a column per field).
+fn array<'i, I, T>(items: &'i [I], value: impl Fn(&'i I) -> T) -> Vec<T> {
+    items.iter().map(value).collect()
+}
+
 async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Result<(), sqlx::Error> {
     sqlx::query(
         "WITH started AS (
@@ -512,11 +517,11 @@ async fn record_starts(conn: &mut PgConnection, starts: &[&RunStarted]) -> Resul
          SELECT seq, run, worker, queuectl_now() FROM started
          ON CONFLICT (job_seq, run) DO NOTHING",
     )
-    .bind(starts.iter().map(|start| start.seq).collect::<Vec<_>>())
-    .bind(starts.iter().map(|start| i64::from(start.run)).collect::<Vec<_>>())
-    .bind(starts.iter().map(|start| i64::from(start.worker)).collect::<Vec<_>>())
-    .bind(starts.iter().map(|start| start.pgid).collect::<Vec<_>>())
-    .bind(starts.iter().map(|start| start.job_id.as_str()).collect::<Vec<_>>())
+    .bind(array(starts, |start| start.seq))
+    .bind(array(starts, |start| i64::from(start.run)))
+    .bind(array(starts, |start| i64::from(start.worker)))
+    .bind(array(starts, |start| start.pgid))
+    .bind(array(starts, |start| start.job_id.as_str()))
     .execute(conn)
     .await?;
     Ok(())
@@ -578,74 +583,28 @@ async fn apply_updates(
         SETTLE_JOBS
     };
     let positions: Vec<i64> = sqlx::query_scalar(statement)
-        .bind(
-            (0..updates.len())
-                .map(|position| position as i64)
-                .collect::<Vec<_>>(),
-        )
-        .bind(updates.iter().map(|u| u.update.seq).collect::<Vec<_>>())
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.update.expect_state.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| i64::from(u.update.expect_runs))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.update.settled.state.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| i64::from(u.update.settled.attempts))
-                .collect::<Vec<_>>(),
-        )
-        .bind(updates.iter().map(|u| u.ready_in).collect::<Vec<_>>())
-        .bind(updates.iter().map(|u| u.queue_offset).collect::<Vec<_>>())
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.update.settled.last_error.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| i64::from(u.update.settled.interruptions))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.update.ended.as_ref().map(|ended| i64::from(ended.worker)))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.update.ended.as_ref().map(|ended| ended.outcome.as_str()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.update.ended.as_ref().is_some_and(|ended| ended.truncated))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            updates
-                .iter()
-                .map(|u| u.update.job_id.as_str())
-                .collect::<Vec<_>>(),
-        )
+        .bind((0..updates.len() as i64).collect::<Vec<_>>())
+        .bind(array(updates, |u| u.update.seq))
+        .bind(array(updates, |u| u.update.expect_state.as_str()))
+        .bind(array(updates, |u| i64::from(u.update.expect_runs)))
+        .bind(array(updates, |u| u.update.settled.state.as_str()))
+        .bind(array(updates, |u| i64::from(u.update.settled.attempts)))
+        .bind(array(updates, |u| u.ready_in))
+        .bind(array(updates, |u| u.queue_offset))
+        .bind(array(updates, |u| u.update.settled.last_error.as_deref()))
+        .bind(array(updates, |u| {
+            i64::from(u.update.settled.interruptions)
+        }))
+        .bind(array(updates, |u| {
+            u.update.ended.as_ref().map(|ended| i64::from(ended.worker))
+        }))
+        .bind(array(updates, |u| {
+            u.update.ended.as_ref().map(|ended| ended.outcome.as_str())
+        }))
+        .bind(array(updates, |u| {
+            u.update.ended.as_ref().is_some_and(|ended| ended.truncated)
+        }))
+        .bind(array(updates, |u| u.update.job_id.as_str()))
         .fetch_all(conn)
         .await?;
     let mut applied = vec![false; updates.len()];
@@ -750,19 +709,9 @@ async fn claim_jobs(
         .bind(claim.owner)
         .bind(claim.lease)
         .bind(claim.last_ready)
-        .bind(
-            starts
-                .iter()
-                .map(|at| at.position as i64)
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            starts
-                .iter()
-                .map(|at| i64::from(at.start.worker))
-                .collect::<Vec<_>>(),
-        )
-        .bind(starts.iter().map(|at| at.start.pgid).collect::<Vec<_>>())
+        .bind(array(starts, |at| at.position as i64))
+        .bind(array(starts, |at| i64::from(at.start.worker)))
+        .bind(array(starts, |at| at.start.pgid))
         .fetch_all(conn)
         .await?;
     row::jobs(rows).map_err(|error| sqlx::Error::Decode(Box::new(error)))
