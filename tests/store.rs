@@ -2339,9 +2339,14 @@ fn claim_with_shell() -> (&'static str, &'static str, String) {
 /// runs after `job1`): what is checked of them is what they read.
 async fn worker_statements_read_only_their_rows(conn: &mut sqlx::PgConnection) {
     use queuectl::store::postgres::{
-        CANCEL_DEPENDENTS, RELEASE_DEPENDENTS, SETTLE_JOBS, SETTLE_ONE_JOB,
+        CANCEL_DEPENDENTS, LOCK_DEPENDENTS, RELEASE_DEPENDENTS, SETTLE_JOBS, SETTLE_ONE_JOB,
     };
     let held = job::HELD;
+    let lock = (
+        LOCK_DEPENDENTS,
+        "bigint[], bigint",
+        format!("'{{1}}', {held}"),
+    );
     let release = (
         RELEASE_DEPENDENTS,
         "bigint[], bigint, bigint",
@@ -2360,6 +2365,7 @@ async fn worker_statements_read_only_their_rows(conn: &mut sqlx::PgConnection) {
     let settle = (SETTLE_JOBS, settle_types, settle_first.to_owned());
     for mode in PLAN_MODES {
         assert_eq!(rows_under_explain(conn, mode, &claim_with_shell()).await, 1);
+        rows_under_explain(conn, mode, &lock).await;
         rows_under_explain(conn, mode, &release).await;
         rows_under_explain(conn, mode, &cancel).await;
         assert_eq!(rows_under_explain(conn, mode, &settle_one).await, 1);
@@ -2687,10 +2693,88 @@ async fn a_report_from_before_a_reset_matches_nothing(t: Ctx) {
     );
 }
 
+/// Two servers complete the last two jobs a held job runs after, at the same time: the job is released. Each
+/// server's release saw the other's job still running when it looked, unless the second to look waited for the
+/// first to commit. The first server's commit is held back by a row of output another transaction is writing (its
+/// insert waits for that one to end), until the second server's release has run or is seen waiting.
+async fn a_job_whose_last_two_dependencies_complete_at_once_is_released(t: Ctx) {
+    let Place::Postgres(database) = &t.place else {
+        unreachable!()
+    };
+    let store = t.store.clone();
+    let other = Arc::new(t.postgres_store(Duration::from_secs(30)).await);
+    enqueue_at(
+        store.as_ref(),
+        vec![
+            vec![new_job("a", 5), new_job("b", 5)],
+            vec![after("c", &["a", "b"])],
+        ],
+        clock::now(),
+    )
+    .await;
+    let a = claim_one(store.as_ref(), "a").await;
+    let b = claim_one(other.as_ref(), "b").await;
+    let start = |job: &job::Job| RunStarted {
+        job_id: job.id.clone(),
+        seq: job.seq,
+        run: job.runs,
+        worker: 0,
+        pgid: None,
+        started_at: clock::now(),
+    };
+    let starts = WriteBatch {
+        starts: vec![start(&a), start(&b)],
+        ..WriteBatch::default()
+    };
+    store.write(&starts, clock::now(), POLICY).await.unwrap();
+
+    let mut blocker = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query(
+        "INSERT INTO job_output (job_seq, run, start, data, streams) VALUES ($1, $2, 0, '', '[]')",
+    )
+    .bind(a.seq)
+    .bind(i64::from(a.runs))
+    .execute(&mut blocker)
+    .await
+    .unwrap();
+    let finished_a = tokio::spawn({
+        let (store, update) = (store.clone(), finish(&a, Outcome::Succeeded, clock::now()));
+        async move { settle_one(store.as_ref(), update).await }
+    });
+    let mut watcher = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let waiting = async |watcher: &mut sqlx::PgConnection| -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(watcher)
+        .await
+        .unwrap()
+    };
+    eventually("a's commit to wait for the row of output", async || {
+        (waiting(&mut watcher).await == 1).then_some(())
+    })
+    .await;
+    let finished_b = tokio::spawn({
+        let (other, update) = (other.clone(), finish(&b, Outcome::Succeeded, clock::now()));
+        async move { settle_one(other.as_ref(), update).await }
+    });
+    eventually("b's commit to end or to wait", async || {
+        (finished_b.is_finished() || waiting(&mut watcher).await == 2).then_some(())
+    })
+    .await;
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let released = finished_a.await.unwrap().released + finished_b.await.unwrap().released;
+    assert_eq!(released, 1, "c is released once");
+    assert!(!store.get("c").await.unwrap().unwrap().held());
+    claim_one(store.as_ref(), "c").await;
+}
+
 cluster_conformance!(
     a_report_from_before_a_reset_matches_nothing,
     the_lease_is_the_one_opened_with,
     heartbeats_renew_their_own_leases_and_find_expired_ones,
     servers_are_those_seen_within_a_lease,
     announcements_reach_the_other_servers,
+    a_job_whose_last_two_dependencies_complete_at_once_is_released,
 );

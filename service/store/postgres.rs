@@ -390,13 +390,20 @@ impl Statements for PgStatements<'_> {
     ) -> Result<Dependents, sqlx::Error> {
         let mut dependents = Dependents::default();
         if !completed.is_empty() {
-            dependents.released = sqlx::query(RELEASE_DEPENDENTS)
+            let held: Vec<i64> = sqlx::query_scalar(LOCK_DEPENDENTS)
                 .bind(completed)
-                .bind(aging_micros)
                 .bind(job::HELD)
-                .execute(&mut *self.conn)
-                .await?
-                .rows_affected();
+                .fetch_all(&mut *self.conn)
+                .await?;
+            if !held.is_empty() {
+                dependents.released = sqlx::query(RELEASE_DEPENDENTS)
+                    .bind(&held)
+                    .bind(aging_micros)
+                    .bind(job::HELD)
+                    .execute(&mut *self.conn)
+                    .await?
+                    .rows_affected();
+            }
         }
         if !failed.is_empty() {
             dependents.cancelled = sqlx::query_as(CANCEL_DEPENDENTS)
@@ -656,20 +663,29 @@ pub const CLAIM_JOBS: &str = concat!(
     " FROM claimed ORDER BY queue_key, seq"
 );
 
-/// Releases the held jobs (`run_after` = `$3`, job::HELD) that ran after jobs `$1`, which completed, once every
-/// job they run after has; `$2` is the aging interval in µs. The jobs are found from the dependencies of `$1`,
-/// never among every pending or held job: the guards on `state` and `run_after` are written so that no index
-/// matches them (`|| ''`, `+ 0`), which leaves the planner that one way (tests/store.rs checks the plan).
+/// Locks the held jobs (`run_after` = `$2`, job::HELD) that run after jobs `$1`, which completed, in the order of
+/// their keys, and returns their keys. Whether such a job can run is decided after, by [`RELEASE_DEPENDENTS`]: two
+/// servers that complete its last two dependencies at once would each see the other's still running, in a
+/// statement that began before the other committed; the second to lock the job waits for the first to commit, and
+/// its next statement sees both completed. The jobs are found from the dependencies of `$1`, never among every
+/// pending or held job: the guards on `state` and `run_after` are written so that no index matches them (`|| ''`,
+/// `+ 0`), which leaves the planner that one way (tests/store.rs checks the plan).
+pub const LOCK_DEPENDENTS: &str = "SELECT seq FROM jobs
+     WHERE state || '' = 'pending' AND run_after + 0 = $2
+       AND seq = ANY (ARRAY (SELECT job_seq FROM job_dependencies WHERE after_seq = ANY ($1)))
+     ORDER BY seq FOR UPDATE";
+
+/// Releases the held jobs `$1` (locked by [`LOCK_DEPENDENTS`]) once every job they run after has completed; `$2` is
+/// the aging interval in µs, `$3` job::HELD.
 pub const RELEASE_DEPENDENTS: &str =
     "UPDATE jobs SET run_after = queuectl_now(), queue_key = queuectl_now() + (priority - 1) * $2,
                      updated_at = queuectl_now()
-     WHERE state || '' = 'pending' AND run_after + 0 = $3
-       AND seq = ANY (ARRAY (SELECT job_seq FROM job_dependencies WHERE after_seq = ANY ($1)))
+     WHERE seq = ANY ($1) AND state || '' = 'pending' AND run_after + 0 = $3
        AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
                        WHERE d.job_seq = jobs.seq AND j.state <> 'completed')";
 
 /// Cancels the held jobs that ran after jobs `$1`, which ended dead or cancelled, and those that ran after them,
-/// saying why (held: `run_after` = `$2`, job::HELD); they are found as in [`RELEASE_DEPENDENTS`].
+/// saying why (held: `run_after` = `$2`, job::HELD); they are found as in [`LOCK_DEPENDENTS`].
 pub const CANCEL_DEPENDENTS: &str =
     "WITH RECURSIVE doomed (seq, cause) AS (
          SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
