@@ -2402,7 +2402,7 @@ async fn rows_under_explain(
     }
     let mut tx = conn.begin().await.unwrap();
     let prepare = format!(
-        "SET LOCAL plan_cache_mode = {mode}; {}; PREPARE checked ({types}) AS {sql}",
+        "{}; SET LOCAL plan_cache_mode = {mode}; PREPARE checked ({types}) AS {sql}",
         queuectl::store::postgres::KEY_PLANS
     );
     sqlx::raw_sql(sqlx::AssertSqlSafe(prepare))
