@@ -313,6 +313,18 @@ fn finish(job: &job::Job, outcome: Outcome, now: Micros) -> GuardedUpdate {
     }
 }
 
+/// The start of `job`'s current run, now, on worker 0, in a shell whose process group is unknown.
+fn started(job: &job::Job) -> RunStarted {
+    RunStarted {
+        job_id: job.id.clone(),
+        seq: job.seq,
+        run: job.runs,
+        worker: 0,
+        pgid: None,
+        started_at: clock::now(),
+    }
+}
+
 /// Claims up to `limit` ready jobs at `now` for `owner`, in a batch of its own.
 async fn claim(
     store: &dyn Store,
@@ -929,14 +941,7 @@ async fn output_is_stored_in_chunks_read_in_pages_and_its_middle_forgotten(t: Ct
         .await
         .unwrap()
         .remove(0);
-    let started = RunStarted {
-        job_id: job.id.clone(),
-        seq: job.seq,
-        run: job.runs,
-        worker: 0,
-        pgid: None,
-        started_at: clock::now(),
-    };
+    let started = started(&job);
     let output = |chunks: Vec<Chunk>, forget: Option<std::ops::Range<u64>>, run: u32| OutputWrite {
         seq: job.seq,
         run,
@@ -2714,16 +2719,8 @@ async fn a_job_whose_last_two_dependencies_complete_at_once_is_released(t: Ctx) 
     .await;
     let a = claim_one(store.as_ref(), "a").await;
     let b = claim_one(other.as_ref(), "b").await;
-    let start = |job: &job::Job| RunStarted {
-        job_id: job.id.clone(),
-        seq: job.seq,
-        run: job.runs,
-        worker: 0,
-        pgid: None,
-        started_at: clock::now(),
-    };
     let starts = WriteBatch {
-        starts: vec![start(&a), start(&b)],
+        starts: vec![started(&a), started(&b)],
         ..WriteBatch::default()
     };
     store.write(&starts, clock::now(), POLICY).await.unwrap();
