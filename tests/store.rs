@@ -2767,6 +2767,69 @@ async fn a_job_whose_last_two_dependencies_complete_at_once_is_released(t: Ctx) 
     claim_one(store.as_ref(), "c").await;
 }
 
+/// A batch that PostgreSQL aborts to break a deadlock is written again, whole, once the way is clear. Here another
+/// transaction holds one of the two jobs that the end of their dependency cancels, and then asks for the other,
+/// which the batch holds while it waits: PostgreSQL aborts the batch, which waited first.
+async fn a_batch_aborted_by_a_deadlock_is_written_again(t: Ctx) {
+    let Place::Postgres(database) = &t.place else {
+        unreachable!()
+    };
+    let store = t.store.clone();
+    let doomed = NewJob {
+        max_retries: 0,
+        ..new_job("a", 5)
+    };
+    enqueue_at(
+        store.as_ref(),
+        vec![vec![doomed, after("b", &["a"]), after("c", &["a"])]],
+        clock::now(),
+    )
+    .await;
+    let a = claim_one(store.as_ref(), "a").await;
+    let mut other = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let lock =
+        |id: &'static str| sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE").bind(id);
+    lock("c").execute(&mut other).await.unwrap();
+    let failed = tokio::spawn({
+        let update = finish(&a, Outcome::Failed(job::Failure::Exit(1)), clock::now());
+        async move { settle_one(store.as_ref(), update).await }
+    });
+    let mut watcher = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    eventually("the batch to wait for c", async || {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        (waiting == 1).then_some(())
+    })
+    .await;
+    // Waits until PostgreSQL aborts the batch, which holds b.
+    lock("b").execute(&mut other).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    let mut cancelled = failed.await.unwrap().cancelled;
+    cancelled.sort();
+    assert_eq!(
+        cancelled,
+        [
+            (
+                "b".to_owned(),
+                "cancelled: it runs after a, which ended dead".to_owned()
+            ),
+            (
+                "c".to_owned(),
+                "cancelled: it runs after a, which ended dead".to_owned()
+            ),
+        ]
+    );
+    assert_eq!(
+        t.store.get("a").await.unwrap().unwrap().state,
+        JobState::Dead
+    );
+}
+
 cluster_conformance!(
     a_report_from_before_a_reset_matches_nothing,
     the_lease_is_the_one_opened_with,
@@ -2774,4 +2837,5 @@ cluster_conformance!(
     servers_are_those_seen_within_a_lease,
     announcements_reach_the_other_servers,
     a_job_whose_last_two_dependencies_complete_at_once_is_released,
+    a_batch_aborted_by_a_deadlock_is_written_again,
 );

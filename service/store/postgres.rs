@@ -154,17 +154,33 @@ impl PgStore {
         })
     }
 
+    /// Runs `work` in a transaction begun with `begin`, and again, whole, in a new one, when PostgreSQL aborted it to
+    /// break a deadlock or a conflict with a concurrent transaction (their other party goes on meanwhile), up to
+    /// [`ATTEMPTS`] times in all.
     async fn transaction<T>(
         &self,
         begin: &'static str,
         limit: Duration,
-        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error>,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error> + Clone,
     ) -> Result<T, StoreError> {
         within(limit, async {
-            let mut tx = self.pool.begin_with(begin).await.map_err(classify)?;
-            let value = work(&mut tx).await.map_err(classify)?;
-            tx.commit().await.map_err(classify)?;
-            Ok(value)
+            let mut attempt = 1;
+            loop {
+                let result = async {
+                    let mut tx = self.pool.begin_with(begin).await?;
+                    let value = work.clone()(&mut tx).await?;
+                    tx.commit().await?;
+                    Ok(value)
+                }
+                .await;
+                match result {
+                    Err(error) if attempt < ATTEMPTS && aborted_for_another(&error) => {
+                        tracing::debug!(%error, attempt, "a transaction was aborted for another; again");
+                        attempt += 1;
+                    }
+                    result => return result.map_err(classify),
+                }
+            }
         })
         .await
     }
@@ -231,6 +247,18 @@ async fn refuse_foreign_tables(pool: &PgPool) -> Result<(), StoreError> {
         ))),
         _ => Ok(()),
     }
+}
+
+/// How many times a transaction that PostgreSQL aborted for another one is tried, in all.
+const ATTEMPTS: u32 = 3;
+
+/// Whether PostgreSQL aborted the transaction so that another could go on: a deadlock between them (40P01), or a
+/// conflict a serializable transaction reports (40001). Tried again, it usually goes through.
+fn aborted_for_another(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    matches!(db.code().as_deref(), Some("40P01" | "40001"))
 }
 
 /// Maps a driver error to what it means for a client, by SQLSTATE class. Only the database's message is kept: the
