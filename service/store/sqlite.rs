@@ -253,8 +253,9 @@ fn classify(error: sqlx::Error) -> StoreError {
 
 // sqlx hands every statement to its SQLite thread and waits for the answer, and each hand-off costs more than a
 // small statement itself. So a batch is few round trips whatever its size: each kind of write is one statement
-// over a JSON array of rows (`json_each`), the statements of a round travel together as one script, and what the
-// round must report back comes as one row of JSON aggregates.
+// over a JSON array of rows (`jsonb_each`: each row comes out in SQLite's binary form, which `->>` reads as it
+// is, where `json_each` turned it back into text for every `->>` to parse again), the statements of a round
+// travel together as one script, and what the round must report back comes as one row of JSON aggregates.
 
 fn to_json(rows: &(impl serde::Serialize + ?Sized)) -> Result<String, sqlx::Error> {
     serde_json::to_string(rows).map_err(|error| sqlx::Error::Encode(Box::new(error)))
@@ -332,7 +333,7 @@ impl Statements for SqliteStatements<'_> {
                     r.value ->> 'max_retries', r.value ->> 'timeout_secs', ?2 + (r.value ->> 'queue_offset'),
                     ?2, ?2, ?2 + (r.value ->> 'ready_in'), r.value ->> 'after_ids', r.value ->> 'cwd',
                     r.value ->> 'env'
-             FROM json_each(?1) AS r WHERE true
+             FROM jsonb_each(?1) AS r WHERE true
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(to_json(jobs)?)
@@ -368,7 +369,7 @@ impl Statements for SqliteStatements<'_> {
 
     async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error> {
         self.begin().await?;
-        sqlx::query("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))")
+        sqlx::query("DELETE FROM jobs WHERE id IN (SELECT value FROM jsonb_each(?1))")
             .bind(to_json(ids)?)
             .execute(&mut *self.conn)
             .await?;
@@ -378,7 +379,7 @@ impl Statements for SqliteStatements<'_> {
     async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error> {
         self.begin().await?;
         let rows: Vec<(String, i64, String)> = sqlx::query_as(
-            "SELECT id, seq, state FROM jobs WHERE id IN (SELECT value FROM json_each(?1))",
+            "SELECT id, seq, state FROM jobs WHERE id IN (SELECT value FROM jsonb_each(?1))",
         )
         .bind(to_json(ids)?)
         .fetch_all(&mut *self.conn)
@@ -395,14 +396,14 @@ impl Statements for SqliteStatements<'_> {
         self.dependencies.store(true, Ordering::SeqCst);
         sqlx::query(
             "INSERT INTO job_dependencies (job_seq, after_seq)
-             SELECT e.value ->> 0, e.value ->> 1 FROM json_each(?1) AS e WHERE true
+             SELECT e.value ->> 0, e.value ->> 1 FROM jsonb_each(?1) AS e WHERE true
              ON CONFLICT DO NOTHING",
         )
         .bind(to_json(edges)?)
         .execute(&mut *self.conn)
         .await?;
         sqlx::query(
-            "UPDATE jobs SET run_after = ?2, queue_key = ?2 WHERE seq IN (SELECT value FROM json_each(?1))",
+            "UPDATE jobs SET run_after = ?2, queue_key = ?2 WHERE seq IN (SELECT value FROM jsonb_each(?1))",
         )
         .bind(to_json(held)?)
         .bind(job::HELD)
@@ -427,7 +428,7 @@ impl Statements for SqliteStatements<'_> {
             dependents.released = sqlx::query(
                 "UPDATE jobs SET run_after = ?2, queue_key = ?2 + (priority - 1) * ?3, updated_at = ?2
                  WHERE seq IN (SELECT job_seq FROM job_dependencies
-                               WHERE after_seq IN (SELECT value FROM json_each(?1)))
+                               WHERE after_seq IN (SELECT value FROM jsonb_each(?1)))
                    AND +state = 'pending' AND +run_after = ?4
                    AND NOT EXISTS (SELECT 1 FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
                                    WHERE d.job_seq = jobs.seq AND j.state <> 'completed')",
@@ -446,7 +447,7 @@ impl Statements for SqliteStatements<'_> {
                      SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
                             CASE j.state WHEN 'dead' THEN ', which ended dead' ELSE ', which was cancelled' END
                      FROM job_dependencies d JOIN jobs j ON j.seq = d.after_seq
-                     WHERE d.after_seq IN (SELECT value FROM json_each(?1))
+                     WHERE d.after_seq IN (SELECT value FROM jsonb_each(?1))
                      UNION
                      SELECT d.job_seq, 'cancelled: it runs after ' || j.id || ', which was cancelled'
                      FROM doomed JOIN job_dependencies d ON d.after_seq = doomed.seq
@@ -665,12 +666,12 @@ macro_rules! worker_script {
      DELETE FROM temp.claiming;
 
      UPDATE jobs SET pgid = s.value ->> 'pgid'
-     FROM json_each(?1, '$.starts') AS s
+     FROM jsonb_each(?1, '$.starts') AS s
      WHERE jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
        AND jobs.runs = s.value ->> 'run';
      INSERT INTO job_runs (job_seq, run, worker, started_at)
      SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
-     FROM json_each(?1, '$.starts') AS s
+     FROM jsonb_each(?1, '$.starts') AS s
      CROSS JOIN jobs ON jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id'
                     AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run'
      WHERE true
@@ -681,7 +682,7 @@ macro_rules! worker_script {
             (?1 ->> 'now') + (u.value ->> 'ready_in'), (?1 ->> 'now') + (u.value ->> 'queue_offset'),
             u.value ->> 'last_error', u.value ->> 'interruptions', jobs.runs, u.value ->> 'worker',
             u.value ->> 'outcome', u.value ->> 'truncated'
-     FROM json_each(?1, '$.updates') AS u
+     FROM jsonb_each(?1, '$.updates') AS u
      CROSS JOIN jobs ON jobs.seq = u.value ->> 'seq' AND jobs.id = u.value ->> 'id'
                     AND jobs.state = u.value ->> 'expect_state'
                     AND jobs.runs = u.value ->> 'expect_runs';
@@ -708,7 +709,7 @@ macro_rules! worker_script {
                         'cwd', cwd, 'env', env))
              FROM temp.claiming AS c CROSS JOIN jobs ON jobs.seq = c.seq);
      UPDATE temp.claiming SET worker = s.value ->> 'worker', pgid = s.value ->> 'pgid'
-     FROM json_each(?1, '$.claimed_starts') AS s WHERE claiming.position = s.value ->> 'position';
+     FROM jsonb_each(?1, '$.claimed_starts') AS s WHERE claiming.position = s.value ->> 'position';
      UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = (?1 ->> 'now'), pgid = c.pgid
      FROM temp.claiming AS c WHERE jobs.seq = c.seq;
      INSERT INTO job_runs (job_seq, run, worker, started_at)
@@ -948,7 +949,7 @@ impl Store for SqliteStore {
         // `+state`: found by id, never by walking every final job.
         self.transaction(true, async |conn| {
             sqlx::query_scalar(
-                "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1))
+                "DELETE FROM jobs WHERE id IN (SELECT value FROM jsonb_each(?1))
                    AND +state IN ('completed', 'dead', 'cancelled')
                  RETURNING id",
             )
