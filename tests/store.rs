@@ -2768,8 +2768,9 @@ async fn a_job_whose_last_two_dependencies_complete_at_once_is_released(t: Ctx) 
 }
 
 /// A batch that PostgreSQL aborts to break a deadlock is written again, whole, once the way is clear. Here another
-/// transaction holds one of the two jobs that the end of their dependency cancels, and then asks for the other,
-/// which the batch holds while it waits: PostgreSQL aborts the batch, which waited first.
+/// transaction holds the second of the two jobs that the end of their dependency cancels, and then asks for the
+/// first, which the batch locked (in the order of their keys) before it began to wait: PostgreSQL aborts the
+/// batch, which waited first.
 async fn a_batch_aborted_by_a_deadlock_is_written_again(t: Ctx) {
     let Place::Postgres(database) = &t.place else {
         unreachable!()
@@ -2806,6 +2807,13 @@ async fn a_batch_aborted_by_a_deadlock_is_written_again(t: Ctx) {
         (waiting == 1).then_some(())
     })
     .await;
+    let b_taken = sqlx::query("SELECT 1 FROM jobs WHERE id = 'b' FOR UPDATE NOWAIT")
+        .execute(&mut watcher)
+        .await;
+    assert!(
+        matches!(&b_taken, Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("55P03")),
+        "the batch holds b while it waits for c: {b_taken:?}"
+    );
     // Waits until PostgreSQL aborts the batch, which holds b.
     lock("b").execute(&mut other).await.unwrap();
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();

@@ -382,12 +382,14 @@ impl Statements for PgStatements<'_> {
 
     async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error> {
         // FOR SHARE: a dependency that completes meanwhile on another server waits for this commit (and then
-        // releases the new job), or this lookup waits for its commit and sees it completed.
-        let rows: Vec<(String, i64, String)> =
-            sqlx::query_as("SELECT id, seq, state FROM jobs WHERE id = ANY($1) FOR SHARE")
-                .bind(ids)
-                .fetch_all(&mut *self.conn)
-                .await?;
+        // releases the new job), or this lookup waits for its commit and sees it completed. In the order of their
+        // keys, as the batch's other locks of jobs (see CANCEL_DEPENDENTS).
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT id, seq, state FROM jobs WHERE id = ANY($1) ORDER BY seq FOR SHARE",
+        )
+        .bind(ids)
+        .fetch_all(&mut *self.conn)
+        .await?;
         rows.into_iter().map(row::found).collect()
     }
 
@@ -716,7 +718,9 @@ pub const RELEASE_DEPENDENTS: &str =
                        WHERE d.job_seq = jobs.seq AND j.state <> 'completed')";
 
 /// Cancels the held jobs that ran after jobs `$1`, which ended dead or cancelled, and those that ran after them,
-/// saying why (held: `run_after` = `$2`, job::HELD); they are found as in [`LOCK_DEPENDENTS`].
+/// saying why (held: `run_after` = `$2`, job::HELD); they are found as in [`LOCK_DEPENDENTS`], and locked in the
+/// order of their keys first, as every statement of a batch locks jobs it does not own (`LOCK_DEPENDENTS`, the
+/// dependencies an enqueue names): two servers that lock the same jobs then never wait for each other in a circle.
 pub const CANCEL_DEPENDENTS: &str =
     "WITH RECURSIVE doomed (seq, cause) AS (
          SELECT d.job_seq, 'cancelled: it runs after ' || j.id ||
@@ -726,10 +730,15 @@ pub const CANCEL_DEPENDENTS: &str =
          UNION
          SELECT d.job_seq, 'cancelled: it runs after ' || j.id || ', which was cancelled'
          FROM doomed JOIN job_dependencies d ON d.after_seq = doomed.seq
-                     JOIN jobs j ON j.seq = doomed.seq)
+                     JOIN jobs j ON j.seq = doomed.seq),
+     locked AS (
+         SELECT seq FROM jobs
+         WHERE seq = ANY (ARRAY (SELECT seq FROM doomed)) AND state || '' = 'pending' AND run_after + 0 = $2
+         ORDER BY seq FOR UPDATE)
      UPDATE jobs SET state = 'cancelled', last_error = doomed.cause, run_after = queuectl_now(),
                      queue_key = queuectl_now(), updated_at = queuectl_now()
-     FROM doomed WHERE jobs.seq = doomed.seq AND jobs.state || '' = 'pending' AND jobs.run_after + 0 = $2
+     FROM doomed WHERE jobs.seq = doomed.seq AND jobs.seq = ANY (ARRAY (SELECT seq FROM locked))
+       AND jobs.state || '' = 'pending' AND jobs.run_after + 0 = $2
      RETURNING jobs.id, jobs.last_error";
 
 /// How long until the first job that waits for a time is due. job::HELD is written out: PostgreSQL reads
