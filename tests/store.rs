@@ -2064,6 +2064,27 @@ async fn settle_one(store: &dyn Store, update: GuardedUpdate) -> WriteOutcome {
     outcome
 }
 
+/// The jobs a batch cancelled as dependents, with why, sorted by id.
+fn cancellations(outcome: &WriteOutcome) -> Vec<(&str, &str)> {
+    let mut cancelled: Vec<(&str, &str)> = outcome
+        .cancelled
+        .iter()
+        .map(|(id, why)| (id.as_str(), why.as_str()))
+        .collect();
+    cancelled.sort();
+    cancelled
+}
+
+/// How many sessions of `conn`'s database wait for a lock.
+async fn lock_waiters(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
 /// A job that runs after others waits, held, until every one of them completed, and is then released.
 async fn a_job_runs_once_the_jobs_it_names_completed(t: Ctx) {
     let store = t.store.as_ref();
@@ -2127,19 +2148,11 @@ async fn a_dependency_that_fails_cancels_its_dependents_in_turn(t: Ctx) {
         finish(&a, Outcome::Failed(job::Failure::Exit(1)), clock::now()),
     )
     .await;
-    let mut cancelled = failed.cancelled.clone();
-    cancelled.sort();
     assert_eq!(
-        cancelled,
+        cancellations(&failed),
         [
-            (
-                "b".to_owned(),
-                "cancelled: it runs after a, which ended dead".to_owned()
-            ),
-            (
-                "c".to_owned(),
-                "cancelled: it runs after b, which was cancelled".to_owned()
-            ),
+            ("b", "cancelled: it runs after a, which ended dead"),
+            ("c", "cancelled: it runs after b, which was cancelled"),
         ]
     );
     for id in ["b", "c"] {
@@ -2740,16 +2753,8 @@ async fn a_job_whose_last_two_dependencies_complete_at_once_is_released(t: Ctx) 
         async move { settle_one(store.as_ref(), update).await }
     });
     let mut watcher = sqlx::PgConnection::connect(&database.url).await.unwrap();
-    let waiting = async |watcher: &mut sqlx::PgConnection| -> i64 {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(watcher)
-        .await
-        .unwrap()
-    };
     eventually("a's commit to wait for the row of output", async || {
-        (waiting(&mut watcher).await == 1).then_some(())
+        (lock_waiters(&mut watcher).await == 1).then_some(())
     })
     .await;
     let finished_b = tokio::spawn({
@@ -2757,7 +2762,7 @@ async fn a_job_whose_last_two_dependencies_complete_at_once_is_released(t: Ctx) 
         async move { settle_one(other.as_ref(), update).await }
     });
     eventually("b's commit to end or to wait", async || {
-        (finished_b.is_finished() || waiting(&mut watcher).await == 2).then_some(())
+        (finished_b.is_finished() || lock_waiters(&mut watcher).await == 2).then_some(())
     })
     .await;
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
@@ -2798,13 +2803,7 @@ async fn a_batch_aborted_by_a_deadlock_is_written_again(t: Ctx) {
     });
     let mut watcher = sqlx::PgConnection::connect(&database.url).await.unwrap();
     eventually("the batch to wait for c", async || {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap();
-        (waiting == 1).then_some(())
+        (lock_waiters(&mut watcher).await == 1).then_some(())
     })
     .await;
     let b_taken = sqlx::query("SELECT 1 FROM jobs WHERE id = 'b' FOR UPDATE NOWAIT")
@@ -2817,19 +2816,11 @@ async fn a_batch_aborted_by_a_deadlock_is_written_again(t: Ctx) {
     // Waits until PostgreSQL aborts the batch, which holds b.
     lock("b").execute(&mut other).await.unwrap();
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
-    let mut cancelled = failed.await.unwrap().cancelled;
-    cancelled.sort();
     assert_eq!(
-        cancelled,
+        cancellations(&failed.await.unwrap()),
         [
-            (
-                "b".to_owned(),
-                "cancelled: it runs after a, which ended dead".to_owned()
-            ),
-            (
-                "c".to_owned(),
-                "cancelled: it runs after a, which ended dead".to_owned()
-            ),
+            ("b", "cancelled: it runs after a, which ended dead"),
+            ("c", "cancelled: it runs after a, which ended dead"),
         ]
     );
     assert_eq!(
