@@ -1,5 +1,5 @@
 //! The embedded SQLite store: one writer connection (SQLite takes one writer at a time, and waiting on our own
-//! pool is cheaper than its busy loop) and a small pool of readers beside it, in WAL mode.
+//! lock is cheaper than its busy loop) and a small pool of readers beside it, in WAL mode.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,14 +24,21 @@ use crate::job::{self, Job, JobState, Micros, Policy};
 use crate::output::OutputWrite;
 
 pub struct SqliteStore {
-    writer: SqlitePool,
-    /// The `synchronous` mode the writer connection is in: `true` for FULL, as it is opened.
-    writer_durable: AtomicBool,
+    /// The one writer connection; `None` after a failure closed it, until the next write opens another. Not a pool
+    /// of one: a pool tests each connection given back with a round trip to sqlx's SQLite thread, one more per batch.
+    writer: tokio::sync::Mutex<Option<Writer>>,
+    writer_options: SqliteConnectOptions,
     reader: SqlitePool,
     files: DatabaseFiles,
     /// Whether any job was ever stored with dependencies. One server writes a SQLite database, so until one is, a
     /// finished job has no dependents to settle and its commit skips that statement.
     dependencies: AtomicBool,
+}
+
+struct Writer {
+    conn: SqliteConnection,
+    /// The `synchronous` mode the connection is in: `true` for FULL, as it is opened.
+    durable: bool,
 }
 
 /// The database file and its write-ahead log as they were when the store opened them. A commit lands in the files
@@ -124,37 +131,43 @@ impl SqliteStore {
             // most after a checkpoint, so that it cannot fill a small disk.
             .pragma("wal_autocheckpoint", "256")
             .pragma("journal_size_limit", "4194304");
-        // No idle timeout or lifetime: a pool reaper waking up would make an idle server use CPU.
-        // No test before each acquire either: for a local file it is one more round trip per transaction, and a
-        // broken connection shows in the transaction's own first statement.
-        let writer = SqlitePoolOptions::new()
+        // On a pool of its own, closed before the writer opens: sqlx's migrator takes a pool or a connection by
+        // `Acquire`, which rustc cannot prove `Send` for a connection borrowed for every lifetime (rust-lang/rust#96865).
+        let migrating = SqlitePoolOptions::new()
             .max_connections(1)
-            .test_before_acquire(false)
-            .idle_timeout(None)
-            .max_lifetime(None)
             .connect_with(options.clone())
             .await
             .map_err(classify)?;
         sqlx::migrate!("service/store/migrations/sqlite")
-            .run(&writer)
+            .run(&migrating)
             .await
             .map_err(|error| StoreError::Internal(format!("migrating the database: {error}")))?;
+        migrating.close().await;
+        let mut writer = SqliteConnection::connect_with(&options)
+            .await
+            .map_err(classify)?;
+        // No idle timeout or lifetime: a pool reaper waking up would make an idle server use CPU.
+        // No test before each acquire either: for a local file it is one more round trip per transaction, and a
+        // broken connection shows in the transaction's own first statement.
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .test_before_acquire(false)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await
             .map_err(classify)?;
         let dependencies: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM job_dependencies)")
-                .fetch_one(&writer)
+                .fetch_one(&mut writer)
                 .await
                 .map_err(classify)?;
         Ok(SqliteStore {
-            writer,
-            writer_durable: AtomicBool::new(true),
+            writer: tokio::sync::Mutex::new(Some(Writer {
+                conn: writer,
+                durable: true,
+            })),
+            writer_options: options,
             reader,
             files: DatabaseFiles::new(path),
             dependencies: AtomicBool::new(dependencies),
@@ -182,32 +195,49 @@ impl SqliteStore {
         durable: bool,
         work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.writer.acquire().await.map_err(classify)?;
+        let mut slot = self.writer.lock().await;
+        // Out of its slot while it works, and back only if all went well. A failed statement or a commit the disk
+        // refused leaves the connection inside its transaction, where every later begin would fail, and so does a
+        // write dropped halfway: closing the connection rolls back what it did, and the next write opens a fresh
+        // one, which starts in FULL mode.
+        let mut writer = match slot.take() {
+            Some(writer) => writer,
+            None => Writer {
+                conn: SqliteConnection::connect_with(&self.writer_options)
+                    .await
+                    .map_err(classify)?,
+                durable: true,
+            },
+        };
         // Each statement is a round trip to sqlx's SQLite thread: set the mode only when it changes.
-        if self.writer_durable.swap(durable, Ordering::SeqCst) != durable {
+        if writer.durable != durable {
             let sync = if durable {
                 "PRAGMA synchronous = FULL"
             } else {
                 "PRAGMA synchronous = NORMAL"
             };
-            if let Err(error) = sqlx::query(sync).execute(&mut *conn).await {
-                // Unknown mode now: make the next transaction set it again.
-                self.writer_durable.store(!durable, Ordering::SeqCst);
-                return Err(classify(error));
-            }
+            sqlx::query(sync)
+                .execute(&mut writer.conn)
+                .await
+                .map_err(classify)?;
+            writer.durable = durable;
         }
         self.files.check()?;
-        let result = work(&mut conn).await;
+        let result = work(&mut writer.conn).await.map_err(classify);
         // A commit into files that were replaced meanwhile is not acknowledged.
         self.files.check()?;
-        if result.is_err() {
-            // A failed statement or a commit the disk refused leaves the connection inside its transaction, and every
-            // later begin would fail: a fresh connection (which opens in FULL mode) starts clean once the fault is
-            // gone, and closing this one rolls back what it did.
-            conn.close_on_drop();
-            self.writer_durable.store(true, Ordering::SeqCst);
+        if result.is_ok() {
+            *slot = Some(writer);
         }
-        result.map_err(classify)
+        result
+    }
+
+    /// Runs one statement outside a transaction on the writer, for its effect.
+    async fn on_writer_alone(&self, statement: &'static str) -> Result<(), StoreError> {
+        self.on_writer(true, async |conn| {
+            sqlx::query(statement).execute(conn).await.map(drop)
+        })
+        .await
     }
 }
 
@@ -980,11 +1010,8 @@ impl Store for SqliteStore {
             .await?;
         // A purge writes much log: checkpoint it here, at the purge's cost, rather than in the commit of whichever
         // enqueue or claim next crosses the automatic checkpoint's threshold.
-        let mut conn = self.writer.acquire().await.map_err(classify)?;
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
+        self.on_writer_alone("PRAGMA wal_checkpoint(PASSIVE)")
+            .await?;
         Ok(deleted)
     }
 
@@ -1006,12 +1033,8 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
-        let mut conn = self.writer.acquire().await.map_err(classify)?;
-        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&mut *conn)
+        self.on_writer_alone("PRAGMA wal_checkpoint(TRUNCATE)")
             .await
-            .map_err(classify)?;
-        Ok(())
     }
 
     async fn reset(&self) -> Result<u64, StoreError> {
