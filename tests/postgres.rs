@@ -249,6 +249,63 @@ fn tls_connections(database: &TestDatabase) -> i64 {
     })
 }
 
+/// Has PostgreSQL close every connection to `database`, as a restart or an idle limit would, and waits until they
+/// are gone.
+fn close_connections(database: &TestDatabase) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&database.admin_url)
+            .await
+            .unwrap();
+        let closed: Vec<i32> = sqlx::query_scalar(
+            // MATERIALIZED: otherwise PostgreSQL may terminate before it filters, this connection too.
+            "WITH theirs AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE datname = $1)
+             SELECT pid FROM theirs WHERE pg_terminate_backend(pid)",
+        )
+        .bind(&database.name)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        assert!(!closed.is_empty(), "the server had no connection to close");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let left: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)")
+                    .bind(&closed)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+            if left == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{left} closed connections are still there"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// Connections the database closed while the server waited (a restart of PostgreSQL, an idle limit) cost no
+/// request: the next enqueue and the next claim are written on fresh ones.
+#[test]
+fn writes_after_the_database_closed_the_servers_connections_succeed() {
+    let Some(database) = TestDatabase::create() else {
+        return;
+    };
+    let mut home = Home::new();
+    start(&mut home, &database, 0);
+    home.enqueue(r#"{"id":"before","command":"true"}"#);
+    close_connections(&database);
+    home.enqueue(r#"{"id":"after","command":"true"}"#);
+    close_connections(&database);
+    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
+    wait_until("both jobs completed", DEADLINE, || {
+        home.count("completed") == 2
+    });
+}
+
 /// `sslmode=require` in the URL: the server talks to PostgreSQL over TLS (the local server's certificate is
 /// self-signed, which `require` accepts without verifying it).
 #[test]

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::Connection;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{
+    PgConnectOptions, PgConnection, PgDatabaseError, PgListener, PgPool, PgPoolOptions, PgSeverity,
+};
 use tokio::sync::mpsc;
 
 use super::batch::{self, Dependents, Found, Insert, Settle, StartAt, Statements};
@@ -87,6 +89,11 @@ async fn within<T>(
 
 pub struct PgStore {
     pool: PgPool,
+    /// The connection of write batches, which the writer sends one after the other; `None` after a failure closed
+    /// it, until the next batch opens another. Not one from the pool: the pool tests each connection given back
+    /// with a round trip to the database, one more per batch.
+    batches: tokio::sync::Mutex<Option<PgConnection>>,
+    options: PgConnectOptions,
     lease: Duration,
     signals: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
 }
@@ -119,7 +126,7 @@ impl PgStore {
             .acquire_timeout(CONNECT_LIMIT)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(classify)?;
         refuse_foreign_tables(&pool).await?;
@@ -149,14 +156,14 @@ impl PgStore {
         tokio::spawn(forward_notifications(listener, sender));
         Ok(PgStore {
             pool,
+            batches: tokio::sync::Mutex::new(None),
+            options,
             lease,
             signals: std::sync::Mutex::new(Some(receiver)),
         })
     }
 
-    /// Runs `work` in a transaction begun with `begin`, and again, whole, in a new one, when PostgreSQL aborted it to
-    /// break a deadlock or a conflict with a concurrent transaction (their other party goes on meanwhile), up to
-    /// [`ATTEMPTS`] times in all.
+    /// Runs `work` in a transaction begun with `begin` on a connection of the pool (see [`retried`]).
     async fn transaction<T>(
         &self,
         begin: &'static str,
@@ -164,30 +171,110 @@ impl PgStore {
         work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error> + Clone,
     ) -> Result<T, StoreError> {
         within(limit, async {
-            let mut attempt = 1;
-            loop {
-                let result = async {
-                    let mut tx = self.pool.begin_with(begin).await?;
-                    let value = work.clone()(&mut tx).await?;
-                    tx.commit().await?;
-                    Ok(value)
-                }
-                .await;
-                match result {
-                    Err(error) if attempt < ATTEMPTS && aborted_for_another(&error) => {
-                        tracing::debug!(%error, attempt, "a transaction was aborted for another; again");
-                        attempt += 1;
-                    }
-                    result => return result.map_err(classify),
-                }
-            }
+            let mut conn = self.pool.acquire().await.map_err(classify)?;
+            retried(&mut conn, begin, work)
+                .await
+                .map_err(|failure| classify(failure.into_error()))
         })
         .await
+    }
+
+    /// Runs `work` in a transaction begun with `begin` on the connection of write batches (see [`retried`]).
+    async fn batch_transaction<T>(
+        &self,
+        begin: &'static str,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error> + Clone,
+    ) -> Result<T, StoreError> {
+        within(ANSWER_LIMIT, async {
+            let mut slot = self.batches.lock().await;
+            // Out of its slot while it works, and back unless it failed in a way that may have left it unusable (a
+            // lost connection, a batch dropped halfway by the time limit): then the next batch connects afresh.
+            let (mut conn, mut waited) = match slot.take() {
+                Some(conn) => (conn, true),
+                None => (self.connect().await?, false),
+            };
+            let result = loop {
+                match retried(&mut conn, begin, work.clone()).await {
+                    // The database may have closed a connection that waited (a restart, an idle limit); nothing of
+                    // the batch reached it, so the batch goes on a fresh one.
+                    Err(Failure::AtBegin(error)) if waited && !survives(&error) => {
+                        tracing::debug!(%error, "the connection of write batches was lost; connecting again");
+                        conn = self.connect().await?;
+                        waited = false;
+                    }
+                    result => break result.map_err(Failure::into_error),
+                }
+            };
+            if result.as_ref().err().is_none_or(survives) {
+                *slot = Some(conn);
+            }
+            result.map_err(classify)
+        })
+        .await
+    }
+
+    async fn connect(&self) -> Result<PgConnection, StoreError> {
+        PgConnection::connect_with(&self.options)
+            .await
+            .map_err(classify)
     }
 
     fn lease_micros(&self) -> i64 {
         i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX)
     }
+}
+
+/// Where [`retried`] failed.
+enum Failure {
+    /// At the transaction's BEGIN, before anything of it reached the database.
+    AtBegin(sqlx::Error),
+    /// Later: the transaction may have been committed for all the caller knows.
+    Later(sqlx::Error),
+}
+
+impl Failure {
+    fn into_error(self) -> sqlx::Error {
+        match self {
+            Failure::AtBegin(error) | Failure::Later(error) => error,
+        }
+    }
+}
+
+/// Runs `work` in a transaction begun with `begin` on `conn`, and again, whole, in a new one, when PostgreSQL
+/// aborted it to break a deadlock or a conflict with a concurrent transaction (their other party goes on meanwhile),
+/// up to [`ATTEMPTS`] times in all.
+async fn retried<T>(
+    conn: &mut PgConnection,
+    begin: &'static str,
+    work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error> + Clone,
+) -> Result<T, Failure> {
+    let mut attempt = 1;
+    loop {
+        let mut tx = conn.begin_with(begin).await.map_err(Failure::AtBegin)?;
+        let result = async {
+            let value = work.clone()(&mut tx).await?;
+            tx.commit().await?;
+            Ok(value)
+        }
+        .await;
+        match result {
+            Err(error) if attempt < ATTEMPTS && aborted_for_another(&error) => {
+                tracing::debug!(%error, attempt, "a transaction was aborted for another; again");
+                attempt += 1;
+            }
+            result => return result.map_err(Failure::Later),
+        }
+    }
+}
+
+/// Whether `conn` can take another transaction after `error`: a statement's error ends its transaction only, but a
+/// fatal one (the backend was terminated, say) ends the connection, and so does any error that is not the database's
+/// (a broken socket, a protocol fault).
+fn survives(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|error| error.try_downcast_ref::<PgDatabaseError>())
+        .is_some_and(|error| !matches!(error.severity(), PgSeverity::Fatal | PgSeverity::Panic))
 }
 
 /// Turns notifications into signals. A lost connection is re-established by the listener; meanwhile the
@@ -787,7 +874,7 @@ impl Store for PgStore {
         } else {
             begin::BATCH_NOT_DURABLE
         };
-        self.transaction(begin, ANSWER_LIMIT, async |conn| {
+        self.batch_transaction(begin, async |conn| {
             let mut statements = PgStatements {
                 conn,
                 owner: &batch.owner,
