@@ -288,22 +288,25 @@ fn close_connections(database: &TestDatabase) {
 }
 
 /// Connections the database closed while the server waited (a restart of PostgreSQL, an idle limit) cost no
-/// request: the next enqueue and the next claim are written on fresh ones.
+/// request: the next enqueue and claim are written on fresh ones, and the job events go out to the other servers.
 #[test]
 fn writes_after_the_database_closed_the_servers_connections_succeed() {
     let Some(database) = TestDatabase::create() else {
         return;
     };
     let mut home = Home::new();
-    start(&mut home, &database, 0);
+    start(&mut home, &database, 1);
     home.enqueue(r#"{"id":"before","command":"true"}"#);
+    wait_until("the first job completed", DEADLINE, || {
+        home.count("completed") == 1
+    });
     close_connections(&database);
     home.enqueue(r#"{"id":"after","command":"true"}"#);
-    close_connections(&database);
-    home.ok(&["worker", "start", "--count", "1", "--daemon"]);
-    wait_until("both jobs completed", DEADLINE, || {
+    wait_until("the second job completed", DEADLINE, || {
         home.count("completed") == 2
     });
+    let log = std::fs::read_to_string(home.file("test-server.log")).unwrap();
+    assert!(!log.contains("could not pass job events on"), "{log}");
 }
 
 /// `sslmode=require` in the URL: the server talks to PostgreSQL over TLS (the local server's certificate is

@@ -89,11 +89,10 @@ async fn within<T>(
 
 pub struct PgStore {
     pool: PgPool,
-    /// The connection of write batches, which the writer sends one after the other; `None` after a failure closed
-    /// it, until the next batch opens another. Not one from the pool: the pool tests each connection given back
-    /// with a round trip to the database, one more per batch.
-    batches: tokio::sync::Mutex<Option<PgConnection>>,
-    options: PgConnectOptions,
+    /// Write batches, which the writer sends one after the other.
+    batches: Reserved,
+    /// Job events for the other servers, which one task sends one batch after the other.
+    events: Reserved,
     lease: Duration,
     signals: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Signal>>>,
 }
@@ -156,8 +155,8 @@ impl PgStore {
         tokio::spawn(forward_notifications(listener, sender));
         Ok(PgStore {
             pool,
-            batches: tokio::sync::Mutex::new(None),
-            options,
+            batches: Reserved::new("write batches", &options),
+            events: Reserved::new("job events", &options),
             lease,
             signals: std::sync::Mutex::new(Some(receiver)),
         })
@@ -179,26 +178,50 @@ impl PgStore {
         .await
     }
 
-    /// Runs `work` in a transaction begun with `begin` on the connection of write batches (see [`retried`]).
-    async fn batch_transaction<T>(
+    fn lease_micros(&self) -> i64 {
+        i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A connection kept for one kind of work that is done one at a time, instead of one from the pool, which pings
+/// each connection before it hands it out and again when it comes back: two round trips to the database each time,
+/// beside the work's own.
+struct Reserved {
+    /// `None` after a failure closed the connection, until the next work opens another.
+    slot: tokio::sync::Mutex<Option<PgConnection>>,
+    options: PgConnectOptions,
+    /// What the connection is for, for the log.
+    purpose: &'static str,
+}
+
+impl Reserved {
+    fn new(purpose: &'static str, options: &PgConnectOptions) -> Reserved {
+        Reserved {
+            slot: tokio::sync::Mutex::new(None),
+            options: options.clone(),
+            purpose,
+        }
+    }
+
+    /// Runs `work` on the connection, within [`ANSWER_LIMIT`].
+    async fn run<T>(
         &self,
-        begin: &'static str,
-        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, sqlx::Error> + Clone,
+        work: impl AsyncFnOnce(&mut PgConnection) -> Result<T, Failure> + Clone,
     ) -> Result<T, StoreError> {
         within(ANSWER_LIMIT, async {
-            let mut slot = self.batches.lock().await;
+            let mut slot = self.slot.lock().await;
             // Out of its slot while it works, and back unless it failed in a way that may have left it unusable (a
-            // lost connection, a batch dropped halfway by the time limit): then the next batch connects afresh.
+            // lost connection, work dropped halfway by the time limit): then the next work connects afresh.
             let (mut conn, mut waited) = match slot.take() {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
             };
             let result = loop {
-                match retried(&mut conn, begin, work.clone()).await {
+                match work.clone()(&mut conn).await {
                     // The database may have closed a connection that waited (a restart, an idle limit); nothing of
-                    // the batch reached it, so the batch goes on a fresh one.
-                    Err(Failure::AtBegin(error)) if waited && !survives(&error) => {
-                        tracing::debug!(%error, "the connection of write batches was lost; connecting again");
+                    // the work took effect, so it goes on a fresh one.
+                    Err(Failure::NothingDone(error)) if waited && !survives(&error) => {
+                        tracing::debug!(%error, purpose = self.purpose, "a reserved connection was lost; connecting again");
                         conn = self.connect().await?;
                         waited = false;
                     }
@@ -218,24 +241,20 @@ impl PgStore {
             .await
             .map_err(classify)
     }
-
-    fn lease_micros(&self) -> i64 {
-        i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX)
-    }
 }
 
-/// Where [`retried`] failed.
+/// How work on a connection failed.
 enum Failure {
-    /// At the transaction's BEGIN, before anything of it reached the database.
-    AtBegin(sqlx::Error),
-    /// Later: the transaction may have been committed for all the caller knows.
-    Later(sqlx::Error),
+    /// Before any of it took effect (a transaction's BEGIN), or where doing it again does no harm.
+    NothingDone(sqlx::Error),
+    /// Later: a transaction may have been committed for all the caller knows.
+    MaybeDone(sqlx::Error),
 }
 
 impl Failure {
     fn into_error(self) -> sqlx::Error {
         match self {
-            Failure::AtBegin(error) | Failure::Later(error) => error,
+            Failure::NothingDone(error) | Failure::MaybeDone(error) => error,
         }
     }
 }
@@ -250,7 +269,7 @@ async fn retried<T>(
 ) -> Result<T, Failure> {
     let mut attempt = 1;
     loop {
-        let mut tx = conn.begin_with(begin).await.map_err(Failure::AtBegin)?;
+        let mut tx = conn.begin_with(begin).await.map_err(Failure::NothingDone)?;
         let result = async {
             let value = work.clone()(&mut tx).await?;
             tx.commit().await?;
@@ -262,7 +281,7 @@ async fn retried<T>(
                 tracing::debug!(%error, attempt, "a transaction was aborted for another; again");
                 attempt += 1;
             }
-            result => return result.map_err(Failure::Later),
+            result => return result.map_err(Failure::MaybeDone),
         }
     }
 }
@@ -874,15 +893,19 @@ impl Store for PgStore {
         } else {
             begin::BATCH_NOT_DURABLE
         };
-        self.batch_transaction(begin, async |conn| {
-            let mut statements = PgStatements {
-                conn,
-                owner: &batch.owner,
-                lease,
-            };
-            batch::apply(&mut statements, batch, now, policy).await
-        })
-        .await
+        self.batches
+            .run(async |conn| {
+                retried(conn, begin, async |conn| {
+                    let mut statements = PgStatements {
+                        conn,
+                        owner: &batch.owner,
+                        lease,
+                    };
+                    batch::apply(&mut statements, batch, now, policy).await
+                })
+                .await
+            })
+            .await
     }
 
     async fn next_due(&self, _now: Micros) -> Result<Option<Duration>, StoreError> {
@@ -1236,16 +1259,18 @@ impl Cluster for PgStore {
 
     async fn broadcast_events(&self, events: &JobEvents) -> Result<(), StoreError> {
         let payloads = notify_payloads(events)?;
-        within(ANSWER_LIMIT, async {
-            sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
-                .bind(EVENTS_CHANNEL)
-                .bind(payloads)
-                .execute(&self.pool)
-                .await
-                .map_err(classify)?;
-            Ok(())
-        })
-        .await
+        self.events
+            .run(async |conn| {
+                sqlx::query("SELECT pg_notify($1, payload) FROM UNNEST($2::text[]) AS payload")
+                    .bind(EVENTS_CHANNEL)
+                    .bind(&payloads)
+                    .execute(conn)
+                    .await
+                    .map(drop)
+                    // Notified twice at worst, where the connection broke after the database read the statement.
+                    .map_err(Failure::NothingDone)
+            })
+            .await
     }
 
     fn signals(&self) -> Option<mpsc::UnboundedReceiver<Signal>> {
