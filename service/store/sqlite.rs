@@ -180,7 +180,7 @@ impl SqliteStore {
         durable: bool,
         work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
-        self.on_writer(durable, async |conn| {
+        self.on_writer(Some(durable), async |conn| {
             let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
             let value = work(&mut *tx).await?;
             tx.commit().await?;
@@ -189,10 +189,11 @@ impl SqliteStore {
         .await
     }
 
-    /// Runs `work`, which opens and commits a transaction of its own, on the writer, with or without fsync.
+    /// Runs `work`, which opens and commits a transaction of its own, on the writer, with or without fsync (`None`:
+    /// in the mode the connection is in, for work that commits nothing).
     async fn on_writer<T>(
         &self,
-        durable: bool,
+        durable: Option<bool>,
         work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
         let mut slot = self.writer.lock().await;
@@ -210,7 +211,7 @@ impl SqliteStore {
             },
         };
         // Each statement is a round trip to sqlx's SQLite thread: set the mode only when it changes.
-        if writer.durable != durable {
+        if let Some(durable) = durable.filter(|durable| *durable != writer.durable) {
             let sync = if durable {
                 "PRAGMA synchronous = FULL"
             } else {
@@ -232,9 +233,9 @@ impl SqliteStore {
         result
     }
 
-    /// Runs one statement outside a transaction on the writer, for its effect.
+    /// Runs one statement that commits nothing (a checkpoint) on the writer, for its effect.
     async fn on_writer_alone(&self, statement: &'static str) -> Result<(), StoreError> {
-        self.on_writer(true, async |conn| {
+        self.on_writer(None, async |conn| {
             sqlx::query(statement).execute(conn).await.map(drop)
         })
         .await
@@ -814,7 +815,7 @@ impl Store for SqliteStore {
         // No BEGIN of its own: it would cost a round trip to sqlx's thread, and the batch's first statement carries
         // it (the worker script, on a worker's commit); the COMMIT travels with the worker script when nothing
         // follows it, as on most worker commits.
-        self.on_writer(batch.durable, async |conn| {
+        self.on_writer(Some(batch.durable), async |conn| {
             let dependencies = &self.dependencies;
             let mut statements = SqliteStatements {
                 conn,
