@@ -66,6 +66,8 @@ fn a_database_deleted_under_the_server_is_not_written_to_and_health_says_so() {
     wait_until("health to say NOT_SERVING", DEADLINE, || {
         health_code(&home) == Some(4)
     });
+    // Nor made again: a new, empty database there would be what the next start serves.
+    assert!(!home.file("jobs.db").exists());
 }
 
 #[test]

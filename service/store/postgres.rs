@@ -120,8 +120,10 @@ impl PgStore {
             })?
             .map_err(classify)?;
         first.close().await.map_err(classify)?;
+        // Six, the listener's among them, and the two reserved connections beside them: eight per server in all, as
+        // when the pool held every one.
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(6)
             .acquire_timeout(CONNECT_LIMIT)
             .idle_timeout(None)
             .max_lifetime(None)
@@ -210,8 +212,9 @@ impl Reserved {
     ) -> Result<T, StoreError> {
         within(ANSWER_LIMIT, async {
             let mut slot = self.slot.lock().await;
-            // Out of its slot while it works, and back unless it failed in a way that may have left it unusable (a
-            // lost connection, work dropped halfway by the time limit): then the next work connects afresh.
+            // Out of its slot while it works, and back only if the work succeeded: after a failure (a lost
+            // connection, work dropped halfway by the time limit, a BEGIN that failed halfway and left a transaction
+            // open that sqlx does not know of) the next work connects afresh.
             let (mut conn, mut waited) = match slot.take() {
                 Some(conn) => (conn, true),
                 None => (self.connect().await?, false),
@@ -228,7 +231,7 @@ impl Reserved {
                     result => break result.map_err(Failure::into_error),
                 }
             };
-            if result.as_ref().err().is_none_or(survives) {
+            if result.is_ok() {
                 *slot = Some(conn);
             }
             result.map_err(classify)
@@ -286,9 +289,9 @@ async fn retried<T>(
     }
 }
 
-/// Whether `conn` can take another transaction after `error`: a statement's error ends its transaction only, but a
-/// fatal one (the backend was terminated, say) ends the connection, and so does any error that is not the database's
-/// (a broken socket, a protocol fault).
+/// Whether a connection may still be open after `error`: a statement's error ends its transaction only, but a fatal
+/// one (the backend was terminated, say) ends the connection, and so does any error that is not the database's (a
+/// broken socket, a protocol fault).
 fn survives(error: &sqlx::Error) -> bool {
     error
         .as_database_error()

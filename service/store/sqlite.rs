@@ -35,6 +35,10 @@ pub struct SqliteStore {
     dependencies: AtomicBool,
 }
 
+/// How long a write waits for the writer connection before it fails as unavailable (a statement stuck on a stalled
+/// disk must not hold every request forever).
+const WRITER_WAIT: Duration = Duration::from_secs(30);
+
 struct Writer {
     conn: SqliteConnection,
     /// The `synchronous` mode the connection is in: `true` for FULL, as it is opened.
@@ -196,7 +200,17 @@ impl SqliteStore {
         durable: Option<bool>,
         work: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, sqlx::Error>,
     ) -> Result<T, StoreError> {
-        let mut slot = self.writer.lock().await;
+        // Before the connection: once the files were replaced, no write may open one, which would create or convert
+        // whatever now lies at the path.
+        self.files.check()?;
+        let mut slot = tokio::time::timeout(WRITER_WAIT, self.writer.lock())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "the database's writer has been busy for {}s",
+                    WRITER_WAIT.as_secs()
+                ))
+            })?;
         // Out of its slot while it works, and back only if all went well. A failed statement or a commit the disk
         // refused leaves the connection inside its transaction, where every later begin would fail, and so does a
         // write dropped halfway: closing the connection rolls back what it did, and the next write opens a fresh
@@ -223,13 +237,12 @@ impl SqliteStore {
                 .map_err(classify)?;
             writer.durable = durable;
         }
-        self.files.check()?;
         let result = work(&mut writer.conn).await.map_err(classify);
-        // A commit into files that were replaced meanwhile is not acknowledged.
-        self.files.check()?;
         if result.is_ok() {
             *slot = Some(writer);
         }
+        // A commit into files that were replaced meanwhile is not acknowledged.
+        self.files.check()?;
         result
     }
 
