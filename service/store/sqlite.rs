@@ -45,6 +45,18 @@ struct Writer {
     durable: bool,
 }
 
+impl Writer {
+    async fn open(options: &SqliteConnectOptions) -> Result<Writer, StoreError> {
+        let conn = SqliteConnection::connect_with(options)
+            .await
+            .map_err(classify)?;
+        Ok(Writer {
+            conn,
+            durable: true,
+        })
+    }
+}
+
 /// The database file and its write-ahead log as they were when the store opened them. A commit lands in the files
 /// the connections hold open; if someone deletes or replaces them by name, commits go to files nobody will read
 /// again (or that vanish at the next crash), so from then on nothing is acknowledged.
@@ -147,9 +159,7 @@ impl SqliteStore {
             .await
             .map_err(|error| StoreError::Internal(format!("migrating the database: {error}")))?;
         migrating.close().await;
-        let mut writer = SqliteConnection::connect_with(&options)
-            .await
-            .map_err(classify)?;
+        let mut writer = Writer::open(&options).await?;
         // No idle timeout or lifetime: a pool reaper waking up would make an idle server use CPU.
         // No test before each acquire either: for a local file it is one more round trip per transaction, and a
         // broken connection shows in the transaction's own first statement.
@@ -163,14 +173,11 @@ impl SqliteStore {
             .map_err(classify)?;
         let dependencies: bool =
             sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM job_dependencies)")
-                .fetch_one(&mut writer)
+                .fetch_one(&mut writer.conn)
                 .await
                 .map_err(classify)?;
         Ok(SqliteStore {
-            writer: tokio::sync::Mutex::new(Some(Writer {
-                conn: writer,
-                durable: true,
-            })),
+            writer: tokio::sync::Mutex::new(Some(writer)),
             writer_options: options,
             reader,
             files: DatabaseFiles::new(path),
@@ -217,12 +224,7 @@ impl SqliteStore {
         // one, which starts in FULL mode.
         let mut writer = match slot.take() {
             Some(writer) => writer,
-            None => Writer {
-                conn: SqliteConnection::connect_with(&self.writer_options)
-                    .await
-                    .map_err(classify)?,
-                durable: true,
-            },
+            None => Writer::open(&self.writer_options).await?,
         };
         // Each statement is a round trip to sqlx's SQLite thread: set the mode only when it changes.
         if let Some(durable) = durable.filter(|durable| *durable != writer.durable) {
