@@ -251,7 +251,8 @@ async fn write_loop(
             }
         }
         let policy = settings.read().expect("settings lock").policy();
-        let result = store.write(&batch, clock::now(), policy).await;
+        let batch = Arc::new(batch);
+        let result = store.write(Arc::clone(&batch), clock::now(), policy).await;
         let claimed = !batch.claims.is_empty();
         faults.send_if_modified(|faults| {
             let error = result.as_ref().err();
@@ -422,7 +423,7 @@ mod tests {
     impl Store for FakeStore {
         async fn write(
             &self,
-            batch: &WriteBatch,
+            batch: Arc<WriteBatch>,
             _now: crate::job::Micros,
             _policy: Policy,
         ) -> Result<WriteOutcome, StoreError> {
@@ -441,11 +442,11 @@ mod tests {
             if let Some(failure) = self.failure.lock().unwrap().clone() {
                 return Err(failure);
             }
-            let outcome = FakeStore::answer(batch);
+            let outcome = FakeStore::answer(&batch);
             self.wakes
                 .lock()
                 .unwrap()
-                .push(crate::store::wakes_workers(batch, &outcome));
+                .push(crate::store::wakes_workers(&batch, &outcome));
             Ok(outcome)
         }
 

@@ -9,6 +9,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{DEADLINE, Home, wait_until};
@@ -426,7 +427,7 @@ fn a_claim_that_no_worker_runs_expires_even_on_the_server_that_made_it() {
             aging_interval_secs: 60,
             max_interruptions: 3,
         };
-        let written = store.write(&batch, 0, policy).await.unwrap();
+        let written = store.write(Arc::new(batch), 0, policy).await.unwrap();
         assert_eq!(written.claimed[0].len(), 2);
         let record = ServerRecord {
             id: "server-a".into(),

@@ -249,7 +249,7 @@ async fn enqueue_at(store: &dyn Store, requests: Vec<Vec<NewJob>>, now: Micros) 
         durable: true,
         ..WriteBatch::default()
     };
-    store.write(&batch, now, POLICY).await.unwrap()
+    store.write(Arc::new(batch), now, POLICY).await.unwrap()
 }
 
 /// Output written at once, all stdout, as one chunk; `None` when there is none.
@@ -337,7 +337,7 @@ async fn claim(
         owner: owner.to_owned(),
         ..WriteBatch::default()
     };
-    let mut outcome = store.write(&batch, now, POLICY).await?;
+    let mut outcome = store.write(Arc::new(batch), now, POLICY).await?;
     Ok(outcome.claimed.pop().unwrap_or_default())
 }
 
@@ -359,7 +359,7 @@ async fn update(store: &dyn Store, update: GuardedUpdate, now: Micros) -> bool {
         updates: vec![update],
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    let outcome = store.write(Arc::new(batch), now, POLICY).await.unwrap();
     assert_eq!(outcome.applied.len(), 1);
     outcome.applied[0]
 }
@@ -430,7 +430,10 @@ async fn one_batch_does_everything_in_order(t: Ctx) {
         durable: true,
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let outcome = store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
     let ids: Vec<Vec<String>> = outcome
         .enqueued
         .iter()
@@ -465,7 +468,7 @@ async fn one_batch_does_everything_in_order(t: Ctx) {
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    let outcome = store.write(Arc::new(batch), now, POLICY).await.unwrap();
     assert_eq!(
         outcome.applied,
         [true, false],
@@ -783,7 +786,10 @@ async fn enqueue_one(store: &dyn Store, job: NewJob, policy: Policy) -> job::Job
         durable: true,
         ..WriteBatch::default()
     };
-    let mut outcome = store.write(&batch, clock::now(), policy).await.unwrap();
+    let mut outcome = store
+        .write(Arc::new(batch), clock::now(), policy)
+        .await
+        .unwrap();
     outcome.enqueued.pop().unwrap().unwrap().pop().unwrap()
 }
 
@@ -794,7 +800,10 @@ async fn claim_under(store: &dyn Store, limit: u32, policy: Policy) -> Vec<job::
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    let mut outcome = store.write(&batch, clock::now(), policy).await.unwrap();
+    let mut outcome = store
+        .write(Arc::new(batch), clock::now(), policy)
+        .await
+        .unwrap();
     outcome.claimed.pop().unwrap()
 }
 
@@ -968,7 +977,10 @@ async fn output_is_stored_in_chunks_read_in_pages_and_its_middle_forgotten(t: Ct
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    store.write(&batch, clock::now(), POLICY).await.unwrap();
+    store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
     let pieces: Vec<(Stream, u64, Vec<u8>)> = stored_chunks(store, "a", 1, 1 << 20)
         .await
         .iter()
@@ -1006,7 +1018,10 @@ async fn output_is_stored_in_chunks_read_in_pages_and_its_middle_forgotten(t: Ct
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    store.write(&batch, clock::now(), POLICY).await.unwrap();
+    store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
     let starts: Vec<u64> = stored_chunks(store, "a", 1, 1 << 20)
         .await
         .iter()
@@ -1072,7 +1087,10 @@ async fn starts_record_the_run_and_its_process_group(t: Ctx) {
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let outcome = store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
     assert!(outcome.applied.is_empty() && outcome.claimed.is_empty());
 
     assert_eq!(
@@ -1132,7 +1150,7 @@ async fn guarded_updates_apply_in_order(t: Ctx) {
         updates: vec![interrupted, cancel, stale, missing],
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    let outcome = store.write(Arc::new(batch), now, POLICY).await.unwrap();
     assert_eq!(outcome.applied, [true, true, false, false]);
     let job = store.get("a").await.unwrap().unwrap();
     assert_eq!(
@@ -1168,7 +1186,7 @@ async fn claims_come_last_and_are_dealt_in_order(t: Ctx) {
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    let outcome = store.write(Arc::new(batch), now, POLICY).await.unwrap();
     assert_eq!(outcome.applied, [true]);
     let dealt: Vec<Vec<&str>> = outcome.claimed.iter().map(|jobs| ids(jobs)).collect();
     assert_eq!(
@@ -1201,7 +1219,10 @@ async fn a_claim_of_zero_takes_nothing(t: Ctx) {
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let outcome = store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
     assert_eq!(outcome.claimed.len(), 1);
     assert!(outcome.claimed[0].is_empty());
     assert_eq!(
@@ -1214,7 +1235,10 @@ async fn a_claim_of_zero_takes_nothing(t: Ctx) {
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let outcome = store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
     let dealt: Vec<Vec<&str>> = outcome.claimed.iter().map(|jobs| ids(jobs)).collect();
     assert_eq!(dealt, [vec![], vec!["a"], vec![]]);
     assert_eq!(
@@ -1320,7 +1344,10 @@ async fn in_flight_lists_the_running_jobs(t: Ctx) {
         }],
         ..WriteBatch::default()
     };
-    store.write(&batch, clock::now(), POLICY).await.unwrap();
+    store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
 
     let mut found: Vec<(String, JobState, u32, Option<i64>)> = store
         .in_flight(OWNER)
@@ -1371,7 +1398,7 @@ async fn a_claim_with_a_waiting_shell_records_the_start(t: Ctx) {
         owner: OWNER.to_owned(),
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    let outcome = store.write(Arc::new(batch), now, POLICY).await.unwrap();
     let claimed: Vec<Vec<&str>> = outcome
         .claimed
         .iter()
@@ -1554,7 +1581,7 @@ async fn counts_tally_every_state(t: Ctx) {
         ],
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, now, POLICY).await.unwrap();
+    let outcome = store.write(Arc::new(batch), now, POLICY).await.unwrap();
     assert_eq!(outcome.applied, [true, true, true]);
     assert_eq!(
         store.get("dead").await.unwrap().unwrap().state,
@@ -1641,7 +1668,10 @@ async fn runs_record_every_attempt_oldest_first(t: Ctx) {
         }],
         ..WriteBatch::default()
     };
-    store.write(&batch, clock::now(), NO_BACKOFF).await.unwrap();
+    store
+        .write(Arc::new(batch), clock::now(), NO_BACKOFF)
+        .await
+        .unwrap();
     let open = store.runs("a").await.unwrap();
     assert_eq!(open.len(), 3);
     assert_eq!((open[2].run, open[2].outcome.as_deref()), (3, None));
@@ -2059,7 +2089,10 @@ async fn settle_one(store: &dyn Store, update: GuardedUpdate) -> WriteOutcome {
         updates: vec![update],
         ..WriteBatch::default()
     };
-    let outcome = store.write(&batch, clock::now(), POLICY).await.unwrap();
+    let outcome = store
+        .write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
     assert_eq!(outcome.applied, [true]);
     outcome
 }
@@ -2547,7 +2580,9 @@ async fn heartbeats_renew_their_own_leases_and_find_expired_ones(t: Ctx) {
         owner: "server-b".into(),
         ..WriteBatch::default()
     };
-    b.write(&batch, clock::now(), POLICY).await.unwrap();
+    b.write(Arc::new(batch), clock::now(), POLICY)
+        .await
+        .unwrap();
 
     let cluster_a = a.cluster().unwrap();
     let cluster_b = b.cluster().unwrap();
@@ -2736,7 +2771,10 @@ async fn a_job_whose_last_two_dependencies_complete_at_once_is_released(t: Ctx) 
         starts: vec![started(&a), started(&b)],
         ..WriteBatch::default()
     };
-    store.write(&starts, clock::now(), POLICY).await.unwrap();
+    store
+        .write(Arc::new(starts), clock::now(), POLICY)
+        .await
+        .unwrap();
 
     let mut blocker = sqlx::PgConnection::connect(&database.url).await.unwrap();
     sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();

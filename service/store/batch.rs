@@ -92,14 +92,17 @@ pub struct Settle<'a> {
 /// The statements a backend runs inside the transaction of one batch. Each handles many jobs in one round trip.
 #[async_trait]
 pub trait Statements: Send {
+    /// What a statement fails with: the backend's own error, which it classifies.
+    type Error: Send;
+
     /// Reserves `count` generated job numbers.
-    async fn reserve_numbers(&mut self, count: usize) -> Result<Vec<i64>, sqlx::Error>;
+    async fn reserve_numbers(&mut self, count: usize) -> Result<Vec<i64>, Self::Error>;
 
     /// Stores `jobs` as pending, skipping those whose id is taken. Returns the jobs it stored, in any order.
-    async fn insert_jobs(&mut self, jobs: &[Insert<'_>]) -> Result<Vec<Job>, sqlx::Error>;
+    async fn insert_jobs(&mut self, jobs: &[Insert<'_>]) -> Result<Vec<Job>, Self::Error>;
 
     /// Deletes the jobs with these ids, which this transaction inserted: a request's jobs are stored all or none.
-    async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), sqlx::Error>;
+    async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), Self::Error>;
 
     /// One round: records `starts`, applies each of `updates` whose guard matches, then claims up to `claim`
     /// ready jobs (ready when their ready time has come and their queue key is at most `last_ready` after now),
@@ -113,10 +116,10 @@ pub trait Statements: Send {
         claim: u32,
         claimed_starts: &[StartAt],
         last_ready: i64,
-    ) -> Result<(Vec<bool>, Vec<Job>), sqlx::Error>;
+    ) -> Result<(Vec<bool>, Vec<Job>), Self::Error>;
 
     /// The stored jobs with these ids.
-    async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, sqlx::Error>;
+    async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, Self::Error>;
 
     /// Records each `(job, runs after)` pair of rows, and holds the `held` jobs (pending, never claimed) until
     /// [`Statements::settle_dependents`] releases them.
@@ -124,7 +127,7 @@ pub trait Statements: Send {
         &mut self,
         edges: &[(i64, i64)],
         held: &[i64],
-    ) -> Result<(), sqlx::Error>;
+    ) -> Result<(), Self::Error>;
 
     /// For jobs that just reached a final state: releases the held jobs whose every dependency has completed
     /// (ready now, keyed with `aging_micros` per priority level), and cancels the held jobs that run after one of
@@ -134,25 +137,25 @@ pub trait Statements: Send {
         completed: &[i64],
         failed: &[i64],
         aging_micros: i64,
-    ) -> Result<Dependents, sqlx::Error>;
+    ) -> Result<Dependents, Self::Error>;
 
     /// Stores the chunks of output of runs on record (others are skipped), and forgets the ranges they name.
-    async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), sqlx::Error>;
+    async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), Self::Error>;
 
     /// Tells the other servers of a shared database that jobs became ready or will; a database that one server
     /// owns has nobody to tell.
-    async fn announce_jobs(&mut self) -> Result<(), sqlx::Error> {
+    async fn announce_jobs(&mut self) -> Result<(), Self::Error> {
         Ok(())
     }
 }
 
 /// Applies `batch` through `statements`, inside a transaction the caller commits.
-pub async fn apply(
-    statements: &mut impl Statements,
+pub async fn apply<S: Statements>(
+    statements: &mut S,
     batch: &WriteBatch,
     now: Micros,
     policy: Policy,
-) -> Result<WriteOutcome, sqlx::Error> {
+) -> Result<WriteOutcome, S::Error> {
     let enqueued = enqueue_all(statements, &batch.enqueues, policy).await?;
     let (applied, claimed, dependents) = settle_all(statements, batch, now, policy).await?;
     let outputs = outputs(batch);
@@ -185,16 +188,6 @@ fn outputs(batch: &WriteBatch) -> Vec<&OutputWrite> {
                 .filter_map(|update| update.ended.as_ref()?.output.as_ref()),
         )
         .collect()
-}
-
-/// Whether [`apply`] writes nothing after the batch's first [`Statements::settle_and_claim`] round but what
-/// [`Statements::settle_dependents`] and [`Statements::announce_jobs`] may: it has no output to store, and no job
-/// comes twice among its starts or its updates (a repeat takes a round of its own). A store whose other two
-/// statements have nothing to do can then commit in the same round trip as that round.
-pub fn ends_with_one_round(batch: &WriteBatch) -> bool {
-    outputs(batch).is_empty()
-        && rounds(&batch.starts, |start| &start.job_id).len() <= 1
-        && rounds(&batch.updates, |update| &update.job_id).len() <= 1
 }
 
 /// Whether a committed batch may have given idle workers something to do, now or when a retry comes due: it
@@ -256,11 +249,11 @@ enum Refused {
 
 /// Stores every request together when all is well (the usual case: one insert for the whole batch), and otherwise
 /// each request on its own, so that a taken id or a bad dependency refuses only the request that holds it.
-async fn enqueue_all(
-    statements: &mut impl Statements,
+async fn enqueue_all<S: Statements>(
+    statements: &mut S,
     requests: &[Vec<NewJob>],
     policy: Policy,
-) -> Result<Vec<Result<Vec<Job>, EnqueueRejected>>, sqlx::Error> {
+) -> Result<Vec<Result<Vec<Job>, EnqueueRejected>>, S::Error> {
     if requests.is_empty() {
         return Ok(Vec::new());
     }
@@ -282,12 +275,12 @@ async fn enqueue_all(
 
 /// Stores one request's jobs, or none of them if an id a person chose is taken or a dependency is bad. A generated
 /// id can collide with one a person chose: then the request is tried again with new numbers.
-async fn enqueue_request(
-    statements: &mut impl Statements,
+async fn enqueue_request<S: Statements>(
+    statements: &mut S,
     jobs: &[&NewJob],
     numbers: &mut VecDeque<i64>,
     policy: Policy,
-) -> Result<Result<Vec<Job>, EnqueueRejected>, sqlx::Error> {
+) -> Result<Result<Vec<Job>, EnqueueRejected>, S::Error> {
     loop {
         match enqueue_together(statements, jobs, numbers, policy).await? {
             Ok(stored) => return Ok(Ok(stored)),
@@ -303,12 +296,12 @@ async fn enqueue_request(
 /// Stores `jobs`, in order, or none of them. Generated ids take the numbers in `numbers` first, then new ones.
 /// When refused for a reason of its own (an id a person chose is taken, a bad dependency), gives the numbers back
 /// for the next request; when only generated ids were taken, drops those numbers.
-async fn enqueue_together(
-    statements: &mut impl Statements,
+async fn enqueue_together<S: Statements>(
+    statements: &mut S,
     jobs: &[&NewJob],
     numbers: &mut VecDeque<i64>,
     policy: Policy,
-) -> Result<Result<Vec<Job>, Refused>, sqlx::Error> {
+) -> Result<Result<Vec<Job>, Refused>, S::Error> {
     let generated = jobs.iter().filter(|job| job.id.is_none()).count();
     if numbers.len() < generated {
         let more = statements
@@ -388,10 +381,10 @@ async fn enqueue_together(
 /// Records what each of the just-stored `jobs` runs after, and holds those with a dependency that has not
 /// completed. A job may only run after a job stored before it (a lower row), so dependencies never form a cycle,
 /// and not after one that ended dead or cancelled, which would never let it run. Returns the first problem.
-async fn link_dependencies(
-    statements: &mut impl Statements,
+async fn link_dependencies<S: Statements>(
+    statements: &mut S,
     jobs: &mut [Job],
-) -> Result<Result<(), String>, sqlx::Error> {
+) -> Result<Result<(), String>, S::Error> {
     let wanted: Vec<&str> = jobs
         .iter()
         .flat_map(|job| job.after.iter().map(String::as_str))
@@ -440,12 +433,12 @@ async fn link_dependencies(
 
 /// Records the batch's starts and applies its updates, one round at a time, settling the dependents of the jobs
 /// that reached a final state, then makes its claims.
-async fn settle_all(
-    statements: &mut impl Statements,
+async fn settle_all<S: Statements>(
+    statements: &mut S,
     batch: &WriteBatch,
     now: Micros,
     policy: Policy,
-) -> Result<(Vec<bool>, Vec<Job>, Dependents), sqlx::Error> {
+) -> Result<(Vec<bool>, Vec<Job>, Dependents), S::Error> {
     let limit = batch.claim_limit();
     let mut dependents = Dependents::default();
     if batch.starts.is_empty() && batch.updates.is_empty() && limit == 0 {
@@ -537,34 +530,6 @@ mod tests {
             rounds(&ids, |id| id),
             vec![vec![0, 1, 3], vec![2, 5], vec![4]]
         );
-    }
-
-    #[test]
-    fn a_batch_ends_with_one_round_unless_it_stores_output_or_lists_a_job_twice() {
-        let start = |job_id: &str| RunStarted {
-            job_id: job_id.to_owned(),
-            seq: 1,
-            run: 1,
-            worker: 1,
-            pgid: None,
-            started_at: 0,
-        };
-        let mut batch = WriteBatch {
-            starts: vec![start("a"), start("b")],
-            claims: vec![Claim::up_to(2)],
-            ..WriteBatch::default()
-        };
-        assert!(ends_with_one_round(&batch));
-        batch.starts.push(start("a"));
-        assert!(!ends_with_one_round(&batch), "a second round for a");
-        batch.starts.pop();
-        batch.outputs.push(OutputWrite {
-            seq: 1,
-            run: 1,
-            chunks: Vec::new(),
-            forget: None,
-        });
-        assert!(!ends_with_one_round(&batch), "output after the round");
     }
 
     #[test]

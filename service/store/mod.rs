@@ -12,6 +12,7 @@ pub mod sqlite;
 
 pub use batch::wakes_workers;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -282,7 +283,7 @@ pub trait Store: Send + Sync + 'static {
     /// (pending, or failed with `run_after <= now`) to processing, best first, and starts a new run of each.
     async fn write(
         &self,
-        batch: &WriteBatch,
+        batch: Arc<WriteBatch>,
         now: Micros,
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError>;

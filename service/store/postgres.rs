@@ -4,6 +4,7 @@
 //! absolute times into delays. Claims take rows with `FOR UPDATE SKIP LOCKED` and hold them by a lease the owner
 //! renews; enqueues and setting changes are announced with NOTIFY, so idle servers wake at once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -421,6 +422,8 @@ struct PgStatements<'c> {
 
 #[async_trait]
 impl Statements for PgStatements<'_> {
+    type Error = sqlx::Error;
+
     async fn reserve_numbers(&mut self, count: usize) -> Result<Vec<i64>, sqlx::Error> {
         if count == 0 {
             return Ok(Vec::new());
@@ -886,7 +889,7 @@ async fn claim_jobs(
 impl Store for PgStore {
     async fn write(
         &self,
-        batch: &WriteBatch,
+        batch: Arc<WriteBatch>,
         now: Micros,
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
@@ -904,7 +907,7 @@ impl Store for PgStore {
                         owner: &batch.owner,
                         lease,
                     };
-                    batch::apply(&mut statements, batch, now, policy).await
+                    batch::apply(&mut statements, &batch, now, policy).await
                 })
                 .await
             })
