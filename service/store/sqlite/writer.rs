@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use tokio::sync::oneshot;
 
 use super::meaning;
@@ -21,7 +21,7 @@ use crate::output::OutputWrite;
 use crate::store::batch::{Dependents, Found, Insert, Settle, StartAt, Statements};
 use crate::store::row::JobRow;
 use crate::store::sql::{self, offset};
-use crate::store::{RunStarted, StoreError};
+use crate::store::{ClaimStart, RunStarted, StoreError};
 
 /// How long a piece of work waits for the writer before it fails as unavailable (a statement stuck on a stalled
 /// disk must not hold every request forever).
@@ -197,12 +197,15 @@ impl Slot {
         durable: Option<bool>,
         work: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        // Before the connection: once the files were replaced, no write may open one, which would convert whatever
-        // now lies at the path.
-        self.files.check()?;
         let mut open = match self.open.take() {
             Some(open) => open,
-            None => open(&self.path)?,
+            None => {
+                // Once the files were replaced, no write may open a connection, which would convert whatever now
+                // lies at the path. (Writes on a connection that is open land in the files it holds, and are not
+                // acknowledged: see `WriterThread::run`.)
+                self.files.check()?;
+                open(&self.path)?
+            }
         };
         if let Some(durable) = durable.filter(|durable| *durable != open.durable) {
             let mode = if durable { "FULL" } else { "NORMAL" };
@@ -241,7 +244,6 @@ fn open(path: &Path) -> Result<Open, StoreError> {
          PRAGMA journal_size_limit = 4194304;",
     )
     .map_err(classify)?;
-    conn.execute_batch(WORKER_TABLES).map_err(classify)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(Open {
         conn,
@@ -278,11 +280,6 @@ fn to_json(rows: &(impl serde::Serialize + ?Sized)) -> Result<String, StoreError
         .map_err(|error| StoreError::Internal(format!("encoding a statement's rows: {error}")))
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text)
-        .map_err(|error| StoreError::Internal(format!("decoding a statement's answer: {error}")))
-}
-
 /// The statements of a batch on the writer connection. SQLite's clock is the server's: `now`, the batch's time.
 pub struct SqliteStatements<'c> {
     pub conn: &'c mut Connection,
@@ -306,15 +303,174 @@ impl SqliteStatements<'_> {
         Ok(())
     }
 
-    /// Runs one statement, with `input` as `?1` when it names one.
+    /// Runs one statement with `input` as `?1`.
     fn execute(&self, statement: &str, input: &str) -> Result<usize, StoreError> {
-        let mut statement = self.conn.prepare_cached(statement).map_err(classify)?;
-        if statement.parameter_count() == 0 {
-            statement.execute([])
-        } else {
-            statement.execute([input])
+        self.conn
+            .prepare_cached(statement)
+            .and_then(|mut statement| statement.execute([input]))
+            .map_err(classify)
+    }
+
+    /// Records the start of a run whose shell started after its claim, if the job is still in that run.
+    fn record_start(&self, start: &RunStarted) -> rusqlite::Result<()> {
+        // `+state`: the job is found by its key, never by walking every processing job through jobs_by_state.
+        let matched = self
+            .conn
+            .prepare_cached(
+                "UPDATE jobs SET pgid = ?4 WHERE seq = ?1 AND id = ?2 AND +state = 'processing' AND runs = ?3",
+            )?
+            .execute((start.seq, &start.job_id, start.run, start.pgid))?;
+        if matched > 0 {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO job_runs (job_seq, run, worker, started_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (job_seq, run) DO NOTHING",
+                )?
+                .execute((start.seq, start.run, start.worker, start.started_at))?;
         }
-        .map_err(classify)
+        Ok(())
+    }
+
+    /// Applies a guarded update if its guard matches, and ends its run if it says so. Returns whether it applied.
+    fn apply_update(&self, settle: &Settle<'_>) -> rusqlite::Result<bool> {
+        let update = settle.update;
+        let settled = &update.settled;
+        let run: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "UPDATE jobs SET state = ?5, attempts = ?6, run_after = ?7, queue_key = ?8, last_error = ?9,
+                                 interruptions = ?10, updated_at = ?11, pgid = NULL
+                 WHERE seq = ?1 AND id = ?2 AND state = ?3 AND runs = ?4
+                 RETURNING runs",
+            )?
+            .query_row(
+                (
+                    update.seq,
+                    &update.job_id,
+                    update.expect_state.as_str(),
+                    update.expect_runs,
+                    settled.state.as_str(),
+                    settled.attempts,
+                    self.now.saturating_add(settle.ready_in),
+                    self.now.saturating_add(settle.queue_offset),
+                    settled.last_error.as_deref(),
+                    settled.interruptions,
+                    self.now,
+                ),
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(run) = run else {
+            return Ok(false);
+        };
+        if let Some(ended) = &update.ended {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, truncated)
+                     VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)
+                     ON CONFLICT (job_seq, run) DO UPDATE SET
+                         finished_at = excluded.finished_at, outcome = excluded.outcome,
+                         truncated = excluded.truncated",
+                )?
+                .execute((
+                    update.seq,
+                    run,
+                    ended.worker,
+                    self.now,
+                    ended.outcome.as_str(),
+                    ended.truncated,
+                ))?;
+        }
+        Ok(true)
+    }
+
+    /// Claims up to `limit` ready jobs, best first, and records the start of the claimed job at each of
+    /// `claimed_starts`' positions. Returns the claimed jobs as they are after the claim.
+    fn claim(
+        &self,
+        limit: u32,
+        claimed_starts: &[StartAt],
+        last_ready: i64,
+    ) -> Result<Vec<Job>, StoreError> {
+        // Without the index named, SQLite may pick jobs_by_state and sort every waiting job on each claim; the
+        // bound on queue_key ends the scan before the jobs that are not due yet, which sort after every ready one
+        // (see `job::last_ready_key`). The limit is cast: SQLite plans with the value of a bare `LIMIT ?3`, and so
+        // prepares the statement again each time ?3 is bound.
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT id, seq, command, state, priority, attempts, max_retries, timeout_secs, runs, created_at,
+                        updated_at, run_after, last_error, interruptions, cwd, env
+                 FROM jobs INDEXED BY jobs_ready
+                 WHERE state IN ('pending', 'failed') AND run_after <= ?1 AND queue_key <= ?2
+                 ORDER BY queue_key, seq LIMIT CAST(?3 AS INTEGER)",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_map(
+                        (self.now, self.now.saturating_add(last_ready), limit),
+                        |row| {
+                            Ok(JobRow {
+                                id: row.get(0)?,
+                                seq: row.get(1)?,
+                                command: row.get(2)?,
+                                state: row.get(3)?,
+                                priority: row.get(4)?,
+                                attempts: row.get(5)?,
+                                max_retries: row.get(6)?,
+                                timeout_secs: row.get(7)?,
+                                runs: row.get(8)?,
+                                created_at: row.get(9)?,
+                                updated_at: row.get(10)?,
+                                run_after: row.get(11)?,
+                                last_error: row.get(12)?,
+                                interruptions: row.get(13)?,
+                                after_ids: None,
+                                cwd: row.get(14)?,
+                                env: row.get(15)?,
+                            })
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(classify)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for (position, row) in rows.into_iter().enumerate() {
+            let mut job = Job::try_from(row)?;
+            job.state = JobState::Processing;
+            job.runs += 1;
+            job.updated_at = self.now;
+            let start = claimed_starts
+                .iter()
+                .find(|at| at.position == position)
+                .map(|at| at.start);
+            self.start_claimed(&job, start).map_err(classify)?;
+            claimed.push(job);
+        }
+        Ok(claimed)
+    }
+
+    /// Moves a claimed job to processing in its new run, and records the run's start if its shell waits for it.
+    fn start_claimed(&self, job: &Job, start: Option<ClaimStart>) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE jobs SET state = 'processing', runs = ?2, updated_at = ?3, pgid = ?4 WHERE seq = ?1",
+            )?
+            .execute((
+                job.seq,
+                job.runs,
+                self.now,
+                start.and_then(|start| start.pgid),
+            ))?;
+        if let Some(start) = start {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO job_runs (job_seq, run, worker, started_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (job_seq, run) DO NOTHING",
+                )?
+                .execute((job.seq, job.runs, start.worker, self.now))?;
+        }
+        Ok(())
     }
 }
 
@@ -518,48 +674,20 @@ impl Statements for SqliteStatements<'_> {
         claimed_starts: &[StartAt],
         last_ready: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), StoreError> {
-        let input = WorkerInput {
-            starts: &starts
-                .iter()
-                .map(|start| StartRow::of(start))
-                .collect::<Vec<_>>(),
-            updates: &updates.iter().map(UpdateRow::of).collect::<Vec<_>>(),
-            now: self.now,
-            limit: claim,
-            last_key: self.now.saturating_add(last_ready),
-            claimed_starts: &claimed_starts
-                .iter()
-                .map(ClaimedStartRow::of)
-                .collect::<Vec<_>>(),
-        };
-        let json = to_json(&input)?;
         self.begin()?;
-        self.execute("DELETE FROM temp.settling", &json)?;
-        self.execute("DELETE FROM temp.claiming", &json)?;
-        if !starts.is_empty() {
-            for statement in RECORD_STARTS {
-                self.execute(statement, &json)?;
-            }
+        for start in starts {
+            self.record_start(start).map_err(classify)?;
         }
-        if !updates.is_empty() {
-            for statement in APPLY_UPDATES {
-                self.execute(statement, &json)?;
-            }
-        }
-        if claim > 0 {
-            self.execute(CLAIM, &json)?;
-        }
-        let (settled, picked): (String, String) = self
-            .conn
-            .prepare_cached(ANSWER)
-            .and_then(|mut statement| statement.query_row([], |row| Ok((row.get(0)?, row.get(1)?))))
-            .map_err(classify)?;
-        if claim > 0 {
-            for statement in START_CLAIMED {
-                self.execute(statement, &json)?;
-            }
-        }
-        read_worker_answer(&settled, &picked, &input)
+        let applied = updates
+            .iter()
+            .map(|settle| self.apply_update(settle).map_err(classify))
+            .collect::<Result<_, _>>()?;
+        let claimed = if claim == 0 {
+            Vec::new()
+        } else {
+            self.claim(claim, claimed_starts, last_ready)?
+        };
+        Ok((applied, claimed))
     }
 
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), StoreError> {
@@ -601,208 +729,4 @@ impl Statements for SqliteStatements<'_> {
         }
         Ok(())
     }
-}
-
-/// A recorded start, as the worker statements read it.
-#[derive(serde::Serialize)]
-struct StartRow<'a> {
-    id: &'a str,
-    seq: i64,
-    run: u32,
-    worker: u32,
-    pgid: Option<i64>,
-    started_at: Micros,
-}
-
-impl<'a> StartRow<'a> {
-    fn of(start: &'a RunStarted) -> Self {
-        StartRow {
-            id: &start.job_id,
-            seq: start.seq,
-            run: start.run,
-            worker: start.worker,
-            pgid: start.pgid,
-            started_at: start.started_at,
-        }
-    }
-}
-
-/// A guarded update, as the worker statements read it.
-#[derive(serde::Serialize)]
-struct UpdateRow<'a> {
-    id: &'a str,
-    seq: i64,
-    expect_state: &'a str,
-    expect_runs: u32,
-    state: &'a str,
-    attempts: u32,
-    ready_in: i64,
-    queue_offset: i64,
-    last_error: Option<&'a str>,
-    interruptions: u32,
-    /// Set when the update ends its run.
-    worker: Option<u32>,
-    outcome: Option<&'a str>,
-    truncated: bool,
-}
-
-impl<'a> UpdateRow<'a> {
-    fn of(settle: &Settle<'a>) -> Self {
-        let update = settle.update;
-        let settled = &update.settled;
-        let ended = update.ended.as_ref();
-        UpdateRow {
-            id: &update.job_id,
-            seq: update.seq,
-            expect_state: update.expect_state.as_str(),
-            expect_runs: update.expect_runs,
-            state: settled.state.as_str(),
-            attempts: settled.attempts,
-            ready_in: settle.ready_in,
-            queue_offset: settle.queue_offset,
-            last_error: settled.last_error.as_deref(),
-            interruptions: settled.interruptions,
-            worker: ended.map(|ended| ended.worker),
-            outcome: ended.map(|ended| ended.outcome.as_str()),
-            truncated: ended.is_some_and(|ended| ended.truncated),
-        }
-    }
-}
-
-/// A start recorded with the claim, as the worker statements read it.
-#[derive(serde::Serialize)]
-struct ClaimedStartRow {
-    position: usize,
-    worker: u32,
-    pgid: Option<i64>,
-}
-
-impl ClaimedStartRow {
-    fn of(at: &StartAt) -> Self {
-        ClaimedStartRow {
-            position: at.position,
-            worker: at.start.worker,
-            pgid: at.start.pgid,
-        }
-    }
-}
-
-/// What the worker statements read: their one parameter, the round as JSON, so that each kind of write is one
-/// statement over an array of rows (`jsonb_each`: each row comes out in SQLite's binary form, which `->>` reads as
-/// it is).
-#[derive(serde::Serialize)]
-struct WorkerInput<'a> {
-    starts: &'a [StartRow<'a>],
-    updates: &'a [UpdateRow<'a>],
-    now: Micros,
-    limit: u32,
-    last_key: i64,
-    claimed_starts: &'a [ClaimedStartRow],
-}
-
-/// The tables a worker commit stages its updates and its claim in, private to the writer connection.
-const WORKER_TABLES: &str = "
-    CREATE TEMP TABLE IF NOT EXISTS settling (
-        position INTEGER PRIMARY KEY, seq INTEGER NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL,
-        run_after INTEGER NOT NULL, queue_key INTEGER NOT NULL, last_error TEXT, interruptions INTEGER NOT NULL,
-        run INTEGER NOT NULL,
-        worker INTEGER, outcome TEXT, truncated INTEGER NOT NULL);
-    CREATE TEMP TABLE IF NOT EXISTS claiming (
-        position INTEGER PRIMARY KEY, seq INTEGER NOT NULL, worker INTEGER, pgid INTEGER);";
-
-/// Records the starts of runs whose shells were started after their claim. Each job is found by its id, from the
-/// JSON rows (CROSS JOIN fixes that order; `+jobs.state` keeps SQLite from walking every processing job through
-/// jobs_by_state instead).
-const RECORD_STARTS: [&str; 2] = [
-    "UPDATE jobs SET pgid = s.value ->> 'pgid'
-     FROM jsonb_each(?1, '$.starts') AS s
-     WHERE jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id' AND +jobs.state = 'processing'
-       AND jobs.runs = s.value ->> 'run'",
-    "INSERT INTO job_runs (job_seq, run, worker, started_at)
-     SELECT jobs.seq, s.value ->> 'run', s.value ->> 'worker', s.value ->> 'started_at'
-     FROM jsonb_each(?1, '$.starts') AS s
-     CROSS JOIN jobs ON jobs.seq = s.value ->> 'seq' AND jobs.id = s.value ->> 'id'
-                    AND +jobs.state = 'processing' AND jobs.runs = s.value ->> 'run'
-     WHERE true
-     ON CONFLICT (job_seq, run) DO NOTHING",
-];
-
-/// Applies the guarded updates whose guard matches, and ends their runs.
-const APPLY_UPDATES: [&str; 3] = [
-    "INSERT INTO temp.settling
-     SELECT u.key, jobs.seq, u.value ->> 'state', u.value ->> 'attempts',
-            (?1 ->> 'now') + (u.value ->> 'ready_in'), (?1 ->> 'now') + (u.value ->> 'queue_offset'),
-            u.value ->> 'last_error', u.value ->> 'interruptions', jobs.runs, u.value ->> 'worker',
-            u.value ->> 'outcome', u.value ->> 'truncated'
-     FROM jsonb_each(?1, '$.updates') AS u
-     CROSS JOIN jobs ON jobs.seq = u.value ->> 'seq' AND jobs.id = u.value ->> 'id'
-                    AND jobs.state = u.value ->> 'expect_state'
-                    AND jobs.runs = u.value ->> 'expect_runs'",
-    "UPDATE jobs SET state = s.state, attempts = s.attempts, run_after = s.run_after, queue_key = s.queue_key,
-                     last_error = s.last_error, interruptions = s.interruptions, updated_at = (?1 ->> 'now'),
-                     pgid = NULL
-     FROM temp.settling AS s WHERE jobs.seq = s.seq",
-    "INSERT INTO job_runs (job_seq, run, worker, started_at, finished_at, outcome, truncated)
-     SELECT s.seq, s.run, s.worker, ?1 ->> 'now', ?1 ->> 'now', s.outcome, s.truncated
-     FROM temp.settling AS s WHERE s.outcome IS NOT NULL
-     ON CONFLICT (job_seq, run) DO UPDATE SET
-         finished_at = excluded.finished_at, outcome = excluded.outcome, truncated = excluded.truncated",
-];
-
-/// Stages the jobs a claim takes: ready at `now`, best first, at most `limit`. Without the index named, SQLite may
-/// pick jobs_by_state and sort every waiting job on each claim; the bound `last_key` on queue_key ends the scan
-/// before the jobs that are not due yet, which sort after every ready one (see `job::last_ready_key`).
-const CLAIM: &str = "INSERT INTO temp.claiming (position, seq)
-     SELECT row_number() OVER (ORDER BY queue_key, seq) - 1, seq FROM (
-         SELECT * FROM jobs INDEXED BY jobs_ready
-         WHERE state IN ('pending', 'failed') AND run_after <= (?1 ->> 'now')
-           AND queue_key <= (?1 ->> 'last_key')
-         ORDER BY queue_key, seq LIMIT (?1 ->> 'limit'))";
-
-/// The round's answer, as one row: the positions of the updates whose guard matched, and the claimed jobs as
-/// they were before the claim.
-const ANSWER: &str = "SELECT (SELECT json_group_array(position) FROM temp.settling),
-            (SELECT json_group_array(json_object(
-                        'id', id, 'command', command, 'state', state, 'priority', priority, 'attempts', attempts,
-                        'max_retries', max_retries, 'timeout_secs', timeout_secs, 'runs', runs,
-                        'created_at', created_at, 'updated_at', updated_at, 'run_after', run_after,
-                        'last_error', last_error, 'interruptions', interruptions, 'seq', jobs.seq,
-                        'cwd', cwd, 'env', env))
-             FROM temp.claiming AS c CROSS JOIN jobs ON jobs.seq = c.seq)";
-
-/// Moves the claimed jobs to processing, and records the starts of those that have a shell waiting
-/// (`claimed_starts`, by their position among the claimed jobs, best first).
-const START_CLAIMED: [&str; 3] = [
-    "UPDATE temp.claiming SET worker = s.value ->> 'worker', pgid = s.value ->> 'pgid'
-     FROM jsonb_each(?1, '$.claimed_starts') AS s WHERE claiming.position = s.value ->> 'position'",
-    "UPDATE jobs SET state = 'processing', runs = runs + 1, updated_at = (?1 ->> 'now'), pgid = c.pgid
-     FROM temp.claiming AS c WHERE jobs.seq = c.seq",
-    "INSERT INTO job_runs (job_seq, run, worker, started_at)
-     SELECT jobs.seq, jobs.runs, c.worker, ?1 ->> 'now'
-     FROM temp.claiming AS c CROSS JOIN jobs ON jobs.seq = c.seq
-     WHERE c.worker IS NOT NULL
-     ON CONFLICT (job_seq, run) DO NOTHING",
-];
-
-/// For each update of `input`, whether its guard matched, and the claimed jobs, from the round's answer.
-fn read_worker_answer(
-    settled: &str,
-    picked: &str,
-    input: &WorkerInput<'_>,
-) -> Result<(Vec<bool>, Vec<Job>), StoreError> {
-    let mut applied = vec![false; input.updates.len()];
-    for position in from_json::<Vec<usize>>(settled)? {
-        applied[position] = true;
-    }
-    let claimed = from_json::<Vec<JobRow>>(picked)?
-        .into_iter()
-        .map(|row| {
-            let mut job = Job::try_from(row)?;
-            job.state = JobState::Processing;
-            job.runs += 1;
-            job.updated_at = input.now;
-            Ok(job)
-        })
-        .collect::<Result<_, StoreError>>()?;
-    Ok((applied, claimed))
 }
