@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
 use super::meaning;
@@ -335,34 +335,31 @@ impl SqliteStatements<'_> {
     fn apply_update(&self, settle: &Settle<'_>) -> rusqlite::Result<bool> {
         let update = settle.update;
         let settled = &update.settled;
-        let run: Option<i64> = self
+        // No RETURNING: SQLite collects a statement's returned rows in a table it makes and drops each time. The
+        // guard names the run, so a match ends that run.
+        let matched = self
             .conn
             .prepare_cached(
                 "UPDATE jobs SET state = ?5, attempts = ?6, run_after = ?7, queue_key = ?8, last_error = ?9,
                                  interruptions = ?10, updated_at = ?11, pgid = NULL
-                 WHERE seq = ?1 AND id = ?2 AND state = ?3 AND runs = ?4
-                 RETURNING runs",
+                 WHERE seq = ?1 AND id = ?2 AND state = ?3 AND runs = ?4",
             )?
-            .query_row(
-                (
-                    update.seq,
-                    &update.job_id,
-                    update.expect_state.as_str(),
-                    update.expect_runs,
-                    settled.state.as_str(),
-                    settled.attempts,
-                    self.now.saturating_add(settle.ready_in),
-                    self.now.saturating_add(settle.queue_offset),
-                    settled.last_error.as_deref(),
-                    settled.interruptions,
-                    self.now,
-                ),
-                |row| row.get(0),
-            )
-            .optional()?;
-        let Some(run) = run else {
+            .execute((
+                update.seq,
+                &update.job_id,
+                update.expect_state.as_str(),
+                update.expect_runs,
+                settled.state.as_str(),
+                settled.attempts,
+                self.now.saturating_add(settle.ready_in),
+                self.now.saturating_add(settle.queue_offset),
+                settled.last_error.as_deref(),
+                settled.interruptions,
+                self.now,
+            ))?;
+        if matched == 0 {
             return Ok(false);
-        };
+        }
         if let Some(ended) = &update.ended {
             self.conn
                 .prepare_cached(
@@ -374,7 +371,7 @@ impl SqliteStatements<'_> {
                 )?
                 .execute((
                     update.seq,
-                    run,
+                    update.expect_runs,
                     ended.worker,
                     self.now,
                     ended.outcome.as_str(),
