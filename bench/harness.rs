@@ -224,7 +224,7 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
 }
 
 /// CPU time (user + system) each thread of a process has used so far, summed by thread name (tokio's workers
-/// share one name, sqlx's SQLite threads another).
+/// share one name; SQLite's writer has its own, sqlx's reader threads another).
 pub fn thread_cpu_times(pid: u32) -> anyhow::Result<std::collections::BTreeMap<String, Duration>> {
     let mut times = std::collections::BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {

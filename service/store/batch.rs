@@ -1,6 +1,6 @@
 //! The rules of a write batch, decided once for every backend: the requests of an enqueue are stored all or none,
 //! starts and guarded updates are applied in rounds in which no job appears twice, claims come last, and workers
-//! are woken when a job became ready or will. A backend supplies only the set-based statements below.
+//! are woken when a job became ready or will. A backend supplies only the statements below.
 //!
 //! Time follows one rule: the rules hand the statements delays from the batch's `now` (when a job is ready, where
 //! it sorts), and each backend adds its own clock: the server's `now` on SQLite, the database's on PostgreSQL.
@@ -89,7 +89,8 @@ pub struct Settle<'a> {
     pub queue_offset: i64,
 }
 
-/// The statements a backend runs inside the transaction of one batch. Each handles many jobs in one round trip.
+/// The statements a backend runs inside the transaction of one batch. Each handles many jobs: where a statement is
+/// a round trip to the database (PostgreSQL), in one.
 #[async_trait]
 pub trait Statements: Send {
     /// What a statement fails with: the backend's own error, which it classifies.
@@ -501,8 +502,8 @@ async fn settle_all<S: Statements>(
     Ok((applied, claimed, dependents))
 }
 
-/// Splits `items` into rounds in which no job appears twice, keeping their order: each round is checked and
-/// written by set-based statements, in which a job listed twice would be matched twice.
+/// Splits `items` into rounds in which no job appears twice, keeping their order: each round may be checked and
+/// written by set-based statements (PostgreSQL's), in which a job listed twice would be matched twice.
 fn rounds<T>(items: &[T], job_id: impl Fn(&T) -> &str) -> Vec<Vec<usize>> {
     let mut rounds: Vec<Vec<usize>> = Vec::new();
     let mut round_of: HashMap<&str, usize> = HashMap::new();

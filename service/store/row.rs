@@ -17,7 +17,7 @@ macro_rules! job_columns {
 }
 pub(crate) use job_columns;
 
-#[derive(sqlx::FromRow, serde::Deserialize)]
+#[derive(sqlx::FromRow)]
 pub struct JobRow {
     pub id: String,
     pub seq: i64,
@@ -33,13 +33,10 @@ pub struct JobRow {
     pub run_after: i64,
     pub last_error: Option<String>,
     pub interruptions: i64,
-    /// A JSON array of ids; absent from rows that never have any (claimed jobs).
-    #[serde(default)]
+    /// A JSON array of ids; `None` when there are none, and for claimed jobs, which do not need them.
     pub after_ids: Option<String>,
-    #[serde(default)]
     pub cwd: Option<String>,
     /// A JSON object of names and values; `None` when there are none.
-    #[serde(default)]
     pub env: Option<String>,
 }
 

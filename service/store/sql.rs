@@ -1,4 +1,6 @@
-//! Statement text both backends run as it is: `$N` parameters, which SQLite and PostgreSQL both read.
+//! Statement text both backends run as it is: `$N` parameters, which SQLite and PostgreSQL both read. SQLite
+//! numbers them in the order they first appear, not by their digits, so each statement names `$1` first, then
+//! `$2`, and so on.
 
 use super::row::job_columns;
 use super::{Cursor, ListFilter};

@@ -4,6 +4,7 @@
 //! than the statements themselves.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -166,9 +167,20 @@ impl WriterThread {
         let taken = Arc::new(AtomicBool::new(false));
         let started = Arc::clone(&taken);
         let work: Work = Box::new(move |slot| {
-            if !started.swap(true, Ordering::SeqCst) {
-                let _ = reply.send(slot.run(durable, work));
+            // A caller that went away (a request cancelled while it waited) no longer wants its work done.
+            if reply.is_closed() || started.swap(true, Ordering::SeqCst) {
+                return;
             }
+            // A panic in the work must not end the thread, and with it every later write: its connection, taken
+            // out of the slot, is dropped on the way out, which rolls back what it did.
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| slot.run(durable, work)))
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Internal(
+                        "a write failed unexpectedly and was rolled back (see the server's log)"
+                            .to_owned(),
+                    ))
+                });
+            let _ = reply.send(result);
         });
         self.work.send(work).map_err(|_| stopped())?;
         let result = match tokio::time::timeout(WRITER_WAIT, &mut answer).await {
@@ -197,6 +209,11 @@ impl Slot {
         durable: Option<bool>,
         work: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        // Once the files were found replaced, nothing more is written: not even into the files the connection holds,
+        // where readers would still see it.
+        if let Some(reason) = self.files.lost.get() {
+            return Err(StoreError::Broken(reason.clone()));
+        }
         let mut open = match self.open.take() {
             Some(open) => open,
             None => {
@@ -725,5 +742,39 @@ impl Statements for SqliteStatements<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_that_panics_is_rolled_back_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.db");
+        Connection::open(&path)
+            .and_then(|conn| conn.execute_batch("CREATE TABLE t (n INTEGER)"))
+            .unwrap();
+        let writer = WriterThread::start(&path).unwrap();
+        let panicked = writer
+            .run(Some(true), |conn| -> Result<(), StoreError> {
+                conn.execute_batch("BEGIN IMMEDIATE; INSERT INTO t VALUES (1)")
+                    .map_err(classify)?;
+                panic!("a bug in a write");
+            })
+            .await;
+        assert!(
+            matches!(panicked, Err(StoreError::Internal(_))),
+            "{panicked:?}"
+        );
+        let count = writer
+            .run(Some(true), |conn| {
+                conn.query_row("SELECT COUNT(*) FROM t", [], |row| row.get::<_, i64>(0))
+                    .map_err(classify)
+            })
+            .await
+            .unwrap();
+        assert_eq!(count, 0, "the panicked write's insert was rolled back");
     }
 }
