@@ -338,13 +338,25 @@ impl SqliteStatements<'_> {
             )?
             .execute((start.seq, &start.job_id, start.run, start.pgid))?;
         if matched > 0 {
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO job_runs (job_seq, run, worker, started_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (job_seq, run) DO NOTHING",
-                )?
-                .execute((start.seq, start.run, start.worker, start.started_at))?;
+            self.record_run(start.seq, start.run, start.worker, start.started_at)?;
         }
+        Ok(())
+    }
+
+    /// Records that run `run` of a job started at `started_at`, unless it is on record already.
+    fn record_run(
+        &self,
+        seq: i64,
+        run: u32,
+        worker: u32,
+        started_at: Micros,
+    ) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO job_runs (job_seq, run, worker, started_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (job_seq, run) DO NOTHING",
+            )?
+            .execute((seq, run, worker, started_at))?;
         Ok(())
     }
 
@@ -477,12 +489,7 @@ impl SqliteStatements<'_> {
                 start.and_then(|start| start.pgid),
             ))?;
         if let Some(start) = start {
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO job_runs (job_seq, run, worker, started_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (job_seq, run) DO NOTHING",
-                )?
-                .execute((job.seq, job.runs, start.worker, self.now))?;
+            self.record_run(job.seq, job.runs, start.worker, self.now)?;
         }
         Ok(())
     }
