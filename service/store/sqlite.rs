@@ -86,33 +86,25 @@ impl SqliteStore {
         durable: bool,
         work: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.on_writer(Some(durable), |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(writer::classify)?;
-            let value = work(&tx).map_err(writer::classify)?;
-            tx.commit().map_err(writer::classify)?;
-            Ok(value)
-        })
-        .await
-    }
-
-    /// Runs `work`, which opens and commits a transaction of its own, on the writer, with or without fsync (`None`:
-    /// in the mode the connection is in, for work that commits nothing).
-    async fn on_writer<T: Send + 'static>(
-        &self,
-        durable: Option<bool>,
-        work: impl FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        self.writer.run(durable, work).await
+        self.writer
+            .run(Some(durable), |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(writer::classify)?;
+                let value = work(&tx).map_err(writer::classify)?;
+                tx.commit().map_err(writer::classify)?;
+                Ok(value)
+            })
+            .await
     }
 
     /// Runs one statement that commits nothing (a checkpoint) on the writer, for its effect.
     async fn on_writer_alone(&self, statement: &'static str) -> Result<(), StoreError> {
-        self.on_writer(None, move |conn| {
-            conn.execute_batch(statement).map_err(writer::classify)
-        })
-        .await
+        self.writer
+            .run(None, move |conn| {
+                conn.execute_batch(statement).map_err(writer::classify)
+            })
+            .await
     }
 }
 
@@ -166,23 +158,23 @@ impl Store for SqliteStore {
         policy: Policy,
     ) -> Result<WriteOutcome, StoreError> {
         let dependencies = Arc::clone(&self.dependencies);
-        self.on_writer(Some(batch.durable), move |conn| {
-            let mut statements = SqliteStatements {
-                conn,
-                now,
-                dependencies: &dependencies,
-                begun: false,
-            };
-            let outcome = run_now(batch::apply(&mut statements, &batch, now, policy))?;
-            if statements.begun {
+        self.writer
+            .run(Some(batch.durable), move |conn| {
+                conn.execute_batch("BEGIN IMMEDIATE")
+                    .map_err(writer::classify)?;
+                let mut statements = SqliteStatements {
+                    conn,
+                    now,
+                    dependencies: &dependencies,
+                };
+                let outcome = run_now(batch::apply(&mut statements, &batch, now, policy))?;
                 statements
                     .conn
                     .execute_batch("COMMIT")
                     .map_err(writer::classify)?;
-            }
-            Ok(outcome)
-        })
-        .await
+                Ok(outcome)
+            })
+            .await
     }
 
     async fn next_due(&self, now: Micros) -> Result<Option<Duration>, StoreError> {

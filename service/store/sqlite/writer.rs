@@ -297,29 +297,16 @@ fn to_json(rows: &(impl serde::Serialize + ?Sized)) -> Result<String, StoreError
         .map_err(|error| StoreError::Internal(format!("encoding a statement's rows: {error}")))
 }
 
-/// The statements of a batch on the writer connection. SQLite's clock is the server's: `now`, the batch's time.
+/// The statements of a batch on the writer connection, inside the transaction the caller opened. SQLite's clock is
+/// the server's: `now`, the batch's time.
 pub struct SqliteStatements<'c> {
     pub conn: &'c mut Connection,
     pub now: Micros,
     /// See [`super::SqliteStore::dependencies`].
     pub dependencies: &'c AtomicBool,
-    /// Whether the batch's transaction is open: its first statement opens it, so a batch that writes nothing
-    /// commits nothing.
-    pub begun: bool,
 }
 
 impl SqliteStatements<'_> {
-    /// Opens the batch's transaction, unless a statement did already.
-    fn begin(&mut self) -> Result<(), StoreError> {
-        if !self.begun {
-            self.conn
-                .execute_batch("BEGIN IMMEDIATE")
-                .map_err(classify)?;
-            self.begun = true;
-        }
-        Ok(())
-    }
-
     /// Runs one statement with `input` as `?1`.
     fn execute(&self, statement: &str, input: &str) -> Result<usize, StoreError> {
         self.conn
@@ -503,7 +490,6 @@ impl Statements for SqliteStatements<'_> {
         if count == 0 {
             return Ok(Vec::new());
         }
-        self.begin()?;
         let count = i64::try_from(count).unwrap_or(i64::MAX);
         let first: i64 = self
             .conn
@@ -520,7 +506,6 @@ impl Statements for SqliteStatements<'_> {
             return Ok(Vec::new());
         }
         let rows = to_json(jobs)?;
-        self.begin()?;
         // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT, not to a join.
         let inserted = self
             .conn
@@ -568,7 +553,6 @@ impl Statements for SqliteStatements<'_> {
     }
 
     async fn delete_jobs(&mut self, ids: &[&str]) -> Result<(), StoreError> {
-        self.begin()?;
         self.execute(
             "DELETE FROM jobs WHERE id IN (SELECT value FROM jsonb_each(?1))",
             &to_json(ids)?,
@@ -577,7 +561,6 @@ impl Statements for SqliteStatements<'_> {
     }
 
     async fn find_jobs(&mut self, ids: &[&str]) -> Result<Vec<Found>, StoreError> {
-        self.begin()?;
         let mut statement = self
             .conn
             .prepare_cached(
@@ -609,7 +592,6 @@ impl Statements for SqliteStatements<'_> {
         edges: &[(i64, i64)],
         held: &[i64],
     ) -> Result<(), StoreError> {
-        self.begin()?;
         self.dependencies.store(true, Ordering::SeqCst);
         self.execute(
             "INSERT INTO job_dependencies (job_seq, after_seq)
@@ -637,7 +619,6 @@ impl Statements for SqliteStatements<'_> {
         if !self.dependencies.load(Ordering::SeqCst) {
             return Ok(dependents);
         }
-        self.begin()?;
         if !completed.is_empty() {
             let completed = to_json(completed)?;
             // `+state` and `+run_after`: found by row from the dependencies, never by walking every pending job.
@@ -695,7 +676,6 @@ impl Statements for SqliteStatements<'_> {
         claimed_starts: &[StartAt],
         last_ready: i64,
     ) -> Result<(Vec<bool>, Vec<Job>), StoreError> {
-        self.begin()?;
         for start in starts {
             self.record_start(start).map_err(classify)?;
         }
@@ -712,7 +692,6 @@ impl Statements for SqliteStatements<'_> {
     }
 
     async fn write_output(&mut self, writes: &[&OutputWrite]) -> Result<(), StoreError> {
-        self.begin()?;
         for write in writes {
             let run = i64::from(write.run);
             for chunk in &write.chunks {
